@@ -1,0 +1,529 @@
+"""The only place that touches streams, events, pinned buffers and the CPU worker.
+
+Three lanes run at once:
+
+* the **copy lane**: a side CUDA stream copying pinned host weights into a ring of device staging slots
+  (:class:`StagingRing`); this is where weights cross PCIe;
+* the **GPU lane**: the model's own (current) stream computing resident units and arrived streamed units;
+* the **CPU lane**: one worker thread computing CPU units with the host weights in place.
+
+Events order them: the GPU lane waits for a slot's copy event, the copy lane waits for a slot's "free"
+event before overwriting it, and the CPU worker sleeps on a blocking event until the activations it needs
+have arrived in pinned memory. Nothing spin-waits. With ``device="cpu"`` (the CPU standing in for the
+accelerator) the same code runs: copies become host memcpy into staging slots, events are no-ops, and the
+CPU worker still runs concurrently with the main thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ExecutionError
+from .kernels.cpu import CpuExpertKernel
+from .planner import HostWork, assign_tokens
+from .profile import HardwareProfile
+from .units import CPU, GPU, STREAM, Unit
+
+ALIGN = 64  # bytes; keeps every carved tensor aligned for vector loads and oneDNN
+
+
+def align(n: int) -> int:
+    """Round ``n`` up to a multiple of :data:`ALIGN`."""
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+# ------------------------------------------------------------------------------------------- memory
+def can_pin() -> bool:
+    """Pinned host memory needs a CUDA build with a device."""
+    return torch.cuda.is_available()
+
+
+class HostArena:
+    """One pinned (when possible) host allocation carved into aligned, typed tensors.
+
+    One big allocation per layer instead of one per expert: pinning is slow per call and a contiguous
+    region per unit lets a streamed unit cross PCIe in a single copy.
+    """
+
+    def __init__(self, nbytes: int, pin: bool):
+        self.buffer = torch.empty(max(nbytes, ALIGN), dtype=torch.uint8, pin_memory=pin)
+        self.offset = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """The next ``nbytes`` bytes as a uint8 view (aligned)."""
+        start = self.offset
+        self.offset = start + align(nbytes)
+        if self.offset > self.buffer.numel():
+            raise RuntimeError("HostArena overflow: the layout was computed for fewer bytes")
+        return self.buffer[start : start + nbytes]
+
+
+def carve(region: torch.Tensor, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Typed tensors of ``shapes`` laid out back to back (aligned) inside the uint8 ``region``."""
+    out, offset = [], 0
+    elt = torch.empty((), dtype=dtype).element_size()
+    for shape in shapes:
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * elt
+        out.append(region[offset : offset + nbytes].view(dtype).view(shape))
+        offset = align(offset + nbytes)
+    return out
+
+
+def layout_bytes(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> int:
+    """Bytes :func:`carve` needs for ``shapes``."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for shape in shapes:
+        numel = 1
+        for s in shape:
+            numel *= s
+        total = align(total + numel * elt)
+    return total
+
+
+# -------------------------------------------------------------------------------------------- lanes
+class _NoEvent:
+    """Stands in for a CUDA event when the CPU stands in for the accelerator: everything is already done."""
+
+    def record(self, stream=None):
+        return None
+
+    def synchronize(self):
+        return None
+
+
+class DeviceLanes:
+    """Streams and events of the accelerator, or synchronous stand-ins on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
+
+    def event(self):
+        """A fresh event; blocking so a host wait sleeps instead of spinning."""
+        return torch.cuda.Event(blocking=True) if self.is_cuda else _NoEvent()
+
+    def compute_stream(self):
+        """The stream the model computes on (the current one)."""
+        return torch.cuda.current_stream(self.device) if self.is_cuda else None
+
+    def copy_into(self, dst: torch.Tensor, src: torch.Tensor, wait_for=None):
+        """Copy ``src`` (pinned host) into ``dst`` (device) on the copy lane; returns the arrival event."""
+        if not self.is_cuda:
+            dst.copy_(src)
+            return _NoEvent()
+        with torch.cuda.stream(self.copy_stream):
+            if wait_for is not None:
+                self.copy_stream.wait_event(wait_for)
+            dst.copy_(src, non_blocking=True)
+            ev = torch.cuda.Event(blocking=True)
+            ev.record(self.copy_stream)
+        return ev
+
+    def wait(self, event) -> None:
+        """Make the GPU lane wait for ``event`` (no host blocking)."""
+        if self.is_cuda and event is not None:
+            self.compute_stream().wait_event(event)
+
+    def record(self):
+        """An event marking 'everything issued so far on the GPU lane'."""
+        ev = self.event()
+        if self.is_cuda:
+            ev.record(self.compute_stream())
+        return ev
+
+
+# ------------------------------------------------------------------------------------------ staging
+@dataclass
+class _Slot:
+    buffer: torch.Tensor
+    tag: object = None
+    ready: object = None  # copy finished
+    free: object = None  # last reader finished
+
+
+class StagingRing:
+    """Reusable device slots for streamed weights, least recently used first.
+
+    A slot keeps its weights after use, so a unit requested again before its slot is reused (experts
+    the next decode steps still route to) costs no copy.
+    """
+
+    #: room for the alignment padding between a unit's tensors (the planner counts weight bytes only)
+    PADDING = ALIGN * 32
+
+    def __init__(self, lanes: DeviceLanes, slot_bytes: int, slots: int):
+        self.lanes = lanes
+        slot_bytes = align(slot_bytes) + self.PADDING
+        self.slot_bytes = slot_bytes
+        self.slots = [
+            _Slot(torch.empty(slot_bytes, dtype=torch.uint8, device=lanes.device)) for _ in range(slots)
+        ]
+        self.lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(slots))
+        self.by_tag: dict[object, int] = {}
+        self.hits = 0
+        self.misses = 0
+        self.bytes_copied = 0
+
+    def fetch(self, tag: object, host_region: torch.Tensor) -> tuple[torch.Tensor, object, bool]:
+        """Make ``host_region`` available on the device; returns (slot bytes view, ready event, was cached)."""
+        if host_region.numel() > self.slot_bytes:
+            raise ExecutionError(
+                f"staging slot of {self.slot_bytes} B is too small for {tag} ({host_region.numel()} B)"
+            )
+        index = self.by_tag.get(tag)
+        if index is not None:
+            self.lru.move_to_end(index)
+            self.hits += 1
+            slot = self.slots[index]
+            return slot.buffer[: host_region.numel()], slot.ready, True
+        index = next(iter(self.lru))
+        self.lru.move_to_end(index)
+        slot = self.slots[index]
+        if slot.tag is not None:
+            self.by_tag.pop(slot.tag, None)
+        view = slot.buffer[: host_region.numel()]
+        slot.ready = self.lanes.copy_into(view, host_region, wait_for=slot.free)
+        slot.tag = tag
+        self.by_tag[tag] = index
+        self.misses += 1
+        self.bytes_copied += host_region.numel()
+        return view, slot.ready, False
+
+    def release(self, tag: object) -> None:
+        """Mark the slot holding ``tag`` as read by everything issued so far on the GPU lane."""
+        index = self.by_tag.get(tag)
+        if index is not None:
+            self.slots[index].free = self.lanes.record()
+
+    def forget(self) -> None:
+        """Drop all cached tags (e.g. after a failed step, when slot contents may be partial)."""
+        self.by_tag.clear()
+        for slot in self.slots:
+            slot.tag = None
+
+
+# ---------------------------------------------------------------------------------- expert groups
+@dataclass
+class ExpertGroup:
+    """The gated-MLP units of one layer: the experts of a MoE layer, or the row slices of a dense MLP.
+
+    ``device_weights[i]`` holds (gate_up, down) of resident units; ``host_regions[i]`` the pinned bytes of
+    host units and ``host_weights[i]`` typed views of them.
+    """
+
+    layer: int
+    units: list[Unit]
+    homes: list[str]
+    act_fn: object
+    dtype: torch.dtype
+    routed: bool  # MoE (tokens routed with weights) or dense (every token to every slice, weight 1)
+    device_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    host_regions: dict[int, torch.Tensor] = field(default_factory=dict)
+    host_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    cpu_kernels: dict[int, CpuExpertKernel] = field(default_factory=dict)
+    shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+
+
+@dataclass
+class StepStats:
+    """Counters of what the executor did, for tests, traces and the benchmark."""
+
+    cpu_units: int = 0
+    streamed_units: int = 0
+    gpu_units: int = 0
+    cached_units: int = 0
+    cpu_tokens: int = 0
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        self.cpu_units = self.streamed_units = self.gpu_units = self.cached_units = self.cpu_tokens = 0
+
+
+class Executor:
+    """Runs expert groups and streamed modules of one model across the CPU, PCIe and GPU lanes."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        profile: HardwareProfile,
+        *,
+        expert_slots: tuple[int, int] | None = None,
+        module_slots: tuple[int, int] | None = None,
+        token_assignment: str = "adaptive",
+        cpu_threads: int | None = None,
+    ):
+        self.device = device
+        self.profile = profile
+        self.lanes = DeviceLanes(device)
+        self.expert_ring = StagingRing(self.lanes, *expert_slots) if expert_slots else None
+        self.module_ring = StagingRing(self.lanes, *module_slots) if module_slots else None
+        if token_assignment not in ("adaptive", "static", "cpu", "stream"):
+            raise ValueError("token_assignment must be 'adaptive', 'static', 'cpu' or 'stream'")
+        self.token_assignment = token_assignment
+        self.cpu_threads = cpu_threads
+        self._worker: ThreadPoolExecutor | None = None
+        self._pinned: dict[tuple, torch.Tensor] = {}
+        self.stats = StepStats()
+        self.lock = threading.RLock()  # one generate at a time per model
+        self.fault_injector = None  # tests: a callable(lane: str) that may raise
+        self.closed = False
+
+    # ------------------------------------------------------------------ resources
+    @property
+    def worker(self) -> ThreadPoolExecutor:
+        """The CPU lane: one thread whose torch ops use the intra-op thread pool."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_hybrid-cpu-lane")
+            if self.cpu_threads:
+                # torch's intra-op thread count is per calling thread under OpenMP: set it in the worker.
+                self._worker.submit(torch.set_num_threads, self.cpu_threads).result()
+        return self._worker
+
+    def pinned(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A reusable pinned host buffer of at least ``shape`` (per-step buffers are reused, not re-made)."""
+        numel = 1
+        for s in shape:
+            numel *= s
+        buf = self._pinned.get((key, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(max(numel, 1), dtype=dtype, pin_memory=can_pin() and self.lanes.is_cuda)
+            self._pinned[(key, dtype)] = buf
+        return buf[:numel].view(shape)
+
+    def close(self) -> None:
+        """Stop the CPU worker and drop staging and pinned buffers."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+        self._pinned.clear()
+        self.expert_ring = None
+        self.module_ring = None
+        self.closed = True
+
+    def recover(self) -> None:
+        """Bring the lanes back to a clean state after a failed or interrupted step."""
+        if self.lanes.is_cuda:
+            torch.cuda.synchronize(self.device)
+        for ring in (self.expert_ring, self.module_ring):
+            if ring is not None:
+                ring.forget()
+
+    def _maybe_fault(self, lane: str) -> None:
+        if self.fault_injector is not None:
+            self.fault_injector(lane)
+
+    # ---------------------------------------------------------- streamed modules
+    def stage_module(self, tag: object, host_region: torch.Tensor) -> torch.Tensor:
+        """Bring a streamed module's pinned bytes into a module slot; the GPU lane waits for the copy."""
+        view, ready, _ = self.module_ring.fetch(tag, host_region)
+        self.lanes.wait(ready)
+        return view
+
+    def prefetch_module(self, tag: object, host_region: torch.Tensor) -> None:
+        """Start copying a streamed module ahead of its use (the copy lane runs ahead of compute)."""
+        self.module_ring.fetch(tag, host_region)
+
+    def release_module(self, tag: object) -> None:
+        """The GPU lane has issued everything that reads ``tag``'s slot."""
+        self.module_ring.release(tag)
+
+    # -------------------------------------------------------------- expert groups
+    def run_group(
+        self,
+        group: ExpertGroup,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor | None = None,
+        top_k_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Compute the gated-MLP units of ``group`` for ``hidden`` [T, H] across the three lanes.
+
+        MoE groups take the router's ``top_k_index``/``top_k_weights`` [T, k]; dense groups send every token
+        to every slice. Resident units run on the GPU lane, host units on the CPU lane or streamed, as the
+        token-assignment policy decides; the results are summed in float32 and returned in ``hidden``'s dtype.
+        """
+        tokens, width = hidden.shape
+        dev = hidden.device
+        # 1. which tokens go to which unit (host-side index lists: tiny, and the policy needs the counts)
+        if group.routed:
+            k = top_k_index.shape[1]
+            flat = top_k_index.reshape(-1).to("cpu")
+            order = torch.argsort(flat, stable=True)
+            counts = torch.bincount(flat, minlength=len(group.units)).tolist()
+            starts = [0]
+            for c in counts:
+                starts.append(starts[-1] + c)
+            token_of = order // k
+        else:
+            counts = [tokens] * len(group.units)
+
+        def rows(i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+            # (token ids, flat positions into top_k_weights) of unit i, from the sorted routing
+            if not group.routed:
+                return None
+            return token_of[starts[i] : starts[i + 1]], order[starts[i] : starts[i + 1]]
+
+        active = [i for i, c in enumerate(counts) if c > 0 and i < len(group.units)]
+        host = [i for i in active if group.homes[i] != GPU]
+        resident = [i for i in active if group.homes[i] == GPU]
+
+        # 2. token assignment: which host units run on the CPU, which are streamed to the GPU
+        streamed: list[int] = []
+        on_cpu: list[int] = []
+        if host:
+            ring = self.expert_ring
+            work = [
+                HostWork(
+                    group.units[i].name,
+                    counts[i],
+                    group.units[i].nbytes,
+                    group.units[i].flops_per_token,
+                    staged=ring is not None and (group.layer, i) in ring.by_tag,
+                    home=group.homes[i],
+                )
+                for i in host
+            ]
+            gpu_busy = sum(group.units[i].nbytes for i in resident) / self.profile.gpu_mem_bw
+            names = assign_tokens(work, self.profile, gpu_busy_s=gpu_busy, mode=self.token_assignment)
+            if ring is None:
+                names = set()
+            streamed = [i for i in host if group.units[i].name in names]
+            on_cpu = [i for i in host if group.units[i].name not in names]
+
+        acc = torch.zeros(tokens, width, dtype=torch.float32, device=dev)
+        device_rows = order.to(dev, non_blocking=True) if group.routed and (resident or streamed) else None
+        device_tokens = token_of.to(dev, non_blocking=True) if device_rows is not None else None
+        flat_weights = top_k_weights.reshape(-1) if group.routed else None
+
+        # 3. CPU lane first, so it starts while the GPU lane and the copies are issued
+        cpu_future: Future | None = None
+        if on_cpu:
+            cpu_future = self._submit_cpu(group, on_cpu, hidden, flat_weights, rows)
+
+        # 4. streamed units: copy (copy lane) then compute (GPU lane), interleaved so slots recycle safely
+        for i in streamed:
+            self._maybe_fault("stream")
+            gate_up_shape, down_shape = group.shapes[i]
+            view, ready, cached = self.expert_ring.fetch((group.layer, i), group.host_regions[i])
+            gate_up, down = carve(view, [gate_up_shape, down_shape], group.dtype)
+            self.lanes.wait(ready)
+            self._device_unit(
+                group,
+                i,
+                gate_up,
+                down,
+                hidden,
+                acc,
+                device_rows,
+                device_tokens,
+                flat_weights,
+                starts if group.routed else None,
+            )
+            self.expert_ring.release((group.layer, i))
+            self.stats.streamed_units += 1
+            self.stats.cached_units += int(cached)
+
+        # 5. resident units on the GPU lane
+        for i in resident:
+            self._maybe_fault("gpu")
+            gate_up, down = group.device_weights[i]
+            self._device_unit(
+                group,
+                i,
+                gate_up,
+                down,
+                hidden,
+                acc,
+                device_rows,
+                device_tokens,
+                flat_weights,
+                starts if group.routed else None,
+            )
+            self.stats.gpu_units += 1
+
+        # 6. join the CPU lane (the main thread sleeps on the future, it does not spin)
+        if cpu_future is not None:
+            try:
+                cpu_out = cpu_future.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised with context in the caller's thread
+                raise ExecutionError(f"the CPU lane failed in layer {group.layer}: {exc!r}") from exc
+            acc += cpu_out.to(dev, non_blocking=True)
+        return acc.to(hidden.dtype)
+
+    def _device_unit(
+        self, group, i, gate_up, down, hidden, acc, device_rows, device_tokens, flat_weights, starts
+    ):
+        if group.routed:
+            sel = device_rows[starts[i] : starts[i + 1]]
+            tok = device_tokens[starts[i] : starts[i + 1]]
+            x = hidden[tok]
+        else:
+            x = hidden
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+        y = F.linear(group.act_fn(gate) * up, down)
+        if group.routed:
+            y = y * flat_weights[sel, None]
+            acc.index_add_(0, tok, y.float())
+        else:
+            acc += y.float()
+
+    def _cpu_kernel(self, group: ExpertGroup, i: int) -> CpuExpertKernel:
+        kernel = group.cpu_kernels.get(i)
+        if kernel is None:
+            gate_up, down = group.host_weights[i]
+            kernel = CpuExpertKernel(gate_up, down, group.act_fn, "linear")
+            group.cpu_kernels[i] = kernel
+        return kernel
+
+    def _submit_cpu(self, group, on_cpu, hidden, flat_weights, rows) -> Future:
+        tokens, width = hidden.shape
+        if self.lanes.is_cuda:
+            # activations cross PCIe in reusable pinned buffers, asynchronously on the GPU lane
+            x_host = self.pinned("x", (tokens, width), hidden.dtype)
+            x_host.copy_(hidden, non_blocking=True)
+            w_host = None
+            if flat_weights is not None:
+                w_host = self.pinned("w", tuple(flat_weights.shape), flat_weights.dtype)
+                w_host.copy_(flat_weights, non_blocking=True)
+            arrived = self.lanes.record()
+        else:
+            x_host, w_host, arrived = hidden, flat_weights, None
+        out = self.pinned("cpu_out", (tokens, width), torch.float32)
+        kernels = [self._cpu_kernel(group, i) for i in on_cpu]
+        row_lists = [rows(i) for i in on_cpu]
+        self.stats.cpu_units += len(on_cpu)
+        self.stats.cpu_tokens += sum(tokens if r is None else r[0].numel() for r in row_lists)
+        injector = self.fault_injector
+
+        def cpu_lane() -> torch.Tensor:
+            if injector is not None:
+                injector("cpu")
+            if arrived is not None:
+                arrived.synchronize()  # blocking event: this thread sleeps until the activations are here
+            with torch.inference_mode():
+                out.zero_()
+                for kernel, routed_rows in zip(kernels, row_lists):
+                    if routed_rows is None:
+                        out.add_(kernel(x_host).float())
+                    else:
+                        tok, sel = routed_rows
+                        y = kernel(x_host[tok]) * w_host[sel, None]
+                        out.index_add_(0, tok, y.float())
+            return out
+
+        return self.worker.submit(cpu_lane)
+
+
+def homes_in(group: ExpertGroup) -> set[str]:
+    """The distinct homes of a group's units (for tests and summaries)."""
+    return {h for h in group.homes if h in (GPU, CPU, STREAM)}

@@ -1,0 +1,104 @@
+"""Small hooks that route a stock transformers model through the executor; removing them restores it.
+
+* MoE experts: an implementation registered in transformers' experts interface (``"hybrid"``), so the
+  router, shared experts and attention stay stock and only the experts call the executor.
+* Dense MLPs: the module's ``forward`` is replaced by one that runs its row slices through the executor.
+* Streamed modules (attention, shared experts, lm_head): pre/post forward hooks swap the parameters to
+  their staging slot and back, and prefetch the next streamed module.
+* A CPU-resident embedding: inputs go to the CPU, the looked-up activations come back to the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .executor import Executor, carve
+from .loading import LoadedModel, StreamedModule
+
+EXPERTS_IMPLEMENTATION = "hybrid"
+
+
+def hybrid_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """The ``"hybrid"`` experts implementation: hand the routed tokens to this layer's executor group."""
+    executor, group = self._hf_hybrid
+    return executor.run_group(group, hidden_states, top_k_index, top_k_weights)
+
+
+def register_experts_implementation() -> None:
+    """Register :func:`hybrid_experts_forward` with transformers (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+    if EXPERTS_IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ExpertsInterface.register(EXPERTS_IMPLEMENTATION, hybrid_experts_forward)
+
+
+class _StreamHook:
+    """Swap a streamed module's parameters into a staging slot for one forward, then back."""
+
+    def __init__(self, executor: Executor, streamed: StreamedModule, following: StreamedModule | None):
+        self.executor = executor
+        self.streamed = streamed
+        self.following = following
+
+    def pre(self, module, args, kwargs):
+        s = self.streamed
+        view = self.executor.stage_module(s.unit, s.host_region)
+        for (owner, leaf, _), slot_tensor in zip(s.params, carve(view, [p[2] for p in s.params], s.dtype)):
+            owner._parameters[leaf].data = slot_tensor
+        if self.following is not None and self.following is not s:
+            # the copy lane starts on the next streamed module while this one computes
+            self.executor.prefetch_module(self.following.unit, self.following.host_region)
+        return args, kwargs
+
+    def post(self, module, args, kwargs, output):
+        s = self.streamed
+        self.executor.release_module(s.unit)
+        for (owner, leaf, _), host_tensor in zip(s.params, s.host_views):
+            owner._parameters[leaf].data = host_tensor
+        return output
+
+
+def attach(model: torch.nn.Module, executor: Executor, loaded: LoadedModel) -> list:
+    """Install every hook; returns the handles (``detach`` removes them)."""
+    register_experts_implementation()
+    handles: list = []
+    layers = model.model.layers
+    for i, group in loaded.groups.items():
+        mlp = layers[i].mlp
+        if group.routed:
+            mlp.experts._hf_hybrid = (executor, group)
+        else:
+            mlp.forward = _dense_forward(executor, group)
+            handles.append(("forward", mlp))
+    if any(g.routed for g in loaded.groups.values()):
+        model.config._experts_implementation = EXPERTS_IMPLEMENTATION
+    order = loaded.streamed
+    for n, s in enumerate(order):
+        hook = _StreamHook(executor, s, order[(n + 1) % len(order)])
+        handles.append(s.module.register_forward_pre_hook(hook.pre, with_kwargs=True))
+        handles.append(s.module.register_forward_hook(hook.post, with_kwargs=True))
+    if loaded.cpu_embedding:
+        embed = model.get_input_embeddings()
+        device = executor.device
+        handles.append(embed.register_forward_pre_hook(lambda m, args: tuple(a.to("cpu") for a in args)))
+        handles.append(embed.register_forward_hook(lambda m, args, out: out.to(device, non_blocking=True)))
+    return handles
+
+
+def _dense_forward(executor: Executor, group):
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        out = executor.run_group(group, hidden_states.reshape(-1, shape[-1]))
+        return out.reshape(shape)
+
+    return forward
+
+
+def detach(handles: list) -> None:
+    """Remove hooks installed by :func:`attach`."""
+    for handle in handles:
+        if isinstance(handle, tuple):
+            _, module = handle
+            module.__dict__.pop("forward", None)
+        else:
+            handle.remove()

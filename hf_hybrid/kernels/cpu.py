@@ -1,0 +1,230 @@
+"""The CPU expert kernel: a gated MLP ``down(act(gate(x)) * up(x))`` on host-resident weights.
+
+The same module serves a MoE expert and a row slice of a dense MLP. Weights are stored the way the
+streaming path needs them (``gate_up [2*I, H]``, rows gate then up, and ``down [H, I]``), so gate and up
+come out of ONE matmul and the activations ``x`` are read once.
+
+Which matmul routine to use depends on the token count: torch's ``F.linear`` picks very different
+kernels per M on CPU (16 GB/s at M=1, 71 GB/s at M=8 on a Xeon), while oneDNN on a pre-packed weight
+is steadier. The choice per token count is measured by :func:`hf_hybrid.profile.measure` and stored in
+``HardwareProfile.cpu_kernel``; this module only executes it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+METHODS = ("linear", "matmul_t", "onednn_packed")
+PLAIN_METHODS = ("linear", "matmul_t")
+
+_packed_support: dict[torch.dtype, bool] = {}
+_packed_lock = threading.Lock()
+_thread_state = threading.local()
+
+
+def _onednn_packed_works(dtype: torch.dtype) -> bool:
+    """Try packing and running a tiny matrix once per dtype; any failure means "not available".
+
+    oneDNN refuses fp16 without AVX512-FP16/AVX-NE-CONVERT and bf16 without AVX512 on some builds; the op
+    may also be missing altogether (torch built without mkldnn), so nothing here may raise.
+    """
+    with _packed_lock:
+        if dtype in _packed_support:
+            return _packed_support[dtype]
+        ok = False
+        try:
+            if torch.backends.mkldnn.is_available():
+                weight = torch.linspace(-1, 1, 64 * 32).reshape(64, 32).to(dtype)
+                x = torch.linspace(-1, 1, 2 * 32).reshape(2, 32).to(dtype)
+                with torch.inference_mode():
+                    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 2)
+                    y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+                    ref = F.linear(x.float(), weight.float())
+                ok = y.shape == ref.shape and bool(torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-2))
+        except Exception:  # any failure just means the method is unavailable
+            ok = False
+        _packed_support[dtype] = ok
+        return ok
+
+
+def available_methods(dtype: torch.dtype) -> tuple[str, ...]:
+    """CPU methods that work for ``dtype`` on this machine (``onednn_packed`` is probed once and cached)."""
+    if _onednn_packed_works(dtype):
+        return METHODS
+    return PLAIN_METHODS
+
+
+def _sync_threads() -> None:
+    """Make a (worker) thread honour ``torch.set_num_threads``.
+
+    OpenMP/MKL thread counts are per-thread settings: a fresh worker thread that calls MKL or oneDNN
+    directly uses the OpenMP default (all cores) even if the main thread set fewer, which oversubscribes
+    cores when the main thread also computes. Re-applying torch's global count once per thread (and
+    whenever it changed) fixes that at the cost of one cheap call.
+    """
+    wanted = torch.get_num_threads()
+    if getattr(_thread_state, "threads", None) != wanted:
+        torch.set_num_threads(wanted)
+        _thread_state.threads = wanted
+
+
+def _packed_linear(x: Tensor, packed: Tensor) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+class CpuExpertKernel:
+    """A gated MLP on host weights, dispatching the matmul routine by token count.
+
+    Args:
+        gate_up: ``[2*I, H]``, gate rows then up rows (contiguous is fastest; pinned is fine).
+        down: ``[H, I]``.
+        act_fn: the activation applied to the gate projection (e.g. ``ACT2FN["silu"]``).
+        methods: one method name for every token count, or ``{token_count: method}`` as stored in
+            ``HardwareProfile.cpu_kernel``: a call with ``n`` tokens uses the entry of the smallest token
+            count ``>= n``, else the largest one.
+
+    ``onednn_packed`` builds packed copies of both matrices once, here; they cost about as much host memory
+    as the weights themselves (:attr:`extra_bytes`). If packing is not possible the kernel falls back to
+    ``linear`` with a warning.
+    """
+
+    def __init__(
+        self,
+        gate_up: Tensor,
+        down: Tensor,
+        act_fn: Callable[[Tensor], Tensor],
+        methods: Mapping[int, str] | str = "linear",
+    ) -> None:
+        if gate_up.dim() != 2 or down.dim() != 2:
+            raise ValueError(
+                f"expected 2-D weights, got gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)}"
+            )
+        inter2, hidden = gate_up.shape
+        if inter2 % 2 or down.shape != (hidden, inter2 // 2):
+            raise ValueError(
+                f"shape mismatch: gate_up {tuple(gate_up.shape)} must be [2*I, H] and down {tuple(down.shape)} [H, I]"
+            )
+        if gate_up.dtype != down.dtype:
+            raise ValueError(f"gate_up is {gate_up.dtype} but down is {down.dtype}")
+        self.gate_up = gate_up
+        self.down = down
+        self.act_fn = act_fn
+        self.hidden_size = hidden
+        self.intermediate_size = inter2 // 2
+
+        if isinstance(methods, str):
+            methods = {1: methods}
+        if not methods:
+            raise ValueError("methods must name at least one method")
+        table = {}
+        for tokens, method in methods.items():
+            if method not in METHODS:
+                raise ValueError(f"unknown CPU method {method!r}; known: {METHODS}")
+            table[int(tokens)] = method
+
+        self._packed_gate_up: Tensor | None = None
+        self._packed_down: Tensor | None = None
+        packed_at = [m for m, meth in table.items() if meth == "onednn_packed"]
+        if packed_at and not self._pack(min(packed_at)):
+            table = {m: ("linear" if meth == "onednn_packed" else meth) for m, meth in table.items()}
+
+        self._keys = sorted(table)
+        self._methods = [table[k] for k in self._keys]
+        self.methods: dict[int, str] = dict(zip(self._keys, self._methods))
+        self.extra_bytes: int = 0
+        if self._packed_gate_up is not None and self._packed_down is not None:
+            # nbytes of an mkldnn tensor is its logical size; blocked layouts pad little for these shapes
+            self.extra_bytes = int(self._packed_gate_up.nbytes + self._packed_down.nbytes)
+
+    def _pack(self, batch_hint: int) -> bool:
+        # One packed copy serves every token count: the batch hint barely changes oneDNN's blocked layout
+        # (measured within noise between hints 1, 16 and 64), and a copy per hint would multiply memory.
+        dtype = self.gate_up.dtype
+        if not _onednn_packed_works(dtype):
+            logger.warning(
+                "onednn_packed is not available for %s on this CPU; the expert kernel uses 'linear' instead.",
+                dtype,
+            )
+            return False
+        try:
+            # no_grad, not inference_mode: inference tensors would break callers that run outside it
+            with torch.no_grad():
+                self._packed_gate_up = torch.ops.mkldnn._reorder_linear_weight(self.gate_up, batch_hint)
+                self._packed_down = torch.ops.mkldnn._reorder_linear_weight(self.down, batch_hint)
+        except Exception as err:  # packing is an optimisation: fall back, don't fail
+            self._packed_gate_up = self._packed_down = None
+            logger.warning("Packing expert weights for oneDNN failed (%s); using 'linear' instead.", err)
+            return False
+        return True
+
+    def method_for(self, tokens: int) -> str:
+        """The method used for a call with ``tokens`` tokens."""
+        i = bisect.bisect_left(self._keys, tokens)
+        return self._methods[min(i, len(self._methods) - 1)]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``x [n, H]`` on CPU in the weights' dtype -> ``[n, H]`` in the same dtype."""
+        _sync_threads()
+        n = x.shape[0]
+        if n == 0:
+            return x.new_empty((0, self.hidden_size))
+        method = self.method_for(n)
+        if method == "linear":
+            # Exactly the plain formula (as transformers computes it), so fp32 results are bit-identical.
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+            return F.linear(self.act_fn(gate) * up, self.down)
+        if method == "matmul_t":
+            gate, up = (x @ self.gate_up.t()).chunk(2, dim=-1)
+            return (self.act_fn(gate) * up) @ self.down.t()
+        gate, up = _packed_linear(x, self._packed_gate_up).chunk(2, dim=-1)
+        return _packed_linear(self.act_fn(gate) * up, self._packed_down)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights read per call (both matrices)."""
+        return int(self.gate_up.nbytes + self.down.nbytes)
+
+    def flops(self, tokens: int) -> int:
+        """Multiply-add FLOPs of one call with ``tokens`` tokens (2 per weight per token)."""
+        return 2 * tokens * (self.gate_up.numel() + self.down.numel())
+
+    def __repr__(self) -> str:
+        return (
+            f"CpuExpertKernel(H={self.hidden_size}, I={self.intermediate_size}, dtype={self.gate_up.dtype}, "
+            f"methods={self.methods}, extra_bytes={self.extra_bytes})"
+        )
+
+
+def pick_methods(measured: Mapping[int, Mapping[str, float]]) -> dict[int, str]:
+    """The fastest method per token count from ``{tokens: {method: rate}}`` (any rate unit, higher wins).
+
+    Ties go to the method listed first in :data:`METHODS` (plain before packed: no extra memory). Rates
+    that are missing, non-finite or not positive are ignored; a token count with none left gets ``linear``.
+    """
+    order = {name: i for i, name in enumerate(METHODS)}
+    picked: dict[int, str] = {}
+    for tokens, rates in measured.items():
+        valid = [
+            (rate, name)
+            for name, rate in rates.items()
+            if isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0
+        ]
+        if not valid:
+            picked[int(tokens)] = "linear"
+            continue
+        best_rate = max(rate for rate, _ in valid)
+        best = min(
+            (name for rate, name in valid if rate == best_rate), key=lambda n: order.get(n, len(order))
+        )
+        picked[int(tokens)] = best
+    return dict(sorted(picked.items()))

@@ -1,0 +1,437 @@
+"""From a checkpoint to a model whose weights sit in their homes, one tensor at a time.
+
+The model skeleton is built on the meta device (no memory); each tensor is then read from its
+safetensors shard (memory-mapped) straight into its home: the device for resident units, a pinned host
+arena for everything the executor may stream or compute on the CPU. The host never holds two copies of
+the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import CheckpointError, HostMemoryError, WeightsNotFoundError
+from .executor import ExpertGroup, HostArena, can_pin, carve, layout_bytes
+from .families import FamilyAdapter
+from .planner import HybridPlan
+from .units import CPU, GPU, STREAM, Unit, format_bytes
+
+WEIGHT_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.json",
+    "*.model",
+    "*.txt",
+    "*.jinja",
+    "*.py",
+]
+
+
+# ------------------------------------------------------------------------------------ finding weights
+def resolve_checkpoint(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    allow_pickle: bool = False,
+) -> Path:
+    """A local directory holding the safetensors shards of ``name_or_path`` (downloaded if a hub id)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        directory = path
+    elif path.exists():
+        raise WeightsNotFoundError(
+            f"{path} is a file; pass the directory that holds config.json and the shards"
+        )
+    elif _looks_like_path(str(name_or_path)):
+        raise WeightsNotFoundError(
+            f"no such directory: {path}. Pass a local checkpoint directory or a Hugging Face hub id like "
+            f"'mistralai/Mixtral-8x7B-v0.1'."
+        )
+    else:
+        directory = _download(str(name_or_path), revision, token, cache_dir, local_files_only)
+    if not list(directory.glob("*.safetensors")):
+        pickled = sorted(p.name for p in directory.glob("*.bin")) + sorted(
+            p.name for p in directory.glob("*.pt")
+        )
+        if pickled and not allow_pickle:
+            raise WeightsNotFoundError(
+                f"{directory} holds only pickle checkpoints ({', '.join(pickled[:3])}); hf_hybrid reads safetensors. "
+                f"Convert them (transformers: load then save_pretrained(safe_serialization=True)), or pass "
+                f"allow_pickle=True to load them with torch.load(weights_only=True)."
+            )
+        if not pickled:
+            raise WeightsNotFoundError(f"{directory} contains no *.safetensors weights")
+    return directory
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith((".", "/", "~"))
+        or os.sep in name.strip("/").replace("/", "", 1)
+        or name.count("/") != 1
+    )
+
+
+def _download(repo_id, revision, token, cache_dir, local_files_only) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                allow_patterns=WEIGHT_PATTERNS,
+            )
+        )
+    except RepositoryNotFoundError as exc:
+        raise WeightsNotFoundError(
+            f"{repo_id!r} is neither a local directory nor a model on the Hugging Face hub (check the name, or "
+            f"pass token= for a gated/private model)"
+        ) from exc
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise WeightsNotFoundError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub and it is not in the local cache: {exc}. "
+            f"Check the network, or pass a local directory."
+        ) from exc
+
+
+class CheckpointReader:
+    """Lazy, memory-mapped access to every tensor of a safetensors checkpoint by name."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.key_to_file: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        for shard in sorted(directory.glob("*.safetensors")):
+            try:
+                handle = safe_open(str(shard), framework="pt", device="cpu")
+                keys = list(handle.keys())
+            except Exception as exc:  # safetensors raises its own error types for truncated headers
+                raise CheckpointError(
+                    f"cannot read {shard.name}: {exc}. The file is truncated or corrupt: download it again."
+                ) from exc
+            self._handles[shard] = handle
+            for key in keys:
+                self.key_to_file[key] = shard
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.key_to_file
+
+    def keys(self):
+        """All tensor names."""
+        return self.key_to_file.keys()
+
+    def get(
+        self, key: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """The tensor ``key`` (or a row / column range of it), read from the mapped file."""
+        handle = self._handles[self.key_to_file[key]]
+        try:
+            if rows is None and cols is None:
+                return handle.get_tensor(key)
+            piece = handle.get_slice(key)
+            r = slice(*rows) if rows else slice(None)
+            c = slice(*cols) if cols else slice(None)
+            return piece[r, c]
+        except Exception as exc:
+            raise CheckpointError(
+                f"cannot read tensor {key} from {self.key_to_file[key].name}: {exc}. The shard is corrupt or "
+                f"truncated: download it again."
+            ) from exc
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of ``key`` without reading it."""
+        return tuple(self._handles[self.key_to_file[key]].get_slice(key).get_shape())
+
+
+# ------------------------------------------------------------------------------------ unit params
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+
+
+def unit_of_param(name: str, moe_layers: set[int]) -> str | None:
+    """The unit a module-tree parameter belongs to (None for expert / MLP-slice weights, loaded per group)."""
+    if name.startswith("model.embed_tokens."):
+        return "embed_tokens"
+    if name.startswith("lm_head."):
+        return "lm_head"
+    if name.startswith("model.norm."):
+        return "norm"
+    m = _LAYER.match(name)
+    if not m:
+        return None
+    i, rest = int(m.group(1)), m.group(2)
+    if rest.startswith("self_attn."):
+        return f"layers.{i}.attention"
+    if rest.startswith("mlp."):
+        sub = rest[4:]
+        if i in moe_layers:
+            if sub.startswith("experts."):
+                return None
+            if sub.startswith(("gate.", "router.")):
+                return f"layers.{i}.router"
+            if sub.startswith("shared_expert."):
+                return f"layers.{i}.shared_expert"
+            return f"layers.{i}.router"
+        return None  # dense MLP weights: loaded as row slices
+    return f"layers.{i}.norms"
+
+
+@dataclass
+class StreamedModule:
+    """A module whose parameters live in one pinned host region and visit a device slot when it runs."""
+
+    unit: str
+    module: torch.nn.Module
+    params: list[tuple[torch.nn.Module, str, tuple[int, ...]]]
+    host_region: torch.Tensor
+    host_views: list[torch.Tensor]
+    dtype: torch.dtype
+
+
+@dataclass
+class LoadedModel:
+    """What loading produced besides the model: the executor's groups and streamed modules."""
+
+    groups: dict[int, ExpertGroup] = field(default_factory=dict)
+    streamed: list[StreamedModule] = field(default_factory=list)
+    cpu_embedding: bool = False
+    host_bytes: int = 0
+
+
+def host_memory_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes, or None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_host_memory(plan: HybridPlan) -> int:
+    """Raise :class:`HostMemoryError` when the host-side units do not fit in available RAM."""
+    need = sum(u.nbytes for u in plan.units if plan.homes[u.name] != GPU)
+    have = host_memory_available()
+    if have is not None and need > have:
+        raise HostMemoryError(
+            f"this plan keeps {format_bytes(need)} of weights in host memory but only {format_bytes(have)} is "
+            f"available. Raise gpu_memory, free host memory, or use a machine with more RAM."
+        )
+    return need
+
+
+def _param_owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    module_path, _, leaf = name.rpartition(".")
+    return model.get_submodule(module_path), leaf
+
+
+def load_weights(
+    model: torch.nn.Module,
+    reader: CheckpointReader,
+    adapter: FamilyAdapter,
+    plan: HybridPlan,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = True,
+) -> LoadedModel:
+    """Materialise every tensor of ``model`` (built on meta) from ``reader`` into its planned home."""
+    from transformers.utils.logging import tqdm
+
+    pin = can_pin() and device.type == "cuda"
+    result = LoadedModel()
+    result.host_bytes = check_host_memory(plan)
+    base = model.model
+    moe_layers = {i for i, layer in enumerate(base.layers) if getattr(layer.mlp, "experts", None) is not None}
+    model_to_ckpt = {adapter.to_model_key(k): k for k in reader.keys()}
+    units_by_name = {u.name: u for u in plan.units}
+
+    # group module-tree params by unit
+    by_unit: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
+    for name, param in model.named_parameters():
+        unit = unit_of_param(name, moe_layers)
+        if unit is not None:
+            by_unit.setdefault(unit, []).append((name, param))
+
+    expert_units = [u for u in plan.units if u.is_expert_like]
+    total = len(by_unit) + len(expert_units)
+    bar = tqdm(total=total, desc="Loading weights", unit="unit", disable=not progress)
+    try:
+        for unit_name, params in by_unit.items():
+            home = plan.homes.get(unit_name, GPU)
+            tensors = []
+            for name, param in params:
+                key = model_to_ckpt.get(name)
+                if key is None:
+                    raise CheckpointError(
+                        f"the checkpoint has no tensor for {name} (looked for it under {adapter.name} names); "
+                        f"is this the right checkpoint for {type(model).__name__}?"
+                    )
+                if reader.shape(key) != tuple(param.shape):
+                    raise CheckpointError(
+                        f"tensor {key} has shape {reader.shape(key)} but the config expects {tuple(param.shape)}: "
+                        f"the shards do not match config.json"
+                    )
+                tensors.append((name, reader.get(key)))
+            if home == STREAM:
+                result.streamed.append(_stream_module(model, unit_name, tensors, dtype, pin))
+            else:
+                target = device if home == GPU else torch.device("cpu")
+                for name, value in tensors:
+                    owner, leaf = _param_owner(model, name)
+                    owner._parameters[leaf] = torch.nn.Parameter(value.to(target, dtype), requires_grad=False)
+                if unit_name == "embed_tokens" and home == CPU:
+                    result.cpu_embedding = True
+            bar.update(1)
+
+        for i, layer in enumerate(base.layers):
+            layer_units = [u for u in expert_units if u.layer == i]
+            if not layer_units:
+                continue
+            group = _load_group(
+                i, layer, layer_units, plan, reader, adapter, i in moe_layers, device, dtype, pin, bar
+            )
+            result.groups[i] = group
+    finally:
+        bar.close()
+
+    if model.config.tie_word_embeddings and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
+    for name, param in model.named_parameters():
+        if param.device.type == "meta":
+            raise CheckpointError(f"{name} was not loaded from the checkpoint")
+    del units_by_name
+    return result
+
+
+def _stream_module(model, unit_name, tensors, dtype, pin) -> StreamedModule:
+    shapes = [tuple(v.shape) for _, v in tensors]
+    arena = HostArena(layout_bytes(shapes, dtype), pin)
+    region = arena.take(layout_bytes(shapes, dtype))
+    views = carve(region, shapes, dtype)
+    params = []
+    for (name, value), view in zip(tensors, views):
+        view.copy_(value)
+        owner, leaf = _param_owner(model, name)
+        owner._parameters[leaf] = torch.nn.Parameter(view, requires_grad=False)
+        params.append((owner, leaf, tuple(value.shape)))
+    return StreamedModule(unit_name, owner_root(model, unit_name), params, region, views, dtype)
+
+
+def owner_root(model: torch.nn.Module, unit_name: str) -> torch.nn.Module:
+    """The module whose forward a streamed unit's hook wraps."""
+    if unit_name == "lm_head":
+        return model.get_output_embeddings()
+    m = re.match(r"layers\.(\d+)\.(attention|shared_expert)$", unit_name)
+    if not m:
+        raise ValueError(f"unit {unit_name} cannot be streamed")
+    layer = model.model.layers[int(m.group(1))]
+    return layer.self_attn if m.group(2) == "attention" else layer.mlp.shared_expert
+
+
+def _expert_keys(
+    reader: CheckpointReader, adapter: FamilyAdapter, layer: int, expert: int
+) -> tuple[str, ...] | None:
+    gate, up, down = adapter.expert_names
+    for block in ("mlp", "block_sparse_moe"):
+        prefix = f"model.layers.{layer}.{block}.experts.{expert}."
+        keys = tuple(f"{prefix}{n}.weight" for n in (gate, up, down))
+        if all(k in reader for k in keys):
+            return keys
+    return None
+
+
+def _read_unit(
+    reader, adapter, layer, unit: Unit, routed: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate [r, H], up [r, H], down [H, r]) of an expert or MLP slice."""
+    if routed:
+        keys = _expert_keys(reader, adapter, layer, unit.index)
+        if keys is not None:
+            return tuple(reader.get(k) for k in keys)
+        fused = f"model.layers.{layer}.mlp.experts."
+        if fused + "gate_up_proj" in reader:
+            gate_up = reader.get(fused + "gate_up_proj")[unit.index]
+            inter = gate_up.shape[0] // 2
+            return gate_up[:inter], gate_up[inter:], reader.get(fused + "down_proj")[unit.index]
+        raise CheckpointError(f"the checkpoint has no weights for expert {unit.index} of layer {layer}")
+    lo, hi = unit.rows
+    prefix = f"model.layers.{layer}.mlp."
+    for role in ("gate_proj", "up_proj", "down_proj"):
+        if prefix + role + ".weight" not in reader:
+            raise CheckpointError(f"the checkpoint has no {prefix}{role}.weight")
+    return (
+        reader.get(prefix + "gate_proj.weight", rows=(lo, hi)),
+        reader.get(prefix + "up_proj.weight", rows=(lo, hi)),
+        reader.get(prefix + "down_proj.weight", cols=(lo, hi)),
+    )
+
+
+def _load_group(i, layer, units, plan, reader, adapter, routed, device, dtype, pin, bar) -> ExpertGroup:
+    mlp = layer.mlp
+    act_fn = mlp.experts.act_fn if routed else mlp.act_fn
+    homes = [plan.homes[u.name] for u in units]
+    group = ExpertGroup(layer=i, units=units, homes=homes, act_fn=act_fn, dtype=dtype, routed=routed)
+    shapes = {u.index: (u.tensors[0].shape, u.tensors[1].shape) for u in units}
+    group.shapes = shapes
+    host_bytes = sum(layout_bytes(list(shapes[u.index]), dtype) for u, h in zip(units, homes) if h != GPU)
+    arena = HostArena(host_bytes, pin) if host_bytes else None
+    for u, home in zip(units, homes):
+        gate, up, down = _read_unit(reader, adapter, i, u, routed)
+        gate_up_shape, down_shape = shapes[u.index]
+        if tuple(gate.shape) + tuple(up.shape) != (gate_up_shape[0] // 2, gate_up_shape[1]) * 2 or tuple(
+            down.shape
+        ) != tuple(down_shape):
+            raise CheckpointError(
+                f"{u.name}: checkpoint shapes gate {tuple(gate.shape)}, up {tuple(up.shape)}, down "
+                f"{tuple(down.shape)} do not match the config ({gate_up_shape}, {down_shape})"
+            )
+        if home == GPU:
+            gate_up = torch.empty(gate_up_shape, dtype=dtype, device=device)
+            half = gate_up_shape[0] // 2
+            gate_up[:half].copy_(gate)
+            gate_up[half:].copy_(up)
+            group.device_weights[u.index] = (gate_up, down.to(device, dtype).contiguous())
+        else:
+            region = arena.take(layout_bytes([gate_up_shape, down_shape], dtype))
+            gate_up, down_host = carve(region, [gate_up_shape, down_shape], dtype)
+            half = gate_up_shape[0] // 2
+            gate_up[:half].copy_(gate)
+            gate_up[half:].copy_(up)
+            down_host.copy_(down)
+            group.host_regions[u.index] = region
+            group.host_weights[u.index] = (gate_up, down_host)
+        bar.update(1)
+    # the module tree no longer owns these weights: the executor's group does
+    if routed:
+        for name in ("gate_up_proj", "down_proj"):
+            mlp.experts._parameters.pop(name, None)
+    else:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            mlp._modules.pop(name, None)
+    return group
+
+
+def read_config_json(directory: Path) -> dict:
+    """The raw config.json of a checkpoint directory."""
+    with open(directory / "config.json") as fh:
+        return json.load(fh)

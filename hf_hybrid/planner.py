@@ -1,0 +1,568 @@
+"""Where every unit lives, and where every expert's tokens run: the cost model, the partition and the
+token-assignment policy.
+
+Pure Python over :class:`~hf_hybrid.units.Unit` shapes and a :class:`~hf_hybrid.profile.HardwareProfile`;
+nothing here touches a device, so every decision can be unit-tested and printed without weights.
+
+The model of one step (prefill of T tokens, or one decode step of B tokens) per layer is three lanes that
+run at once -- the CPU lane (units computed on the CPU), the PCIe lane (units streamed into staging slots)
+and the GPU lane (resident and arrived units) -- so a layer costs the *max* of its lanes plus the
+activation round trip to the CPU, not their sum.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from dataclasses import dataclass, field
+
+from .errors import BudgetError, PlacementError
+from .profile import HardwareProfile
+from .units import CPU, GPU, HOMES, STREAM, Unit, format_bytes
+
+#: Fixed cost of sending activations to the CPU lane and back (launch + sync latency), seconds.
+CPU_ROUND_TRIP_S = 60e-6
+#: Staging slots per class: two for double buffering plus one so a copy can run ahead of compute.
+EXPERT_STAGING_SLOTS = 3
+MODULE_STAGING_SLOTS = 2
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the user will run: prompt length, new tokens and batch size (tokens per decode step)."""
+
+    prompt_tokens: int = 512
+    new_tokens: int = 128
+    batch: int = 1
+
+    def __post_init__(self):
+        for name in ("prompt_tokens", "new_tokens", "batch"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"Workload.{name} must be >= 1 (got {getattr(self, name)})")
+
+
+@dataclass
+class StagingClass:
+    """A ring of equal device slots that streamed units of one kind are copied into."""
+
+    name: str
+    slot_bytes: int
+    slots: int
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes the ring reserves."""
+        return self.slot_bytes * self.slots
+
+
+# ----------------------------------------------------------------------------------------------- cost model
+def usage_probability(
+    unit: Unit, routing: dict[str, float], experts_per_layer: dict[int, tuple[int, int]]
+) -> float:
+    """Probability that one token routes to ``unit`` (1 for everything that is not an expert)."""
+    if unit.kind != "expert":
+        return 1.0
+    if unit.name in routing:
+        return routing[unit.name]
+    n_experts, top_k = experts_per_layer[unit.layer]
+    return top_k / n_experts
+
+
+def gpu_time(unit: Unit, tokens: float, profile: HardwareProfile) -> float:
+    """Seconds to compute ``unit`` on ``tokens`` tokens with its weights already on the device."""
+    if tokens <= 0:
+        return 0.0
+    return max(unit.nbytes / profile.gpu_mem_bw, tokens * unit.flops_per_token / profile.gpu_flops)
+
+
+def cpu_time(unit: Unit, tokens: float, profile: HardwareProfile) -> float:
+    """Seconds for the CPU lane to compute ``unit`` on ``tokens`` tokens (weights read from DRAM)."""
+    if tokens <= 0:
+        return 0.0
+    m = max(1, round(tokens))
+    return max(unit.nbytes / profile.cpu_weight_bw(m), tokens * unit.flops_per_token / profile.cpu_flops(m))
+
+
+def copy_time(unit: Unit, profile: HardwareProfile) -> float:
+    """Seconds to stream ``unit``'s weights over PCIe from pinned memory."""
+    return unit.nbytes / profile.h2d_bw
+
+
+def home_time(unit: Unit, home: str, tokens: float, profile: HardwareProfile) -> float:
+    """Seconds one use of ``unit`` costs in ``home`` (ignores overlap with other units)."""
+    if home == GPU:
+        return gpu_time(unit, tokens, profile)
+    if home == CPU:
+        return cpu_time(unit, tokens, profile)
+    return copy_time(unit, profile) + gpu_time(unit, tokens, profile)
+
+
+# --------------------------------------------------------------------------------------- token assignment
+@dataclass(frozen=True)
+class HostWork:
+    """One non-resident expert (or MLP slice) with routed tokens in the current step."""
+
+    name: str
+    tokens: int
+    nbytes: int
+    flops_per_token: int
+    staged: bool = False  # its weights are still in a staging slot from an earlier step
+    home: str = CPU
+
+
+def assign_tokens(
+    work: list[HostWork], profile: HardwareProfile, *, gpu_busy_s: float = 0.0, mode: str = "adaptive"
+) -> set[str]:
+    """Decide which host units of one layer step run on the GPU (streamed) rather than on the CPU.
+
+    ``mode="static"`` follows each unit's home. ``"adaptive"`` is a longest-processing-time greedy
+    over two lanes: biggest job first, each to the lane that would finish it earliest, where the
+    CPU lane costs :func:`cpu_time` and the GPU side costs the copy (free if ``staged``) on the PCIe lane
+    and the compute on the GPU lane. Returns the names to stream.
+    """
+    if mode == "static":
+        return {w.name for w in work if w.home == STREAM}
+    if mode == "cpu":
+        return set()
+    if mode == "stream":
+        return {w.name for w in work}
+    streamed: set[str] = set()
+    cpu_lane = 0.0
+    pcie_lane = 0.0
+    gpu_lane = gpu_busy_s
+    costed = []
+    for w in work:
+        unit = Unit(w.name, "expert", None, w.nbytes, w.flops_per_token, HOMES)
+        c = cpu_time(unit, w.tokens, profile)
+        g = gpu_time(unit, w.tokens, profile)
+        x = 0.0 if w.staged else copy_time(unit, profile)
+        costed.append((max(c, x + g), c, g, x, w.name))
+    for _, c, g, x, name in sorted(costed, reverse=True):
+        cpu_finish = cpu_lane + c
+        arrive = pcie_lane + x
+        gpu_finish = max(arrive, gpu_lane) + g
+        if gpu_finish < cpu_finish:
+            streamed.add(name)
+            pcie_lane = arrive
+            gpu_lane = gpu_finish
+        else:
+            cpu_lane = cpu_finish
+    return streamed
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+@dataclass
+class HybridPlan:
+    """The partition: each unit's home, the device memory it costs, and what it predicts.
+
+    ``print(plan)`` shows a table; ``plan.to_dict()`` is JSON-able.
+    """
+
+    units: list[Unit]
+    homes: dict[str, str]
+    budget_bytes: int
+    kv_cache_bytes: int
+    workspace_bytes: int
+    staging: list[StagingClass]
+    profile: HardwareProfile
+    workload: Workload
+    routing: dict[str, float] = field(default_factory=dict)
+    predicted: dict[str, float] = field(default_factory=dict)
+    unit_times: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    # -- queries
+    def home(self, name: str) -> str:
+        """Home of the unit called ``name``."""
+        return self.homes[name]
+
+    def units_in(self, home: str) -> list[Unit]:
+        """All units whose home is ``home``."""
+        return [u for u in self.units if self.homes[u.name] == home]
+
+    @property
+    def resident_bytes(self) -> int:
+        """Weight bytes resident on the device."""
+        return sum(u.nbytes for u in self.units_in(GPU))
+
+    @property
+    def staging_bytes(self) -> int:
+        """Device bytes of all staging rings."""
+        return sum(s.nbytes for s in self.staging)
+
+    @property
+    def device_bytes(self) -> int:
+        """Everything the plan puts on the device: weights, KV cache, workspace, staging."""
+        return self.resident_bytes + self.kv_cache_bytes + self.workspace_bytes + self.staging_bytes
+
+    def to_dict(self) -> dict:
+        """JSON-able form of the plan."""
+        return {
+            "units": [
+                {
+                    "name": u.name,
+                    "kind": u.kind,
+                    "layer": u.layer,
+                    "home": self.homes[u.name],
+                    "bytes": u.nbytes,
+                    "predicted_s": self.unit_times.get(u.name, {}),
+                }
+                for u in self.units
+            ],
+            "budget": {
+                "total": self.budget_bytes,
+                "resident_weights": self.resident_bytes,
+                "kv_cache": self.kv_cache_bytes,
+                "workspace": self.workspace_bytes,
+                "staging": self.staging_bytes,
+                "free": self.budget_bytes - self.device_bytes,
+            },
+            "staging": [{"name": s.name, "slot_bytes": s.slot_bytes, "slots": s.slots} for s in self.staging],
+            "homes": {h: len(self.units_in(h)) for h in HOMES},
+            "workload": {
+                "prompt_tokens": self.workload.prompt_tokens,
+                "new_tokens": self.workload.new_tokens,
+                "batch": self.workload.batch,
+            },
+            "predicted": dict(self.predicted),
+            "profile": self.profile.to_dict(),
+        }
+
+    def to_json(self) -> str:
+        """The plan as a JSON string."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        lines = ["hf_hybrid plan", ""]
+        lines.append(
+            f"{'unit':<28} {'kind':<13} {'home':<6} {'bytes':>10} {'prefill ms':>10} {'decode ms':>10}"
+        )
+        grouped = _group_rows(self)
+        for name, kind, home, nbytes, pre, dec in grouped:
+            lines.append(
+                f"{name:<28} {kind:<13} {home:<6} {format_bytes(nbytes):>10} {pre * 1e3:>10.3f} {dec * 1e3:>10.3f}"
+            )
+        d = self.to_dict()["budget"]
+        lines.append("")
+        lines.append(
+            f"device budget {format_bytes(d['total'])}: weights {format_bytes(d['resident_weights'])}, "
+            f"KV cache {format_bytes(d['kv_cache'])}, workspace {format_bytes(d['workspace'])}, "
+            f"staging {format_bytes(d['staging'])}, free {format_bytes(d['free'])}"
+        )
+        counts = ", ".join(f"{h} {len(self.units_in(h))}" for h in HOMES)
+        lines.append(f"units per home: {counts}")
+        p = self.predicted
+        if p:
+            wl = self.workload
+            lines.append(
+                f"predicted prefill ({wl.prompt_tokens} tokens x {wl.batch}): {p['prefill_tok_s']:.1f} tok/s "
+                f"(bound {p['prefill_bound_tok_s']:.1f}, {100 * p['prefill_fraction_of_bound']:.0f}%)"
+            )
+            lines.append(
+                f"predicted decode (batch {wl.batch}): {p['decode_tok_s']:.2f} tok/s "
+                f"(bound {p['decode_bound_tok_s']:.2f}, {100 * p['decode_fraction_of_bound']:.0f}%)"
+            )
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _group_rows(plan: HybridPlan) -> list[tuple]:
+    """Table rows; runs of experts/slices of one layer with the same home are folded into one row."""
+    rows: list[tuple] = []
+    for u in plan.units:
+        home = plan.homes[u.name]
+        t = plan.unit_times.get(u.name, {})
+        pre, dec = t.get("prefill", 0.0), t.get("decode", 0.0)
+        if u.is_expert_like and rows and rows[-1][6] == (u.layer, u.kind, home):
+            name, kind, _, nbytes, p0, d0, key, first = rows[-1]
+            rows[-1] = (
+                f"layers.{u.layer}.{_plural(u)}.{first}-{u.index}",
+                kind,
+                home,
+                nbytes + u.nbytes,
+                p0 + pre,
+                d0 + dec,
+                key,
+                first,
+            )
+        else:
+            rows.append((u.name, u.kind, home, u.nbytes, pre, dec, (u.layer, u.kind, home), u.index))
+    return [r[:6] for r in rows]
+
+
+def _plural(unit: Unit) -> str:
+    return "experts" if unit.kind == "expert" else "mlp"
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def resolve_forced(units: list[Unit], forced: dict[str, str] | None) -> dict[str, str]:
+    """Expand ``{"layers.*.experts.1": "cpu", ...}`` (fnmatch patterns) into unit name -> home.
+
+    Later patterns win. Unknown patterns and homes a unit cannot have raise :class:`PlacementError`.
+    """
+    result: dict[str, str] = {}
+    for pattern, home in (forced or {}).items():
+        if home not in HOMES:
+            raise PlacementError(f"placement {pattern!r} -> {home!r}: home must be one of {', '.join(HOMES)}")
+        matched = [u for u in units if fnmatch.fnmatchcase(u.name, pattern)]
+        if not matched:
+            examples = ", ".join(u.name for u in units[:6])
+            raise PlacementError(
+                f"placement pattern {pattern!r} matches no unit (unit names look like {examples}, ...)"
+            )
+        for u in matched:
+            if home not in u.homes:
+                raise PlacementError(
+                    f"unit {u.name} ({u.kind}) cannot live in {home!r}; allowed homes: {', '.join(u.homes)}"
+                )
+            result[u.name] = home
+    return result
+
+
+def _experts_per_layer(units: list[Unit], top_k: int | dict[int, int]) -> dict[int, tuple[int, int]]:
+    counts: dict[int, int] = {}
+    for u in units:
+        if u.kind == "expert":
+            counts[u.layer] = counts.get(u.layer, 0) + 1
+    k = (lambda layer: top_k.get(layer, 1)) if isinstance(top_k, dict) else (lambda layer: top_k)
+    return {layer: (n, min(k(layer), n)) for layer, n in counts.items()}
+
+
+def _staging_for(units: list[Unit], homes: dict[str, str]) -> list[StagingClass]:
+    """Rings needed by the host-side units of ``homes`` (any host expert may be streamed at run time)."""
+    rings = []
+    host_experts = [u for u in units if u.is_expert_like and homes[u.name] != GPU]
+    if host_experts:
+        rings.append(StagingClass("experts", max(u.nbytes for u in host_experts), EXPERT_STAGING_SLOTS))
+    streamed_modules = [u for u in units if not u.is_expert_like and homes[u.name] == STREAM]
+    if streamed_modules:
+        rings.append(StagingClass("modules", max(u.nbytes for u in streamed_modules), MODULE_STAGING_SLOTS))
+    return rings
+
+
+def plan(
+    units: list[Unit],
+    profile: HardwareProfile,
+    budget_bytes: int,
+    *,
+    kv_cache_bytes: int = 0,
+    workspace_bytes: int = 0,
+    workload: Workload | None = None,
+    top_k: int | dict[int, int] = 2,
+    forced: dict[str, str] | None = None,
+    routing: dict[str, float] | None = None,
+) -> HybridPlan:
+    """Choose every unit's home to minimise predicted time per generated token under ``budget_bytes``.
+
+    The device holds the KV cache, the workspace and the staging rings first; then units are made
+    resident in order of predicted time saved per byte (``usage probability x (host time - GPU time)``,
+    prefill and decode weighted by the workload) until the next unit no longer fits, continuing with
+    smaller units so the budget is filled to the last expert that fits. Host units are then split between
+    the CPU and PCIe lanes per layer so the two lanes finish together in decode.
+    """
+    workload = workload or Workload()
+    routing = dict(routing or {})
+    forced_homes = resolve_forced(units, forced)
+    per_layer = _experts_per_layer(units, top_k)
+    homes: dict[str, str] = {}
+    for u in units:
+        homes[u.name] = forced_homes.get(u.name, GPU if u.homes == (GPU,) else "")
+
+    fixed = kv_cache_bytes + workspace_bytes
+
+    def used(h: dict[str, str]) -> int:
+        return sum(u.nbytes for u in units if h[u.name] == GPU)
+
+    # Does everything fit? Then there is nothing to plan.
+    everything = {u.name: forced_homes.get(u.name, GPU) for u in units}
+    if fixed + used(everything) + sum(s.nbytes for s in _staging_for(units, everything)) <= budget_bytes:
+        homes = everything
+    else:
+        free = [u for u in units if not homes[u.name]]
+        # Staging is sized for the worst case (every free unit on the host), so filling never breaks it.
+        worst = dict(homes)
+        for u in free:
+            worst[u.name] = STREAM if STREAM in u.homes else CPU
+        staging_bytes = sum(s.nbytes for s in _staging_for(units, worst))
+        minimum = fixed + used(homes) + staging_bytes
+        if minimum > budget_bytes:
+            raise BudgetError(
+                f"gpu_memory={format_bytes(budget_bytes)} is below the minimum this model needs: "
+                f"{format_bytes(minimum)} (KV cache {format_bytes(kv_cache_bytes)}, workspace "
+                f"{format_bytes(workspace_bytes)}, staging {format_bytes(staging_bytes)}, always-resident "
+                f"weights {format_bytes(used(homes))}). Pass gpu_memory of at least {format_bytes(minimum)}, "
+                f"or lower max_context / max_batch_size."
+            )
+        room = budget_bytes - minimum
+        # Value of residency per byte, summed over the workload (prefill once, decode new_tokens times).
+        T, B, N = workload.prompt_tokens * workload.batch, workload.batch, workload.new_tokens
+
+        def saved_per_byte(u: Unit) -> float:
+            p = usage_probability(u, routing, per_layer)
+            host = [h for h in u.homes if h != GPU]
+            n_dec = B * p
+            used_dec = 1.0 - (1.0 - p) ** B
+            dec = used_dec * (
+                min(home_time(u, h, max(n_dec, 1), profile) for h in host)
+                - gpu_time(u, max(n_dec, 1), profile)
+            )
+            n_pre = T * p
+            used_pre = 1.0 - (1.0 - p) ** T
+            pre = used_pre * (
+                min(home_time(u, h, n_pre, profile) for h in host) - gpu_time(u, n_pre, profile)
+            )
+            return (pre + N * dec) / max(u.nbytes, 1)
+
+        # Ties (uniform experts) are broken by expert index then layer, so residents spread over layers
+        # and every layer's host lanes stay balanced.
+        order = sorted(free, key=lambda u: (-round(saved_per_byte(u), 15), u.index or 0, u.layer or 0))
+        for u in order:
+            if u.nbytes <= room:
+                homes[u.name] = GPU
+                room -= u.nbytes
+        for u in free:
+            if not homes[u.name]:
+                homes[u.name] = STREAM if STREAM in u.homes and CPU not in u.homes else ""
+        _balance_host_lanes(units, homes, profile, workload, routing, per_layer)
+
+    staging = _staging_for(units, homes)
+    result = HybridPlan(
+        units=list(units),
+        homes=homes,
+        budget_bytes=budget_bytes,
+        kv_cache_bytes=kv_cache_bytes,
+        workspace_bytes=workspace_bytes,
+        staging=staging,
+        profile=profile,
+        workload=workload,
+        routing=routing,
+    )
+    if result.device_bytes > budget_bytes:
+        raise BudgetError(
+            f"the forced placement needs {format_bytes(result.device_bytes)} on the device but gpu_memory is "
+            f"{format_bytes(budget_bytes)}: force fewer units to 'gpu' or raise gpu_memory."
+        )
+    predict(result, per_layer)
+    return result
+
+
+def _balance_host_lanes(
+    units: list[Unit],
+    homes: dict[str, str],
+    profile: HardwareProfile,
+    workload: Workload,
+    routing: dict[str, float],
+    per_layer: dict[int, tuple[int, int]],
+) -> None:
+    """Give each undecided host unit the CPU or the PCIe lane so that, per layer, both finish together."""
+    by_layer: dict[int | None, list[Unit]] = {}
+    for u in units:
+        if homes[u.name] == "":
+            by_layer.setdefault(u.layer, []).append(u)
+    B = workload.batch
+    for layer, todo in by_layer.items():
+        cpu_lane = sum(
+            usage_probability(u, routing, per_layer)
+            * cpu_time(u, max(1, B * usage_probability(u, routing, per_layer)), profile)
+            for u in units
+            if u.layer == layer and homes[u.name] == CPU
+        )
+        pcie_lane = sum(
+            usage_probability(u, routing, per_layer) * copy_time(u, profile)
+            for u in units
+            if u.layer == layer and homes[u.name] == STREAM
+        )
+        for u in sorted(todo, key=lambda u: -u.nbytes * usage_probability(u, routing, per_layer)):
+            p = usage_probability(u, routing, per_layer)
+            c = p * cpu_time(u, max(1, B * p), profile)
+            s = p * copy_time(u, profile)
+            if cpu_lane + c <= pcie_lane + s:
+                homes[u.name] = CPU
+                cpu_lane += c
+            else:
+                homes[u.name] = STREAM
+                pcie_lane += s
+
+
+def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = None) -> None:
+    """Fill ``result.predicted`` and ``result.unit_times`` from the cost model (prefill and decode)."""
+    profile, wl, routing = result.profile, result.workload, result.routing
+    per_layer = per_layer or _experts_per_layer(result.units, 2)
+    T, B = wl.prompt_tokens * wl.batch, wl.batch
+    phases = {"prefill": T, "decode": B}
+    totals = {}
+    host_bytes_phase = {}
+    for phase, tokens in phases.items():
+        total = 0.0
+        host_bytes = 0.0
+        layers: dict[int | None, list[Unit]] = {}
+        for u in result.units:
+            layers.setdefault(u.layer, []).append(u)
+        for _layer, layer_units in layers.items():
+            gpu_lane = cpu_lane = pcie_lane = 0.0
+            serial = 0.0
+            work = []
+            for u in layer_units:
+                p = usage_probability(u, routing, per_layer)
+                n = tokens * p
+                used = 1.0 - (1.0 - p) ** tokens if p < 1 else 1.0
+                home = result.homes[u.name]
+                t = used * home_time(u, home, max(n, 1), profile)
+                result.unit_times.setdefault(u.name, {})[phase] = t
+                if home != GPU:
+                    host_bytes += used * u.nbytes
+                if home == GPU:
+                    gpu_lane += used * gpu_time(u, max(n, 1), profile)
+                elif u.is_expert_like:
+                    work.append((u, n, used))
+                else:
+                    # Streamed non-expert modules (attention, lm_head) are on the critical path of the layer
+                    # but their copy was prefetched during the previous layer: only the copy beyond that
+                    # layer's time shows, approximated here by the copy itself on the PCIe lane.
+                    pcie_lane += copy_time(u, profile)
+                    serial += gpu_time(u, max(n, 1), profile)
+            if work:
+                streamed = assign_tokens(
+                    [
+                        HostWork(
+                            u.name, max(1, round(n)), u.nbytes, u.flops_per_token, home=result.homes[u.name]
+                        )
+                        for u, n, _ in work
+                    ],
+                    profile,
+                    gpu_busy_s=gpu_lane,
+                )
+                for u, n, used in work:
+                    if u.name in streamed:
+                        pcie_lane += used * copy_time(u, profile)
+                        gpu_lane += used * gpu_time(u, max(n, 1), profile)
+                    else:
+                        cpu_lane += used * cpu_time(u, max(n, 1), profile)
+                if any(u.name not in streamed for u, _, _ in work):
+                    cpu_lane += CPU_ROUND_TRIP_S
+            total += serial + max(gpu_lane, cpu_lane, pcie_lane)
+        totals[phase] = total
+        host_bytes_phase[phase] = host_bytes
+    prefill_bound_s = host_bytes_phase["prefill"] / profile.h2d_bw
+    decode_bound_s = host_bytes_phase["decode"] / (
+        profile.cpu_gemv_bw_during_copy + profile.h2d_bw_during_cpu
+    )
+    p = result.predicted
+    p["prefill_s"] = totals["prefill"]
+    p["decode_step_s"] = totals["decode"]
+    p["prefill_tok_s"] = T / totals["prefill"] if totals["prefill"] else math.inf
+    p["decode_tok_s"] = B / totals["decode"] if totals["decode"] else math.inf
+    p["prefill_bound_tok_s"] = T / prefill_bound_s if prefill_bound_s else math.inf
+    p["decode_bound_tok_s"] = B / decode_bound_s if decode_bound_s else math.inf
+    p["prefill_fraction_of_bound"] = (
+        min(1.0, p["prefill_tok_s"] / p["prefill_bound_tok_s"])
+        if math.isfinite(p["prefill_bound_tok_s"])
+        else 1.0
+    )
+    p["decode_fraction_of_bound"] = (
+        min(1.0, p["decode_tok_s"] / p["decode_bound_tok_s"])
+        if math.isfinite(p["decode_bound_tok_s"])
+        else 1.0
+    )
+    p["end_to_end_s"] = totals["prefill"] + (wl.new_tokens - 1) * totals["decode"]

@@ -1,0 +1,702 @@
+"""The machine's measured rates, as the planner sees them.
+
+``HardwareProfile`` is plain data. Defaults are conservative figures for a PCIe 4/5 server so that
+planning works before anything was measured; ``measure()`` replaces them with this machine's numbers and
+``load_or_measure()`` caches them as JSON per (CPU, threads, torch, device, dtype).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging
+from transformers.utils.logging import tqdm
+
+from .kernels.cpu import CpuExpertKernel, available_methods, pick_methods
+
+logger = logging.get_logger(__name__)
+
+TOKEN_COUNTS = (1, 2, 4, 8, 16, 64, 512)
+# fields keyed by token count: JSON turns their keys into strings, from_dict turns them back
+_PER_TOKEN_KEYS = ("cpu_gemv_bw", "cpu_gemm_flops", "cpu_kernel", "cpu_method_bw")
+
+
+@dataclass
+class HardwareProfile:
+    """Rates in bytes/s and FLOP/s. ``cpu_gemm_flops[m]`` and ``cpu_gemv_bw[m]`` are per token count m."""
+
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    cpu_threads: int = 1
+    dram_read_bw: float = 20e9
+    # weight-read bandwidth of the CPU expert kernel per token count (bytes of weights / s)
+    cpu_gemv_bw: dict[int, float] = field(default_factory=lambda: {m: 15e9 for m in TOKEN_COUNTS})
+    # CPU matrix throughput per token count (FLOP/s)
+    cpu_gemm_flops: dict[int, float] = field(default_factory=lambda: {m: 2e11 for m in TOKEN_COUNTS})
+    # CPU weight-read bandwidth while a PCIe copy is in flight (they share DRAM)
+    cpu_gemv_bw_during_copy: float = 12e9
+    h2d_bw: float = 10e9  # pinned host -> device
+    h2d_bw_during_cpu: float = 8e9
+    gpu_mem_bw: float = 50e9  # device weight-read rate for GEMV
+    gpu_flops: float = 1e12
+    cpu_kernel: dict[int, str] = field(default_factory=lambda: {m: "linear" for m in TOKEN_COUNTS})
+    measured: bool = False
+    # every CPU method's weight-read rate per token count (bytes/s), to see how close the runners-up were
+    cpu_method_bw: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def cpu_weight_bw(self, tokens: int) -> float:
+        """Interpolated CPU weight-read rate at ``tokens`` tokens."""
+        return _interp(self.cpu_gemv_bw, tokens)
+
+    def cpu_flops(self, tokens: int) -> float:
+        """Interpolated CPU FLOP rate at ``tokens`` tokens."""
+        return _interp(self.cpu_gemm_flops, tokens)
+
+    def to_dict(self) -> dict:
+        """JSON-able form (keys of per-token tables become strings)."""
+        data = asdict(self)
+        for key in _PER_TOKEN_KEYS:
+            data[key] = {str(k): v for k, v in data[key].items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HardwareProfile:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored so old caches still load."""
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for key in _PER_TOKEN_KEYS:
+            if key in kwargs:
+                kwargs[key] = {int(k): v for k, v in kwargs[key].items()}
+        return cls(**kwargs)
+
+
+def _interp(table: dict[int, float], tokens: int) -> float:
+    points = sorted(table)
+    if tokens <= points[0]:
+        return table[points[0]]
+    for lo, hi in zip(points, points[1:]):
+        if tokens <= hi:
+            frac = (tokens - lo) / (hi - lo)
+            return table[lo] + frac * (table[hi] - table[lo])
+    return table[points[-1]]
+
+
+def default_profile(device: str = "cpu") -> HardwareProfile:
+    """Figures to plan with before measuring: a GPU server if ``device`` is CUDA, else the CPU standing in."""
+    if device.startswith("cuda"):
+        return HardwareProfile(
+            device=device,
+            cpu_threads=16,
+            dram_read_bw=100e9,
+            cpu_gemv_bw={1: 76e9, 2: 85e9, 4: 85e9, 8: 82e9, 16: 80e9, 64: 60e9, 512: 40e9},
+            cpu_gemm_flops={1: 0.15e12, 2: 0.3e12, 4: 0.6e12, 8: 1.2e12, 16: 2e12, 64: 3.5e12, 512: 2.9e12},
+            cpu_gemv_bw_during_copy=60e9,
+            h2d_bw=50e9,
+            h2d_bw_during_cpu=48e9,
+            gpu_mem_bw=1.5e12,
+            gpu_flops=600e12,
+        )
+    return HardwareProfile(device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measuring
+
+_MiB = 1 << 20
+_GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Sizes and time budgets of one measurement run."""
+
+    hidden: int  # expert shape: gate_up [2*inter, hidden], down [hidden, inter]
+    inter: int
+    rotation_bytes: int  # weights cycled through per pass, several times L3 so reads come from DRAM
+    dram_bytes: int  # buffer of the DRAM read test
+    copy_bytes: int  # one host->device (or host->host) copy
+    min_time: float  # seconds spent per timed item at least
+    min_passes: int
+    overlap_time: float  # seconds the CPU kernel runs while copies are in flight
+    gpu_gemv_bytes: int
+    gpu_gemm_n: int
+    gpu_reps: int
+
+
+def _l3_bytes() -> int:
+    """Size of the largest CPU cache (sysfs), 32 MiB when unknown."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            units = {"K": 1 << 10, "M": _MiB, "G": _GiB}
+            size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+            best = max(best, size)
+        except (OSError, ValueError, IndexError):
+            continue
+    return best or 32 * _MiB
+
+
+def _available_ram() -> int:
+    """Bytes of RAM available now (MemAvailable), falling back to free pages, then 8 GiB."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * _GiB
+
+
+def _make_plan(quick: bool) -> _Plan:
+    l3 = _l3_bytes()
+    ram = _available_ram()
+    if quick:
+        # small Llama-like expert (17 MB in bf16); rotation still several times L3 so DRAM is read
+        return _Plan(
+            hidden=1024,
+            inter=2816,
+            rotation_bytes=min(max(4 * l3, 64 * _MiB), ram // 16),
+            dram_bytes=min(max(4 * l3, 256 * _MiB), ram // 16),
+            copy_bytes=32 * _MiB,
+            min_time=0.02,
+            min_passes=2,
+            overlap_time=0.1,
+            gpu_gemv_bytes=256 * _MiB,
+            gpu_gemm_n=4096,
+            gpu_reps=5,
+        )
+    # Mixtral-sized expert (4096 x 14336, 352 MB in bf16): the shape class the CPU lane runs in practice
+    return _Plan(
+        hidden=4096,
+        inter=14336,
+        rotation_bytes=min(max(4 * l3, _GiB), ram // 8),
+        dram_bytes=min(max(8 * l3, 2 * _GiB), ram // 8),
+        copy_bytes=256 * _MiB,
+        min_time=0.25,
+        min_passes=3,
+        overlap_time=0.6,
+        gpu_gemv_bytes=_GiB,
+        gpu_gemm_n=8192,
+        gpu_reps=20,
+    )
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return value
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {device!r}: use 'cpu' or a CUDA device")
+    return dev
+
+
+def _timed_median(fns: Sequence[Callable[[], object]], min_time: float, min_calls: int) -> float:
+    """Median seconds of one call, cycling through ``fns``, over ``min_calls`` calls and ``min_time`` seconds.
+
+    The median, not the best: a single lucky or unlucky call must not decide which kernel wins. Cycling
+    through several experts' kernels keeps their weights out of cache. Slow items (compute-bound GEMMs)
+    stop after 2 calls once 4 * ``min_time`` passed, which bounds the run on small machines.
+    """
+    max_calls = 50 * max(len(fns), min_calls)
+    times: list[float] = []
+    start = time.perf_counter()
+
+    def more() -> bool:
+        n, elapsed = len(times), time.perf_counter() - start
+        if n < 2 or elapsed < min_time:
+            return n < max_calls
+        return n < min_calls and elapsed < 4 * min_time
+
+    while more():
+        fn = fns[len(times) % len(fns)]
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _measure_dram(plan: _Plan) -> float:
+    # a reduction reads every byte once and writes nothing, so it is the plain DRAM read rate
+    buf = torch.ones(plan.dram_bytes // 4, dtype=torch.float32)
+    buf.sum()  # warm-up: page faults are already paid by ones(), this warms the thread pool
+    seconds = _timed_median([buf.sum], plan.min_time, max(3, plan.min_passes))
+    return buf.nbytes / seconds
+
+
+def _make_experts(plan: _Plan, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    expert_bytes = 3 * plan.hidden * plan.inter * torch.empty((), dtype=dtype).element_size()
+    count = max(2, math.ceil(plan.rotation_bytes / expert_bytes))
+    gen = torch.Generator().manual_seed(0)
+    experts = []
+    for _ in range(count):
+        # small values: no overflow, and no denormals (which would slow fp32 kernels and skew the rate)
+        gate_up = (torch.randn(2 * plan.inter, plan.hidden, generator=gen) * 0.02).to(dtype)
+        down = (torch.randn(plan.hidden, plan.inter, generator=gen) * 0.02).to(dtype)
+        experts.append((gate_up, down))
+    return experts
+
+
+def _cpu_pass(kernels: list[CpuExpertKernel], x: torch.Tensor) -> None:
+    for kernel in kernels:
+        kernel(x)
+
+
+def _measure_cpu_kernels(
+    plan: _Plan, experts, dtype: torch.dtype, bar
+) -> tuple[dict[int, dict[str, float]], dict[int, dict[str, float]], dict[str, list[CpuExpertKernel]]]:
+    """Weight-read rate and FLOP rate of every available method per token count."""
+    bw: dict[int, dict[str, float]] = {m: {} for m in TOKEN_COUNTS}
+    flops: dict[int, dict[str, float]] = {m: {} for m in TOKEN_COUNTS}
+    kernels_by_method: dict[str, list[CpuExpertKernel]] = {}
+    gen = torch.Generator().manual_seed(1)
+    inputs = {m: torch.randn(m, plan.hidden, generator=gen).to(dtype) for m in TOKEN_COUNTS}
+    for method in available_methods(dtype):
+        kernels = [CpuExpertKernel(gu, d, F.silu, method) for gu, d in experts]
+        if any(k.method_for(1) != method for k in kernels):
+            # packing failed after all (warned by the kernel): its numbers would be linear's twice over
+            bar.update(len(TOKEN_COUNTS))
+            continue
+        kernels_by_method[method] = kernels
+        for m in TOKEN_COUNTS:
+            bar.set_postfix_str(f"CPU {method} m={m}")
+            x = inputs[m]
+            kernels[0](x)  # warm-up: oneDNN/MKL create and JIT the primitive for this shape on first use
+            calls = [functools.partial(k, x) for k in kernels]
+            seconds = _timed_median(calls, plan.min_time, plan.min_passes * len(kernels))
+            bw[m][method] = kernels[0].weight_bytes / seconds  # all experts have one shape
+            flops[m][method] = kernels[0].flops(m) / seconds
+            bar.update(1)
+    return bw, flops, kernels_by_method
+
+
+def _measure_copy_cpu(plan: _Plan) -> float:
+    src = torch.ones(plan.copy_bytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch of dst
+    seconds = _timed_median([functools.partial(dst.copy_, src)], plan.min_time, max(3, plan.min_passes))
+    return src.nbytes / seconds
+
+
+def _measure_h2d_cuda(plan: _Plan, dev: torch.device) -> float:
+    src = torch.ones(plan.copy_bytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(plan.copy_bytes, dtype=torch.uint8, device=dev)
+    stream = torch.cuda.Stream(device=dev)
+    reps = max(3, plan.min_passes + 2)
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)  # warm-up: maps the pinned pages for DMA
+        start = torch.cuda.Event(enable_timing=True, blocking=True)
+        end = torch.cuda.Event(enable_timing=True, blocking=True)
+        start.record(stream)
+        for _ in range(reps):
+            dst.copy_(src, non_blocking=True)
+        end.record(stream)
+    end.synchronize()  # blocking event: the thread sleeps instead of spinning
+    return reps * src.nbytes / (start.elapsed_time(end) / 1e3)
+
+
+def _measure_overlap(
+    plan: _Plan, dev: torch.device, kernels: list[CpuExpertKernel], cpu_pass_seconds: float
+) -> tuple[float, float]:
+    """(CPU kernel weight-read rate, copy rate) while both run at once.
+
+    The CPU kernel runs on a worker thread, as the executor runs it; the main thread only issues copies
+    and waits on blocking events. Spin-waiting here (``event.query()`` loops, ``synchronize()`` on
+    non-blocking events) steals a core from the CPU lane: measured 60 -> 15-33 GB/s on a 16-core Xeon.
+    """
+    x = torch.randn(1, kernels[0].hidden_size).to(kernels[0].gate_up.dtype)
+    passes = max(2, math.ceil(plan.overlap_time / max(cpu_pass_seconds, 1e-6)))
+    weight_bytes = sum(k.weight_bytes for k in kernels)
+    is_cuda = dev.type == "cuda"
+    chunk = min(plan.copy_bytes, 64 * _MiB)
+    src = torch.ones(chunk, dtype=torch.uint8)
+    if is_cuda:
+        src = src.pin_memory()
+        dst = torch.empty(chunk, dtype=torch.uint8, device=dev)
+        stream = torch.cuda.Stream(device=dev)
+    else:
+        dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up (first touch / DMA mapping)
+    barrier = threading.Barrier(2)
+    done = threading.Event()
+
+    def cpu_lane() -> float:
+        with torch.inference_mode():
+            _cpu_pass(kernels, x)  # warm-up in this thread (per-thread OpenMP state, primitive caches)
+            barrier.wait()
+            try:
+                t0 = time.perf_counter()
+                for _ in range(passes):
+                    _cpu_pass(kernels, x)
+                return passes * weight_bytes / (time.perf_counter() - t0)
+            finally:
+                done.set()
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_hybrid-profile") as pool:
+        future = pool.submit(cpu_lane)
+        barrier.wait()
+        copied = 0
+        t0 = time.perf_counter()
+        while not done.is_set():
+            if is_cuda:
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        dst.copy_(src, non_blocking=True)
+                    event = torch.cuda.Event(blocking=True)
+                    event.record(stream)
+                event.synchronize()  # sleeps in the driver until the copies finished
+            else:
+                dst.copy_(src)  # the CPU stands in for the device: a copy is a host memcpy
+                dst.copy_(src)
+            copied += 2 * chunk
+        copy_seconds = time.perf_counter() - t0
+        cpu_bw = future.result()
+    return cpu_bw, copied / copy_seconds
+
+
+def _measure_gpu(plan: _Plan, dev: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """(GEMV weight-read rate, GEMM FLOP rate) of the accelerator in ``dtype``, timed with CUDA events."""
+    k = 8192
+    n = max(1, plan.gpu_gemv_bytes // (k * torch.empty((), dtype=dtype).element_size()))
+    weight = torch.randn(n, k, device=dev, dtype=dtype) * 0.02
+    x = torch.randn(1, k, device=dev, dtype=dtype)
+
+    def timed(fn, reps: int) -> float:
+        fn()  # warm-up: cuBLAS handle and kernel selection
+        start = torch.cuda.Event(enable_timing=True, blocking=True)
+        end = torch.cuda.Event(enable_timing=True, blocking=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / reps
+
+    gemv_bw = weight.nbytes / timed(functools.partial(F.linear, x, weight), plan.gpu_reps)
+    del weight  # free it before the GEMM operands are allocated
+    size = plan.gpu_gemm_n
+    a = torch.randn(size, size, device=dev, dtype=dtype)
+    b = torch.randn(size, size, device=dev, dtype=dtype)
+    gemm_flops = 2 * size**3 / timed(lambda: a @ b, plan.gpu_reps)
+    return gemv_bw, gemm_flops
+
+
+def measure(
+    device: str = "cpu", dtype: torch.dtype = torch.bfloat16, *, quick: bool = False, progress: bool = True
+) -> HardwareProfile:
+    """Measure this machine's rates and return a fully filled :class:`HardwareProfile`.
+
+    Args:
+        device: the accelerator, ``"cuda"``/``"cuda:N"``, or ``"cpu"`` when the CPU stands in for it
+            (then "copies" are host memcpys and the accelerator rates are the CPU's own).
+        dtype: weight dtype the CPU kernels and GPU rates are measured in.
+        quick: small sizes and short timings (a few seconds on 2 cores; for tests and CI). Rates are
+            rougher and less DRAM-bound than a full run (about 30-60 s on a GPU server).
+        progress: show a progress bar (honours ``transformers`` progress-bar settings).
+
+    The CPU expert kernel (:class:`~hf_hybrid.kernels.CpuExpertKernel`) is timed with every available
+    method at every token count of ``TOKEN_COUNTS``, on several experts in turn so that the weights come
+    from DRAM, not cache. Uses torch's current thread count (``torch.get_num_threads()``).
+    """
+    dev = _check_device(device)
+    dtype = _as_dtype(dtype)
+    plan = _make_plan(quick)
+    is_cuda = dev.type == "cuda"
+    methods = available_methods(dtype)
+    steps = 1 + len(methods) * len(TOKEN_COUNTS) + 2 + (1 if is_cuda else 0)
+    started = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=steps, desc="Measuring hardware", disable=not progress) as bar:
+        bar.set_postfix_str("DRAM read")
+        dram_bw = _measure_dram(plan)
+        bar.update(1)
+
+        experts = _make_experts(plan, dtype)
+        bw, flops, kernels_by_method = _measure_cpu_kernels(plan, experts, dtype, bar)
+        kernel = pick_methods(bw)
+        gemv_bw = {m: bw[m].get(kernel[m], 0.0) for m in TOKEN_COUNTS}
+        gemm_flops = {m: flops[m].get(kernel[m], 0.0) for m in TOKEN_COUNTS}
+
+        bar.set_postfix_str("H2D copy")
+        h2d_bw = _measure_h2d_cuda(plan, dev) if is_cuda else _measure_copy_cpu(plan)
+        bar.update(1)
+
+        # the overlap is measured on the decode case (one token), the one streaming overlaps most with
+        bar.set_postfix_str("CPU kernel + copy at once")
+        decode_kernels = kernels_by_method.get(kernel[1]) or next(iter(kernels_by_method.values()))
+        weight_bytes = sum(k.weight_bytes for k in decode_kernels)
+        cpu_pass_seconds = weight_bytes / max(gemv_bw[1], 1.0)
+        cpu_during_copy, h2d_during_cpu = _measure_overlap(plan, dev, decode_kernels, cpu_pass_seconds)
+        bar.update(1)
+        del experts, kernels_by_method, decode_kernels
+
+        if is_cuda:
+            bar.set_postfix_str("GPU GEMV/GEMM")
+            with torch.cuda.device(dev):
+                gpu_mem_bw, gpu_flops = _measure_gpu(plan, dev, dtype)
+            bar.update(1)
+        else:
+            # the CPU is the accelerator: its rates are the best the CPU kernel reached
+            gpu_mem_bw = max(gemv_bw.values())
+            gpu_flops = max(gemm_flops.values())
+
+    profile = HardwareProfile(
+        device=str(device),
+        dtype=_dtype_name(dtype),
+        cpu_threads=torch.get_num_threads(),
+        dram_read_bw=dram_bw,
+        cpu_gemv_bw=gemv_bw,
+        cpu_gemm_flops=gemm_flops,
+        cpu_gemv_bw_during_copy=cpu_during_copy,
+        h2d_bw=h2d_bw,
+        h2d_bw_during_cpu=h2d_during_cpu,
+        gpu_mem_bw=gpu_mem_bw,
+        gpu_flops=gpu_flops,
+        cpu_kernel=kernel,
+        measured=True,
+        cpu_method_bw=bw,
+    )
+    logger.info(
+        "Measured hardware profile in %.1f s:\n%s", time.perf_counter() - started, format_profile(profile)
+    )
+    return profile
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cache
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except (OSError, IndexError):
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return dev.type
+
+
+def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("HF_HYBRID_CACHE")
+    if env:
+        return Path(env)
+    return Path.home() / ".cache" / "hf_hybrid"
+
+
+def _cache_name(dev: torch.device, dtype: torch.dtype, quick: bool) -> str:
+    parts = [
+        "profile",
+        _cpu_model(),
+        f"{torch.get_num_threads()}t",
+        f"torch{torch.__version__}",
+        _device_name(dev),
+        _dtype_name(dtype),
+    ]
+    if quick:
+        parts.append("quick")  # a rough quick profile must never stand in for a full one
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts)).strip("._")
+    return name[:200] + ".json"
+
+
+def _read_cache(path: Path) -> HardwareProfile | None:
+    """The cached profile, or None when missing, unreadable, or from an older layout."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        profile = HardwareProfile.from_dict(data)
+        if set(profile.cpu_kernel) != set(TOKEN_COUNTS) or set(profile.cpu_gemv_bw) != set(TOKEN_COUNTS):
+            raise ValueError("token counts differ from this version's TOKEN_COUNTS")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        logger.warning("Ignoring unusable hardware profile cache %s (%s); measuring again.", path, err)
+        return None
+    return profile
+
+
+def _write_cache(path: Path, profile: HardwareProfile) -> None:
+    """Write atomically (temp file + os.replace), so a crash or a concurrent run never leaves half a file."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            "w", dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False
+        ) as f:
+            tmp = f.name
+            json.dump(profile.to_dict(), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as err:
+        # an unwritable cache costs a re-measurement next time, nothing more
+        logger.warning("Could not write hardware profile cache %s (%s).", path, err)
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def profile_cache_path(
+    device: str = "cpu",
+    dtype: torch.dtype | str = torch.bfloat16,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    quick: bool = False,
+) -> Path:
+    """Where :func:`load_or_measure` keeps the profile for this machine, threads, torch, device and dtype."""
+    return _cache_dir(cache_dir) / _cache_name(_check_device(device), _as_dtype(dtype), quick)
+
+
+def load_or_measure(
+    device: str = "cpu",
+    dtype: torch.dtype | str = torch.bfloat16,
+    *,
+    refresh: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    quick: bool = False,
+) -> HardwareProfile:
+    """The cached profile of this machine, measuring (and caching) it when missing, unusable or ``refresh``.
+
+    The cache is JSON in ``cache_dir``, else ``$HF_HYBRID_CACHE``, else ``~/.cache/hf_hybrid``; its file
+    name is keyed by CPU model, ``torch.get_num_threads()``, torch version, device name and dtype, so a
+    change of any of them measures again. Quick and full profiles are cached separately.
+    """
+    dtype = _as_dtype(dtype)
+    path = profile_cache_path(device, dtype, cache_dir=cache_dir, quick=quick)
+    if not refresh:
+        cached = _read_cache(path)
+        if cached is not None:
+            return cached
+    profile = measure(device, dtype, quick=quick)
+    _write_cache(path, profile)
+    return profile
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Display and command line
+
+
+def format_profile(p: HardwareProfile) -> str:
+    """A readable table of ``p``: per token count the chosen CPU method and its rates, then the other rates."""
+    methods = sorted({name for rates in p.cpu_method_bw.values() for name in rates})
+    on_cuda = p.device.startswith("cuda")
+    copy = "H2D (pinned)" if on_cuda else "Host-to-host (CPU stands in)"
+    accel = "GPU" if on_cuda else "Accelerator (= CPU)"
+    head = f"Hardware profile: device={p.device} dtype={p.dtype} cpu_threads={p.cpu_threads}"
+    lines = [head + ("" if p.measured else " (defaults, not measured)"), ""]
+    header = f"{'tokens':>6}  {'CPU method':<14} {'GB/s':>7} {'TFLOP/s':>8}"
+    if methods:
+        header += "   " + " ".join(f"{name + ' GB/s':>19}" for name in methods)
+    lines += [header, "-" * len(header)]
+    for m in sorted(p.cpu_gemv_bw):
+        row = (
+            f"{m:>6}  {p.cpu_kernel.get(m, '?'):<14} {p.cpu_gemv_bw[m] / 1e9:>7.1f} "
+            f"{p.cpu_gemm_flops.get(m, float('nan')) / 1e12:>8.3f}"
+        )
+        if methods:
+            rates = p.cpu_method_bw.get(m, {})
+            row += "   " + " ".join(
+                f"{rates[name] / 1e9:>19.1f}" if name in rates else f"{'-':>19}" for name in methods
+            )
+        lines.append(row)
+    lines += [
+        "",
+        f"{'DRAM read':<34} {p.dram_read_bw / 1e9:>9.1f} GB/s",
+        f"{copy + ' copy':<34} {p.h2d_bw / 1e9:>9.1f} GB/s",
+        f"{'CPU kernel during copy (1 token)':<34} {p.cpu_gemv_bw_during_copy / 1e9:>9.1f} GB/s",
+        f"{copy + ' copy during CPU kernel':<34} {p.h2d_bw_during_cpu / 1e9:>9.1f} GB/s",
+        f"{accel + ' GEMV weight read':<34} {p.gpu_mem_bw / 1e9:>9.1f} GB/s",
+        f"{accel + ' GEMM':<34} {p.gpu_flops / 1e12:>9.2f} TFLOP/s",
+    ]
+    return "\n".join(lines)
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    try:
+        profile = load_or_measure(
+            args.device, _DTYPES[args.dtype], refresh=args.refresh, cache_dir=args.cache_dir, quick=args.quick
+        )
+    except (RuntimeError, ValueError) as err:
+        print(f"hf-hybrid profile: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(profile.to_dict(), indent=2) if args.json else format_profile(profile))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Add the ``profile`` subcommand to an ``argparse`` subparsers object (``func`` returns an exit code)."""
+    parser = subparsers.add_parser(
+        "profile",
+        help="measure (or show the cached) CPU, memory, PCIe and GPU rates of this machine",
+        description="Measure this machine's rates for the planner, or print the cached measurement.",
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="accelerator to measure: 'cuda', 'cuda:N', or 'cpu' to let the CPU stand in (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(_DTYPES),
+        default="bfloat16",
+        help="weight dtype to measure the kernels in (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--refresh", action="store_true", help="measure again even if a cached profile exists"
+    )
+    parser.add_argument("--quick", action="store_true", help="small, fast measurement (rougher numbers)")
+    parser.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where profiles are cached (default: $HF_HYBRID_CACHE or ~/.cache/hf_hybrid)",
+    )
+    parser.set_defaults(func=_run_cli)

@@ -1,0 +1,119 @@
+"""Every family, forced to use all three homes, matches plain transformers loading the same files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import CONFIGS, VOCAB, placement_for
+from transformers import AutoModelForCausalLM
+
+from hf_hybrid import HybridModelForCausalLM
+
+FAMILIES = sorted(CONFIGS)
+
+
+def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference between a and b in bf16 units of last place at the scale of each row of logits.
+
+    (Per element, a logit near zero has a tiny ulp that rounding upstream of it says nothing about.)
+    """
+    mag = torch.maximum(a.abs(), b.abs()).amax(dim=-1, keepdim=True).clamp_min(2.0**-20)
+    ulp = torch.exp2(torch.floor(torch.log2(mag)) - 7)
+    return ((a - b).abs() / ulp).max().item()
+
+
+def load_pair(directory, family, dtype, **options):
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    hybrid = HybridModelForCausalLM.from_pretrained(
+        directory,
+        device="cpu",
+        dtype=dtype,
+        gpu_memory="256MiB",
+        placement=placement_for(family),
+        max_context=64,
+        max_batch_size=2,
+        progress=False,
+        **options,
+    )
+    return ref, hybrid
+
+
+def prompt(batch=2, length=16, seed=0):
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float32_tokens_and_logits_match(tiny_checkpoints, family):
+    ref, hybrid = load_pair(tiny_checkpoints[family], family, torch.float32, token_assignment="static")
+    assert isinstance(hybrid, type(ref).__mro__[0].__mro__[0]) or isinstance(hybrid, type(ref))
+    homes = {h for h in hybrid.hybrid_plan.homes.values()}
+    assert homes == {"gpu", "cpu", "stream"}
+    ids = prompt()
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = hybrid(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=5e-6)
+    stats = hybrid.hybrid.executor.stats
+    assert stats.cpu_units > 0 and stats.streamed_units > 0 and stats.gpu_units > 0, stats
+    want = ref.generate(ids, max_new_tokens=12, do_sample=False)
+    out = hybrid.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_logits_within_a_few_ulps(tiny_checkpoints, family):
+    ref, hybrid = load_pair(tiny_checkpoints[family], family, torch.bfloat16, token_assignment="static")
+    ids = prompt()
+    with torch.no_grad():
+        expected = ref(ids).logits.float()
+        got = hybrid(ids).logits.float()
+    assert hybrid.dtype == torch.bfloat16
+    assert bf16_ulps(got, expected) <= 4.0
+    stats = hybrid.hybrid.executor.stats
+    assert stats.cpu_units > 0 and stats.streamed_units > 0 and stats.gpu_units > 0, stats
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "cpu", "stream"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "llama"])
+def test_token_assignment_modes_are_exact(tiny_checkpoints, family, mode):
+    ref, hybrid = load_pair(tiny_checkpoints[family], family, torch.float32, token_assignment=mode)
+    ids = prompt(seed=1)
+    want = ref.generate(ids, max_new_tokens=8, do_sample=False)
+    out = hybrid.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, want)
+    stats = hybrid.hybrid.executor.stats
+    if mode == "cpu":
+        assert stats.streamed_units == 0 and stats.cpu_units > 0
+    if mode == "stream":
+        assert stats.cpu_units == 0 and stats.streamed_units > 0
+
+
+def test_planner_placement_under_small_budget_is_exact(tiny_checkpoints):
+    directory = tiny_checkpoints["mixtral"]
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    hybrid = HybridModelForCausalLM.from_pretrained(
+        directory, device="cpu", dtype=torch.float32, gpu_memory="16.9MiB", max_context=64, progress=False
+    )
+    plan = hybrid.hybrid_plan
+    assert plan.device_bytes <= plan.budget_bytes
+    assert len(plan.units_in("gpu")) > 0 and len(plan.units_in("cpu")) + len(plan.units_in("stream")) > 0
+    ids = prompt(batch=1)
+    assert torch.equal(
+        hybrid.generate(ids, max_new_tokens=8, do_sample=False),
+        ref.generate(ids, max_new_tokens=8, do_sample=False),
+    )
+
+
+def test_hybrid_model_is_the_transformers_class(tiny_checkpoints):
+    from transformers import MixtralForCausalLM, pipeline
+
+    _, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral", torch.float32)
+    assert isinstance(hybrid, MixtralForCausalLM)
+    assert type(hybrid).__name__ == "MixtralForCausalLM"
+    assert hybrid.config.model_type == "mixtral"
+    assert hybrid.device.type == "cpu"
+    units = hybrid.hybrid_plan.to_dict()["units"]
+    assert {u["home"] for u in units} == {"gpu", "cpu", "stream"}
+    assert all({"name", "home", "bytes"} <= set(u) for u in units)
+    assert "experts" in str(hybrid.hybrid_plan)
+    del pipeline
