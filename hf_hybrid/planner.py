@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import time
 from dataclasses import dataclass, field
 
 from .errors import BudgetError, PlacementError
@@ -352,97 +353,200 @@ def plan(
     top_k: int | dict[int, int] = 2,
     forced: dict[str, str] | None = None,
     routing: dict[str, float] | None = None,
+    search_rounds: int = 40,
 ) -> HybridPlan:
-    """Choose every unit's home to minimise predicted time per generated token under ``budget_bytes``.
+    """Choose every unit's home to minimise predicted time of the workload under ``budget_bytes``.
 
-    The device holds the KV cache, the workspace and the staging rings first; then units are made
-    resident in order of predicted time saved per byte (``usage probability x (host time - GPU time)``,
-    prefill and decode weighted by the workload) until the next unit no longer fits, continuing with
-    smaller units so the budget is filled to the last expert that fits. Host units are then split between
-    the CPU and PCIe lanes per layer so the two lanes finish together in decode.
+    The objective is the predicted seconds of one prefill of the workload's prompt plus ``new_tokens``
+    decode steps (see :func:`predict`). The device holds the KV cache, the workspace and the staging
+    rings first. A greedy pass makes units resident in order of predicted time saved per byte (usage
+    probability x (host time - GPU time), prefill and decode weighted by the workload), continuing past
+    a unit that does not fit so the budget is filled to the last unit that fits; host units are split
+    between the CPU and PCIe lanes per layer so both finish together. A local search then moves single
+    units between homes and swaps resident and host units while the objective improves. It runs twice:
+    with every non-expert module resident (no module staging ring) and with streamed modules allowed.
     """
     workload = workload or Workload()
     routing = dict(routing or {})
     forced_homes = resolve_forced(units, forced)
     per_layer = _experts_per_layer(units, top_k)
+    fixed = kv_cache_bytes + workspace_bytes
+
+    def make(homes: dict[str, str]) -> HybridPlan:
+        return HybridPlan(
+            units=list(units),
+            homes=homes,
+            budget_bytes=budget_bytes,
+            kv_cache_bytes=kv_cache_bytes,
+            workspace_bytes=workspace_bytes,
+            staging=_staging_for(units, homes),
+            profile=profile,
+            workload=workload,
+            routing=routing,
+        )
+
+    everything = {u.name: forced_homes.get(u.name, GPU) for u in units}
+    whole = make(everything)
+    if whole.device_bytes <= budget_bytes:
+        predict(whole, per_layer)
+        return whole
+    if any(h == GPU for h in forced_homes.values()) and all(
+        forced_homes.get(u.name) is not None or u.homes == (GPU,) for u in units
+    ):
+        raise BudgetError(
+            f"the forced placement needs {format_bytes(whole.device_bytes)} on the device but gpu_memory is "
+            f"{format_bytes(budget_bytes)}: force fewer units to 'gpu' or raise gpu_memory."
+        )
+
+    candidates = []
+    minimums = []
+    for modules_resident in (True, False):
+        homes, minimum = _greedy(
+            units, profile, budget_bytes, fixed, workload, routing, per_layer, forced_homes, modules_resident
+        )
+        minimums.append(minimum)
+        if homes is None:
+            continue
+        best = make(homes)
+        predict(best, per_layer)
+        best = _local_search(best, forced_homes, per_layer, make, search_rounds)
+        candidates.append(best)
+    if not candidates:
+        minimum = min(minimums)
+        raise BudgetError(
+            f"gpu_memory={format_bytes(budget_bytes)} is below the minimum this model needs: "
+            f"{format_bytes(minimum)} (KV cache {format_bytes(kv_cache_bytes)}, workspace "
+            f"{format_bytes(workspace_bytes)}, staging and always-resident weights "
+            f"{format_bytes(minimum - fixed)}). Pass gpu_memory of at least {format_bytes(minimum)}, "
+            f"or lower max_context / max_batch_size."
+        )
+    return min(candidates, key=_objective)
+
+
+def _objective(p: HybridPlan) -> float:
+    return p.predicted["prefill_s"] + p.workload.new_tokens * p.predicted["decode_step_s"]
+
+
+def _greedy(
+    units, profile, budget_bytes, fixed, workload, routing, per_layer, forced_homes, modules_resident
+):
+    """Greedy fill; returns (homes or None if infeasible, the minimum budget this variant needs)."""
     homes: dict[str, str] = {}
     for u in units:
         homes[u.name] = forced_homes.get(u.name, GPU if u.homes == (GPU,) else "")
-
-    fixed = kv_cache_bytes + workspace_bytes
-
-    def used(h: dict[str, str]) -> int:
-        return sum(u.nbytes for u in units if h[u.name] == GPU)
-
-    # Does everything fit? Then there is nothing to plan.
-    everything = {u.name: forced_homes.get(u.name, GPU) for u in units}
-    if fixed + used(everything) + sum(s.nbytes for s in _staging_for(units, everything)) <= budget_bytes:
-        homes = everything
-    else:
-        free = [u for u in units if not homes[u.name]]
-        # Staging is sized for the worst case (every free unit on the host), so filling never breaks it.
-        worst = dict(homes)
-        for u in free:
-            worst[u.name] = STREAM if STREAM in u.homes else CPU
-        staging_bytes = sum(s.nbytes for s in _staging_for(units, worst))
-        minimum = fixed + used(homes) + staging_bytes
-        if minimum > budget_bytes:
-            raise BudgetError(
-                f"gpu_memory={format_bytes(budget_bytes)} is below the minimum this model needs: "
-                f"{format_bytes(minimum)} (KV cache {format_bytes(kv_cache_bytes)}, workspace "
-                f"{format_bytes(workspace_bytes)}, staging {format_bytes(staging_bytes)}, always-resident "
-                f"weights {format_bytes(used(homes))}). Pass gpu_memory of at least {format_bytes(minimum)}, "
-                f"or lower max_context / max_batch_size."
-            )
-        room = budget_bytes - minimum
-        # Value of residency per byte, summed over the workload (prefill once, decode new_tokens times).
-        T, B, N = workload.prompt_tokens * workload.batch, workload.batch, workload.new_tokens
-
-        def saved_per_byte(u: Unit) -> float:
-            p = usage_probability(u, routing, per_layer)
-            host = [h for h in u.homes if h != GPU]
-            n_dec = B * p
-            used_dec = 1.0 - (1.0 - p) ** B
-            dec = used_dec * (
-                min(home_time(u, h, max(n_dec, 1), profile) for h in host)
-                - gpu_time(u, max(n_dec, 1), profile)
-            )
-            n_pre = T * p
-            used_pre = 1.0 - (1.0 - p) ** T
-            pre = used_pre * (
-                min(home_time(u, h, n_pre, profile) for h in host) - gpu_time(u, n_pre, profile)
-            )
-            return (pre + N * dec) / max(u.nbytes, 1)
-
-        # Ties (uniform experts) are broken by expert index then layer, so residents spread over layers
-        # and every layer's host lanes stay balanced.
-        order = sorted(free, key=lambda u: (-round(saved_per_byte(u), 15), u.index or 0, u.layer or 0))
-        for u in order:
-            if u.nbytes <= room:
+    if modules_resident:
+        for u in units:
+            if not homes[u.name] and not u.is_expert_like and CPU not in u.homes:
                 homes[u.name] = GPU
-                room -= u.nbytes
-        for u in free:
-            if not homes[u.name]:
-                homes[u.name] = STREAM if STREAM in u.homes and CPU not in u.homes else ""
-        _balance_host_lanes(units, homes, profile, workload, routing, per_layer)
+    free = [u for u in units if not homes[u.name]]
+    # Staging is sized for the worst case (every free unit on the host), so filling never breaks it.
+    worst = dict(homes)
+    for u in free:
+        worst[u.name] = STREAM if STREAM in u.homes else CPU
+    staging_bytes = sum(s.nbytes for s in _staging_for(units, worst))
+    resident = sum(u.nbytes for u in units if homes[u.name] == GPU)
+    minimum = fixed + resident + staging_bytes
+    if minimum > budget_bytes:
+        return None, minimum
+    room = budget_bytes - minimum
+    T, B, N = workload.prompt_tokens * workload.batch, workload.batch, workload.new_tokens
 
-    staging = _staging_for(units, homes)
-    result = HybridPlan(
-        units=list(units),
-        homes=homes,
-        budget_bytes=budget_bytes,
-        kv_cache_bytes=kv_cache_bytes,
-        workspace_bytes=workspace_bytes,
-        staging=staging,
-        profile=profile,
-        workload=workload,
-        routing=routing,
-    )
-    if result.device_bytes > budget_bytes:
-        raise BudgetError(
-            f"the forced placement needs {format_bytes(result.device_bytes)} on the device but gpu_memory is "
-            f"{format_bytes(budget_bytes)}: force fewer units to 'gpu' or raise gpu_memory."
-        )
+    def saved_per_byte(u: Unit) -> float:
+        p = usage_probability(u, routing, per_layer)
+        host = [h for h in u.homes if h != GPU]
+        n_dec = max(B * p, 1)
+        used_dec = 1.0 - (1.0 - p) ** B
+        dec = used_dec * (min(home_time(u, h, n_dec, profile) for h in host) - gpu_time(u, n_dec, profile))
+        n_pre = T * p
+        used_pre = 1.0 - (1.0 - p) ** T
+        pre = used_pre * (min(home_time(u, h, n_pre, profile) for h in host) - gpu_time(u, n_pre, profile))
+        return (pre + N * dec) / max(u.nbytes, 1)
+
+    # Ties (uniform experts) are broken by expert index then layer, so residents spread over layers
+    # and every layer's host lanes stay balanced.
+    order = sorted(free, key=lambda u: (-round(saved_per_byte(u), 15), u.index or 0, u.layer or 0))
+    for u in order:
+        if u.nbytes <= room:
+            homes[u.name] = GPU
+            room -= u.nbytes
+    for u in free:
+        if not homes[u.name] and CPU not in u.homes:
+            homes[u.name] = STREAM
+    _balance_host_lanes(units, homes, profile, workload, routing, per_layer)
+    return homes, minimum
+
+
+def _local_search(
+    best: HybridPlan, forced_homes, per_layer, make, rounds: int, time_limit_s: float = 2.0
+) -> HybridPlan:
+    """Improve ``best`` by single-unit home changes and resident/host swaps while the objective drops.
+
+    A change only alters the layers of the units it moves, so trials re-cost those layers alone.
+    Interchangeable units (same layer, kind, size, usage and home) are tried once per round, which keeps
+    a round cheap on models with thousands of experts.
+    """
+    routing, profile, wl = best.routing, best.profile, best.workload
+    T, B, N = wl.prompt_tokens * wl.batch, wl.batch, wl.new_tokens
+    layers = _by_layer(best.units)
+
+    def layer_cost(layer, homes) -> float:
+        lu = layers[layer]
+        pre, _ = layer_time(lu, homes, profile, routing, per_layer, T)
+        dec, _ = layer_time(lu, homes, profile, routing, per_layer, B)
+        return pre + N * dec
+
+    homes = dict(best.homes)
+    costs = {layer: layer_cost(layer, homes) for layer in layers}
+    staging_rings = _staging_for(best.units, homes)
+    staging_bytes = sum(r.nbytes for r in staging_rings)
+    deadline = time.monotonic() + time_limit_s
+    fixed = best.kv_cache_bytes + best.workspace_bytes
+    resident = sum(u.nbytes for u in best.units if homes[u.name] == GPU)
+    by_name = {u.name: u for u in best.units}
+
+    def signature(u: Unit) -> tuple:
+        return (u.layer, u.kind, u.nbytes, round(usage_probability(u, routing, per_layer), 9), homes[u.name])
+
+    for _ in range(rounds):
+        reps: dict[tuple, Unit] = {}
+        for u in best.units:
+            if u.name not in forced_homes and len(u.homes) > 1:
+                reps.setdefault(signature(u), u)
+        movable = list(reps.values())
+        trials = [{u.name: h} for u in movable for h in u.homes if h != homes[u.name]]
+        on_gpu = [u for u in movable if homes[u.name] == GPU]
+        on_host = [u for u in movable if homes[u.name] != GPU]
+        trials += [{a.name: h, b.name: GPU} for a in on_gpu for b in on_host for h in a.homes if h != GPU]
+        improved = False
+        for change in trials:
+            if time.monotonic() > deadline:
+                break
+            if any(homes[name] == h for name, h in change.items()):
+                continue  # an earlier move this round already changed these units
+            delta_resident = 0
+            for name, h in change.items():
+                delta_resident += by_name[name].nbytes * ((h == GPU) - (homes[name] == GPU))
+            trial = dict(homes)
+            trial.update(change)
+            if any(not by_name[n].is_expert_like for n in change) or not staging_rings:
+                staging = sum(r.nbytes for r in _staging_for(best.units, trial))
+            else:
+                staging = staging_bytes  # expert ring: sized by the largest host expert, unchanged by a move
+            if fixed + resident + delta_resident + staging > best.budget_bytes:
+                continue
+            touched = {by_name[n].layer for n in change}
+            new_costs = {layer: layer_cost(layer, trial) for layer in touched}
+            gain = sum(costs[layer] - new_costs[layer] for layer in touched)
+            if gain > 1e-12 * max(1.0, sum(costs.values())):
+                # first improvement: take it and keep scanning this round's trials
+                homes, resident = trial, resident + delta_resident
+                costs.update(new_costs)
+                staging_rings = _staging_for(best.units, homes)
+                staging_bytes = sum(r.nbytes for r in staging_rings)
+                improved = True
+        if not improved or time.monotonic() > deadline:
+            break
+    result = make(homes)
     predict(result, per_layer)
     return result
 
@@ -485,69 +589,91 @@ def _balance_host_lanes(
                 pcie_lane += s
 
 
+def layer_time(
+    layer_units: list[Unit],
+    homes: dict[str, str],
+    profile: HardwareProfile,
+    routing: dict[str, float],
+    per_layer: dict[int, tuple[int, int]],
+    tokens: int,
+    unit_times: dict[str, float] | None = None,
+) -> tuple[float, float]:
+    """Predicted (seconds, host bytes touched) of one layer's units in a step of ``tokens`` tokens.
+
+    The GPU, CPU and PCIe lanes overlap, so the layer costs the max of the lanes; host experts are split
+    between the CPU and PCIe lanes by :func:`assign_tokens`, as the executor will do at run time.
+    """
+    gpu_lane = cpu_lane = pcie_lane = serial = host_bytes = 0.0
+    work = []
+    for u in layer_units:
+        p = usage_probability(u, routing, per_layer)
+        n = tokens * p
+        used = 1.0 - (1.0 - p) ** tokens if p < 1 else 1.0
+        home = homes[u.name]
+        if unit_times is not None:
+            unit_times[u.name] = used * home_time(u, home, max(n, 1), profile)
+        if home == GPU:
+            gpu_lane += used * gpu_time(u, max(n, 1), profile)
+            continue
+        host_bytes += used * u.nbytes
+        if u.is_expert_like:
+            work.append((u, n, used))
+        else:
+            # streamed modules (attention, lm_head) were prefetched during the previous layer; their copy
+            # occupies the PCIe lane and their compute is on the layer's critical path
+            pcie_lane += copy_time(u, profile)
+            serial += gpu_time(u, max(n, 1), profile)
+    if work:
+        streamed = assign_tokens(
+            [
+                HostWork(u.name, max(1, round(n)), u.nbytes, u.flops_per_token, home=homes[u.name])
+                for u, n, _ in work
+            ],
+            profile,
+            gpu_busy_s=gpu_lane,
+        )
+        for u, n, used in work:
+            if u.name in streamed:
+                pcie_lane += used * copy_time(u, profile)
+                gpu_lane += used * gpu_time(u, max(n, 1), profile)
+            else:
+                cpu_lane += used * cpu_time(u, max(n, 1), profile)
+        if len(streamed) < len(work):
+            cpu_lane += CPU_ROUND_TRIP_S
+    return serial + max(gpu_lane, cpu_lane, pcie_lane), host_bytes
+
+
+def _by_layer(units: list[Unit]) -> dict[int | None, list[Unit]]:
+    layers: dict[int | None, list[Unit]] = {}
+    for u in units:
+        layers.setdefault(u.layer, []).append(u)
+    return layers
+
+
 def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = None) -> None:
-    """Fill ``result.predicted`` and ``result.unit_times`` from the cost model (prefill and decode)."""
+    """Fill ``result.predicted`` and ``result.unit_times`` from the cost model (prefill and decode).
+
+    Bounds follow the hardware, not the plan: prefill moves every non-resident byte over PCIe once
+    (bytes / H2D bandwidth); decode reads the expected non-resident bytes per step through the CPU and
+    PCIe lanes together (bytes / (CPU rate during copies + H2D rate during CPU work)).
+    """
     profile, wl, routing = result.profile, result.workload, result.routing
     per_layer = per_layer or _experts_per_layer(result.units, 2)
     T, B = wl.prompt_tokens * wl.batch, wl.batch
-    phases = {"prefill": T, "decode": B}
-    totals = {}
-    host_bytes_phase = {}
-    for phase, tokens in phases.items():
-        total = 0.0
-        host_bytes = 0.0
-        layers: dict[int | None, list[Unit]] = {}
-        for u in result.units:
-            layers.setdefault(u.layer, []).append(u)
-        for _layer, layer_units in layers.items():
-            gpu_lane = cpu_lane = pcie_lane = 0.0
-            serial = 0.0
-            work = []
-            for u in layer_units:
-                p = usage_probability(u, routing, per_layer)
-                n = tokens * p
-                used = 1.0 - (1.0 - p) ** tokens if p < 1 else 1.0
-                home = result.homes[u.name]
-                t = used * home_time(u, home, max(n, 1), profile)
-                result.unit_times.setdefault(u.name, {})[phase] = t
-                if home != GPU:
-                    host_bytes += used * u.nbytes
-                if home == GPU:
-                    gpu_lane += used * gpu_time(u, max(n, 1), profile)
-                elif u.is_expert_like:
-                    work.append((u, n, used))
-                else:
-                    # Streamed non-expert modules (attention, lm_head) are on the critical path of the layer
-                    # but their copy was prefetched during the previous layer: only the copy beyond that
-                    # layer's time shows, approximated here by the copy itself on the PCIe lane.
-                    pcie_lane += copy_time(u, profile)
-                    serial += gpu_time(u, max(n, 1), profile)
-            if work:
-                streamed = assign_tokens(
-                    [
-                        HostWork(
-                            u.name, max(1, round(n)), u.nbytes, u.flops_per_token, home=result.homes[u.name]
-                        )
-                        for u, n, _ in work
-                    ],
-                    profile,
-                    gpu_busy_s=gpu_lane,
-                )
-                for u, n, used in work:
-                    if u.name in streamed:
-                        pcie_lane += used * copy_time(u, profile)
-                        gpu_lane += used * gpu_time(u, max(n, 1), profile)
-                    else:
-                        cpu_lane += used * cpu_time(u, max(n, 1), profile)
-                if any(u.name not in streamed for u, _, _ in work):
-                    cpu_lane += CPU_ROUND_TRIP_S
-            total += serial + max(gpu_lane, cpu_lane, pcie_lane)
-        totals[phase] = total
-        host_bytes_phase[phase] = host_bytes
-    prefill_bound_s = host_bytes_phase["prefill"] / profile.h2d_bw
-    decode_bound_s = host_bytes_phase["decode"] / (
-        profile.cpu_gemv_bw_during_copy + profile.h2d_bw_during_cpu
-    )
+    totals, host = {}, {}
+    layers = _by_layer(result.units)
+    for phase, tokens in (("prefill", T), ("decode", B)):
+        times: dict[str, float] = {}
+        total = host_bytes = 0.0
+        for layer_units in layers.values():
+            t, b = layer_time(layer_units, result.homes, profile, routing, per_layer, tokens, times)
+            total += t
+            host_bytes += b
+        for name, t in times.items():
+            result.unit_times.setdefault(name, {})[phase] = t
+        totals[phase], host[phase] = total, host_bytes
+    prefill_bound_s = host["prefill"] / profile.h2d_bw
+    decode_bound_s = host["decode"] / (profile.cpu_gemv_bw_during_copy + profile.h2d_bw_during_cpu)
     p = result.predicted
     p["prefill_s"] = totals["prefill"]
     p["decode_step_s"] = totals["decode"]
@@ -555,14 +681,6 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
     p["decode_tok_s"] = B / totals["decode"] if totals["decode"] else math.inf
     p["prefill_bound_tok_s"] = T / prefill_bound_s if prefill_bound_s else math.inf
     p["decode_bound_tok_s"] = B / decode_bound_s if decode_bound_s else math.inf
-    p["prefill_fraction_of_bound"] = (
-        min(1.0, p["prefill_tok_s"] / p["prefill_bound_tok_s"])
-        if math.isfinite(p["prefill_bound_tok_s"])
-        else 1.0
-    )
-    p["decode_fraction_of_bound"] = (
-        min(1.0, p["decode_tok_s"] / p["decode_bound_tok_s"])
-        if math.isfinite(p["decode_bound_tok_s"])
-        else 1.0
-    )
+    p["prefill_fraction_of_bound"] = p["prefill_tok_s"] / p["prefill_bound_tok_s"]
+    p["decode_fraction_of_bound"] = p["decode_tok_s"] / p["decode_bound_tok_s"]
     p["end_to_end_s"] = totals["prefill"] + (wl.new_tokens - 1) * totals["decode"]

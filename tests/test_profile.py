@@ -1,0 +1,148 @@
+"""Measuring the machine, caching the profile, and showing it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+import hf_hybrid.profile as profile_mod
+from hf_hybrid.kernels import METHODS
+from hf_hybrid.profile import (
+    TOKEN_COUNTS,
+    HardwareProfile,
+    add_cli,
+    default_profile,
+    format_profile,
+    load_or_measure,
+    measure,
+)
+
+
+@pytest.fixture(scope="module")
+def quick_profile() -> HardwareProfile:
+    return measure("cpu", torch.bfloat16, quick=True, progress=False)
+
+
+def _numbers(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value
+
+
+def test_measure_quick_fills_every_field(quick_profile):
+    p = quick_profile
+    assert p.measured and p.device == "cpu" and p.dtype == "bfloat16"
+    assert p.cpu_threads == torch.get_num_threads()
+    for f in dataclasses.fields(HardwareProfile):
+        value = getattr(p, f.name)
+        if f.name in ("device", "dtype", "measured", "cpu_kernel"):
+            continue
+        numbers = list(_numbers(value))
+        assert numbers, f.name
+        assert all(math.isfinite(v) and v > 0 for v in numbers), (f.name, value)
+    for key in ("cpu_gemv_bw", "cpu_gemm_flops", "cpu_kernel", "cpu_method_bw"):
+        assert set(getattr(p, key)) == set(TOKEN_COUNTS), key
+    for m in TOKEN_COUNTS:
+        assert p.cpu_kernel[m] in METHODS
+        assert p.cpu_gemv_bw[m] == max(p.cpu_method_bw[m].values())
+    # more tokens per weight byte: the FLOP rate grows from 1 to 64 tokens
+    assert p.cpu_gemm_flops[64] > p.cpu_gemm_flops[1]
+
+
+def test_dict_round_trip_through_json(quick_profile):
+    for p in (quick_profile, default_profile("cuda"), HardwareProfile()):
+        back = HardwareProfile.from_dict(json.loads(json.dumps(p.to_dict())))
+        assert back == p
+    assert (
+        HardwareProfile.from_dict({**HardwareProfile().to_dict(), "from_the_future": 1}) == HardwareProfile()
+    )
+
+
+@pytest.fixture
+def fake_measure(monkeypatch):
+    calls = []
+
+    def fake(device="cpu", dtype=torch.bfloat16, *, quick=False, progress=True):
+        calls.append((device, dtype, quick))
+        return dataclasses.replace(default_profile(device), measured=True, cpu_threads=len(calls))
+
+    monkeypatch.setattr(profile_mod, "measure", fake)
+    return calls
+
+
+def test_load_or_measure_caches(tmp_path, fake_measure):
+    first = load_or_measure("cpu", torch.bfloat16, cache_dir=tmp_path)
+    second = load_or_measure("cpu", torch.bfloat16, cache_dir=tmp_path)
+    assert len(fake_measure) == 1
+    assert second == first
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".json"
+    assert all(c.isalnum() or c in "._-" for c in files[0].name)
+    assert json.loads(files[0].read_text())["measured"] is True
+
+    refreshed = load_or_measure("cpu", torch.bfloat16, cache_dir=tmp_path, refresh=True)
+    assert len(fake_measure) == 2 and refreshed.cpu_threads == 2
+    assert load_or_measure("cpu", torch.bfloat16, cache_dir=tmp_path) == refreshed
+
+    # other dtype and quick profiles are separate entries
+    load_or_measure("cpu", torch.float32, cache_dir=tmp_path)
+    load_or_measure("cpu", torch.bfloat16, cache_dir=tmp_path, quick=True)
+    assert len(fake_measure) == 4 and len(list(tmp_path.glob("*.json"))) == 3
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cache_dir_from_environment(tmp_path, fake_measure, monkeypatch):
+    monkeypatch.setenv("HF_HYBRID_CACHE", str(tmp_path / "env"))
+    load_or_measure("cpu", torch.bfloat16)
+    assert len(list((tmp_path / "env").glob("*.json"))) == 1
+
+
+@pytest.mark.parametrize(
+    "content", ["{not json", "[1, 2]", '{"cpu_gemv_bw": 3}', '{"cpu_kernel": {"1": "linear"}}', ""]
+)
+def test_corrupt_cache_is_measured_again(tmp_path, fake_measure, content):
+    path = profile_mod.profile_cache_path("cpu", torch.bfloat16, cache_dir=tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    p = load_or_measure("cpu", torch.bfloat16, cache_dir=tmp_path)
+    assert p.measured and len(fake_measure) == 1
+    assert HardwareProfile.from_dict(json.loads(path.read_text())) == p  # repaired on disk
+
+
+def test_format_profile(quick_profile):
+    text = format_profile(quick_profile)
+    for m in TOKEN_COUNTS:
+        assert any(line.split()[:1] == [str(m)] for line in text.splitlines()), m
+    for word in ("GB/s", "TFLOP/s", "DRAM", quick_profile.cpu_kernel[1]):
+        assert word in text
+    assert "not measured" in format_profile(HardwareProfile())
+
+
+def test_cli(tmp_path, fake_measure, capsys):
+    parser = argparse.ArgumentParser(prog="hf-hybrid")
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["profile", "--device", "cpu", "--json", "--cache-dir", str(tmp_path)])
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out)["device"] == "cpu"
+    args = parser.parse_args(
+        ["profile", "--device", "cpu", "--dtype", "float32", "--cache-dir", str(tmp_path)]
+    )
+    assert args.func(args) == 0
+    assert "TFLOP/s" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        args = parser.parse_args(["profile", "--device", "cuda", "--cache-dir", str(tmp_path)])
+        assert args.func(args) == 1
+
+
+def test_plans_are_complete():
+    quick, full = profile_mod._make_plan(True), profile_mod._make_plan(False)
+    for plan in (quick, full):
+        assert all(v > 0 for v in dataclasses.astuple(plan))
+    assert quick.rotation_bytes <= full.rotation_bytes and quick.min_time < full.min_time
