@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ExecutionError
-from .kernels.cpu import CpuExpertKernel
+from .kernels.cpu import PLAIN_METHODS, CpuExpertKernel, pick_methods
 from .planner import HostWork, assign_tokens
 from .profile import HardwareProfile
 from .units import CPU, GPU, STREAM, Unit
@@ -262,6 +262,7 @@ class Executor:
         module_slots: tuple[int, int] | None = None,
         token_assignment: str = "adaptive",
         cpu_threads: int | None = None,
+        cpu_methods: dict[int, str] | str = "linear",
     ):
         self.device = device
         self.profile = profile
@@ -272,6 +273,8 @@ class Executor:
             raise ValueError("token_assignment must be 'adaptive', 'static', 'cpu' or 'stream'")
         self.token_assignment = token_assignment
         self.cpu_threads = cpu_threads
+        self.cpu_methods: dict[int, str] | str = cpu_methods
+        self.plain_cpu_methods = plain_methods(profile) if cpu_methods != "linear" else "linear"
         self._worker: ThreadPoolExecutor | None = None
         self._pinned: dict[tuple, torch.Tensor] = {}
         self.stats = StepStats()
@@ -481,9 +484,25 @@ class Executor:
         kernel = group.cpu_kernels.get(i)
         if kernel is None:
             gate_up, down = group.host_weights[i]
-            kernel = CpuExpertKernel(gate_up, down, group.act_fn, "linear")
+            # CPU-home units may hold a packed copy (the profile's fastest kernel per token count); units
+            # streamed by default run the fastest plain kernel when assignment sends them to the CPU
+            methods = self.cpu_methods if group.homes[i] == CPU else self.plain_cpu_methods
+            kernel = CpuExpertKernel(gate_up, down, group.act_fn, methods)
             group.cpu_kernels[i] = kernel
         return kernel
+
+    def prepare_cpu_kernels(self, groups, progress: bool = True) -> int:
+        """Build the kernels (and packed copies) of every CPU-home unit now, not in the first step.
+
+        Returns the extra host bytes the kernels hold.
+        """
+        from transformers.utils.logging import tqdm
+
+        todo = [(g, i) for g in groups for i, h in enumerate(g.homes) if h == CPU]
+        extra = 0
+        for g, i in tqdm(todo, desc="Preparing CPU kernels", unit="unit", disable=not progress or not todo):
+            extra += self._cpu_kernel(g, i).extra_bytes
+        return extra
 
     def _submit_cpu(self, group, on_cpu, hidden, flat_weights, rows) -> Future:
         tokens, width = hidden.shape
@@ -522,6 +541,17 @@ class Executor:
             return out
 
         return self.worker.submit(cpu_lane)
+
+
+def plain_methods(profile: HardwareProfile) -> dict[int, str] | str:
+    """The fastest kernel per token count among those that need no packed copy of the weights."""
+    if not profile.cpu_method_bw:
+        return "linear"
+    plain = {
+        m: {k: v for k, v in rates.items() if k in PLAIN_METHODS}
+        for m, rates in profile.cpu_method_bw.items()
+    }
+    return pick_methods(plain)
 
 
 def homes_in(group: ExpertGroup) -> set[str]:

@@ -297,6 +297,7 @@ class HybridModelForCausalLM:
         trust_remote_code: bool = False,
         attn_implementation: str | None = "sdpa",
         cpu_threads: int | None = None,
+        cpu_kernels: str | dict[int, str] = "auto",
         **kwargs,
     ) -> PreTrainedModel:
         """Load ``pretrained_model_name_or_path`` (hub id or directory of safetensors) across GPU and CPU.
@@ -315,6 +316,9 @@ class HybridModelForCausalLM:
                 ``"default"``.
             routing_stats: per-expert routing frequencies (``{"layers.0.experts.3": 0.4}``) to weight placement.
             mlp_slices: row slices per dense MLP (default: ~64 MiB each, at least 4).
+            cpu_kernels: CPU expert kernel per token count: ``"auto"`` (the profile's measured choice when
+                it was measured and host memory holds the packed copies, else ``"linear"``), a method name
+                (``"linear"``, ``"matmul_t"``, ``"onednn_packed"``) or ``{tokens: method}``.
             Other keyword arguments (``revision``, ``token``, ``trust_remote_code``...) mean what they mean
             in transformers.
         """
@@ -365,7 +369,9 @@ class HybridModelForCausalLM:
             module_slots=rings.get("modules"),
             token_assignment=token_assignment,
             cpu_threads=cpu_threads,
+            cpu_methods=_cpu_methods(cpu_kernels, hybrid_plan, loaded),
         )
+        executor.prepare_cpu_kernels(loaded.groups.values(), progress=progress)
         handles = attach(model, executor, loaded)
         _load_generation_config(model, directory)
         model.generation_config.disable_compile = True  # CPU lanes and data-dependent routing do not compile
@@ -413,6 +419,33 @@ class HybridModelForCausalLM:
             config, dev, torch_dt, gpu_memory=gpu_memory, trust_remote_code=trust_remote_code, **options
         )
         return result
+
+
+def _cpu_methods(choice, hybrid_plan: HybridPlan, loaded: LoadedModel) -> str | dict[int, str]:
+    """Resolve ``cpu_kernels="auto"``: packed copies only where measured faster and host memory allows."""
+    if choice != "auto":
+        return choice
+    profile = hybrid_plan.profile
+    if not profile.measured:
+        return "linear"
+    from .loading import host_memory_available
+
+    cpu_bytes = sum(u.nbytes for u in hybrid_plan.units_in("cpu"))
+    available = host_memory_available()
+    if (
+        "onednn_packed" in set(profile.cpu_kernel.values())
+        and available is not None
+        and cpu_bytes > 0.8 * available
+    ):
+        logger.warning(
+            "hf_hybrid: not packing CPU expert weights (needs %s more host memory, %s available); using plain kernels",
+            format_bytes(cpu_bytes),
+            format_bytes(available),
+        )
+        from .executor import plain_methods
+
+        return plain_methods(profile)
+    return dict(profile.cpu_kernel)
 
 
 def _load_generation_config(model, directory) -> None:

