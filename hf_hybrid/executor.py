@@ -17,6 +17,7 @@ CPU worker still runs concurrently with the main thread.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ExecutionError
-from .kernels.cpu import PLAIN_METHODS, CpuExpertKernel, pick_methods
+from .kernels.cpu import PLAIN_METHODS, CpuExpertKernel, fix_thread_count, pick_methods
 from .planner import HostWork, assign_tokens
 from .profile import HardwareProfile
 from .units import CPU, GPU, STREAM, Unit
@@ -244,10 +245,15 @@ class StepStats:
     gpu_units: int = 0
     cached_units: int = 0
     cpu_tokens: int = 0
+    cpu_lane_s: float = 0.0  # time the CPU worker spent computing
+    cpu_bytes: int = 0  # weight bytes the CPU lane read
+    join_wait_s: float = 0.0  # time the feeding thread slept waiting for the CPU lane
+    groups: int = 0  # expert groups run (layer steps)
 
     def reset(self) -> None:
         """Zero every counter."""
-        self.cpu_units = self.streamed_units = self.gpu_units = self.cached_units = self.cpu_tokens = 0
+        for name in self.__dataclass_fields__:
+            setattr(self, name, type(getattr(self, name))())
 
 
 class Executor:
@@ -288,9 +294,11 @@ class Executor:
         """The CPU lane: one thread whose torch ops use the intra-op thread pool."""
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_hybrid-cpu-lane")
-            if self.cpu_threads:
-                # torch's intra-op thread count is per calling thread under OpenMP: set it in the worker.
-                self._worker.submit(torch.set_num_threads, self.cpu_threads).result()
+            # torch's intra-op thread count is per calling thread under OpenMP: set it in the worker. With a
+            # GPU, one core is left to the thread that feeds it (its spinning OpenMP team would otherwise
+            # compete with the CPU lane's threads).
+            threads = self.cpu_threads or max(1, torch.get_num_threads() - (1 if self.lanes.is_cuda else 0))
+            self._worker.submit(fix_thread_count, threads).result()
         return self._worker
 
     def pinned(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -455,9 +463,12 @@ class Executor:
             self.stats.gpu_units += 1
 
         # 6. join the CPU lane (the main thread sleeps on the future, it does not spin)
+        self.stats.groups += 1
         if cpu_future is not None:
             try:
+                waited = time.perf_counter()
                 cpu_out = cpu_future.result()
+                self.stats.join_wait_s += time.perf_counter() - waited
             except BaseException as exc:  # noqa: BLE001 - re-raised with context in the caller's thread
                 raise ExecutionError(f"the CPU lane failed in layer {group.layer}: {exc!r}") from exc
             acc += cpu_out.to(dev, non_blocking=True)
@@ -524,11 +535,21 @@ class Executor:
         self.stats.cpu_tokens += sum(tokens if r is None else r[0].numel() for r in row_lists)
         injector = self.fault_injector
 
+        stats = self.stats
+        stats.cpu_bytes += sum(k.weight_bytes for k in kernels)
+
         def cpu_lane() -> torch.Tensor:
             if injector is not None:
                 injector("cpu")
             if arrived is not None:
                 arrived.synchronize()  # blocking event: this thread sleeps until the activations are here
+            started = time.perf_counter()
+            try:
+                return compute()
+            finally:
+                stats.cpu_lane_s += time.perf_counter() - started
+
+        def compute() -> torch.Tensor:
             with torch.inference_mode():
                 out.zero_()
                 for kernel, routed_rows in zip(kernels, row_lists):

@@ -72,10 +72,23 @@ def _sync_threads() -> None:
     cores when the main thread also computes. Re-applying torch's global count once per thread (and
     whenever it changed) fixes that at the cost of one cheap call.
     """
+    if getattr(_thread_state, "fixed", False):
+        return  # this thread's count was chosen explicitly (the executor's CPU lane)
     wanted = torch.get_num_threads()
     if getattr(_thread_state, "threads", None) != wanted:
         torch.set_num_threads(wanted)
         _thread_state.threads = wanted
+
+
+def fix_thread_count(threads: int) -> None:
+    """Give the calling thread ``threads`` intra-op threads for good (not re-synced to the global count).
+
+    The executor's CPU lane calls this in its worker so that the thread feeding the GPU can run with one
+    thread without shrinking the CPU lane (OpenMP thread counts are per calling thread).
+    """
+    torch.set_num_threads(threads)
+    _thread_state.threads = threads
+    _thread_state.fixed = True
 
 
 def _packed_linear(x: Tensor, packed: Tensor) -> Tensor:
