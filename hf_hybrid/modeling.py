@@ -329,6 +329,7 @@ class HybridModelForCausalLM:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int (got {value!r})")
         dev = resolve_device(device, allow_cpu_fallback)
+        _check_openmp_policy(dev)
         directory = resolve_checkpoint(
             pretrained_model_name_or_path,
             revision=revision,
@@ -446,6 +447,15 @@ def _cpu_methods(choice, hybrid_plan: HybridPlan, loaded: LoadedModel) -> str | 
 
         return plain_methods(profile)
     return dict(profile.cpu_kernel)
+
+
+def _check_openmp_policy(device: torch.device) -> None:
+    if device.type == "cuda" and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        logger.warning_once(
+            "hf_hybrid: OMP_WAIT_POLICY is not PASSIVE (torch was imported before hf_hybrid): spinning OpenMP "
+            "threads can halve the CPU lane. Set OMP_WAIT_POLICY=PASSIVE in the environment, or import hf_hybrid "
+            "before torch."
+        )
 
 
 def _load_generation_config(model, directory) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -85,6 +86,16 @@ def cpu_time(unit: Unit, tokens: float, profile: HardwareProfile) -> float:
     return max(unit.nbytes / profile.cpu_weight_bw(m), tokens * unit.flops_per_token / profile.cpu_flops(m))
 
 
+def cpu_share(profile: HardwareProfile) -> float:
+    """Fraction of its solo rate the CPU lane keeps while PCIe copies run (they share DRAM)."""
+    return max(0.05, min(1.0, profile.cpu_gemv_bw_during_copy / profile.cpu_weight_bw(1)))
+
+
+def pcie_share(profile: HardwareProfile) -> float:
+    """Fraction of its solo rate the copy lane keeps while the CPU lane reads DRAM."""
+    return max(0.05, min(1.0, profile.h2d_bw_during_cpu / profile.h2d_bw))
+
+
 def copy_time(unit: Unit, profile: HardwareProfile) -> float:
     """Seconds to stream ``unit``'s weights over PCIe from pinned memory."""
     return unit.nbytes / profile.h2d_bw
@@ -120,7 +131,8 @@ def assign_tokens(
     ``mode="static"`` follows each unit's home. ``"adaptive"`` is a longest-processing-time greedy
     over two lanes: biggest job first, each to the lane that would finish it earliest, where the
     CPU lane costs :func:`cpu_time` and the GPU side costs the copy (free if ``staged``) on the PCIe lane
-    and the compute on the GPU lane. Returns the names to stream.
+    and the compute on the GPU lane. Both lanes are costed at their rates while the other one runs (they
+    share DRAM), and the first CPU job pays the activations' round trip. Returns the names to stream.
     """
     if mode == "static":
         return {w.name for w in work if w.home == STREAM}
@@ -133,14 +145,15 @@ def assign_tokens(
     pcie_lane = 0.0
     gpu_lane = gpu_busy_s
     costed = []
+    cpu_factor, pcie_factor = 1.0 / cpu_share(profile), 1.0 / pcie_share(profile)
     for w in work:
         unit = Unit(w.name, "expert", None, w.nbytes, w.flops_per_token, HOMES)
-        c = cpu_time(unit, w.tokens, profile)
+        c = cpu_time(unit, w.tokens, profile) * cpu_factor
         g = gpu_time(unit, w.tokens, profile)
-        x = 0.0 if w.staged else copy_time(unit, profile)
+        x = 0.0 if w.staged else copy_time(unit, profile) * pcie_factor
         costed.append((max(c, x + g), c, g, x, w.name))
     for _, c, g, x, name in sorted(costed, reverse=True):
-        cpu_finish = cpu_lane + c
+        cpu_finish = (cpu_lane or CPU_ROUND_TRIP_S) + c
         arrive = pcie_lane + x
         gpu_finish = max(arrive, gpu_lane) + g
         if gpu_finish < cpu_finish:
@@ -407,10 +420,21 @@ def plan(
         minimums.append(minimum)
         if homes is None:
             continue
-        best = make(homes)
-        predict(best, per_layer)
-        best = _local_search(best, forced_homes, per_layer, make, search_rounds)
-        candidates.append(best)
+        # Start the search from the lane-balanced split and from all-CPU / all-PCIe host experts: the
+        # objective has local optima a single move or swap cannot leave.
+        for lane in (None, CPU, STREAM):
+            start = dict(homes)
+            if lane is not None:
+                for u in units:
+                    if (
+                        u.name not in forced_homes
+                        and start[u.name] != GPU
+                        and lane in u.homes
+                        and u.is_expert_like
+                    ):
+                        start[u.name] = lane
+            best = _local_search(make(start), forced_homes, per_layer, make, search_rounds, time_limit_s=1.0)
+            candidates.append(best)
     if not candidates:
         minimum = min(minimums)
         raise BudgetError(
@@ -489,11 +513,16 @@ def _local_search(
     T, B, N = wl.prompt_tokens * wl.batch, wl.batch, wl.new_tokens
     layers = _by_layer(best.units)
 
+    memo: dict[tuple, float] = {}
+
     def layer_cost(layer, homes) -> float:
         lu = layers[layer]
-        pre, _ = layer_time(lu, homes, profile, routing, per_layer, T)
-        dec, _ = layer_time(lu, homes, profile, routing, per_layer, B)
-        return pre + N * dec
+        key = (layer, tuple(homes[u.name] for u in lu))
+        if key not in memo:
+            pre = step_layer_time(lu, homes, profile, routing, per_layer, T)
+            dec = step_layer_time(lu, homes, profile, routing, per_layer, B)
+            memo[key] = pre + N * dec
+        return memo[key]
 
     homes = dict(best.homes)
     costs = {layer: layer_cost(layer, homes) for layer in layers}
@@ -517,6 +546,13 @@ def _local_search(
         on_gpu = [u for u in movable if homes[u.name] == GPU]
         on_host = [u for u in movable if homes[u.name] != GPU]
         trials += [{a.name: h, b.name: GPU} for a in on_gpu for b in on_host for h in a.homes if h != GPU]
+        # exchanging the lanes of two host units (CPU <-> PCIe) rebalances layers a single move cannot
+        trials += [
+            {a.name: homes[b.name], b.name: homes[a.name]}
+            for a in on_host
+            for b in on_host
+            if homes[a.name] == CPU and homes[b.name] == STREAM and STREAM in a.homes and CPU in b.homes
+        ]
         improved = False
         for change in trials:
             if time.monotonic() > deadline:
@@ -597,18 +633,26 @@ def layer_time(
     per_layer: dict[int, tuple[int, int]],
     tokens: int,
     unit_times: dict[str, float] | None = None,
+    routed: dict[str, int] | None = None,
 ) -> tuple[float, float]:
     """Predicted (seconds, host bytes touched) of one layer's units in a step of ``tokens`` tokens.
 
     The GPU, CPU and PCIe lanes overlap, so the layer costs the max of the lanes; host experts are split
-    between the CPU and PCIe lanes by :func:`assign_tokens`, as the executor will do at run time.
+    between the CPU and PCIe lanes by :func:`assign_tokens`, as the executor will do at run time. Experts
+    count their expected tokens, or exactly ``routed[name]`` tokens when one routing draw is given.
     """
     gpu_lane = cpu_lane = pcie_lane = serial = host_bytes = 0.0
     work = []
     for u in layer_units:
         p = usage_probability(u, routing, per_layer)
-        n = tokens * p
-        used = 1.0 - (1.0 - p) ** tokens if p < 1 else 1.0
+        if routed is not None and u.kind == "expert":
+            n = routed.get(u.name, 0)
+            if n == 0:
+                continue
+            used = 1.0
+        else:
+            n = tokens * p
+            used = 1.0 - (1.0 - p) ** tokens if p < 1 else 1.0
         home = homes[u.name]
         if unit_times is not None:
             unit_times[u.name] = used * home_time(u, home, max(n, 1), profile)
@@ -640,7 +684,81 @@ def layer_time(
                 cpu_lane += used * cpu_time(u, max(n, 1), profile)
         if len(streamed) < len(work):
             cpu_lane += CPU_ROUND_TRIP_S
+    if cpu_lane > 0 and pcie_lane > 0:
+        # both lanes read DRAM at once: each runs at its shared rate
+        cpu_lane /= cpu_share(profile)
+        pcie_lane /= pcie_share(profile)
     return serial + max(gpu_lane, cpu_lane, pcie_lane), host_bytes
+
+
+#: Routing draws per layer when predicting small decode steps (deterministic: seeded per layer).
+DECODE_DRAWS = 24
+_DRAWS: dict[tuple, list[dict[str, int]]] = {}
+
+
+def routing_draws(
+    experts: list[Unit], weights: list[float], top_k: int, tokens: int, draws: int = DECODE_DRAWS
+) -> list[dict[str, int]]:
+    """``draws`` sampled routings of ``tokens`` tokens (top-k without replacement, weighted), memoised.
+
+    The same draws serve every plan that is compared, so comparisons are not blurred by sampling noise.
+    """
+    key = (tuple(u.name for u in experts), tuple(weights), top_k, tokens, draws)
+    cached = _DRAWS.get(key)
+    if cached is None:
+        rng = random.Random(1000)  # the same draws for every layer: alike layers cost alike
+        cached = []
+        for _ in range(draws):
+            counts: dict[str, int] = {}
+            for _ in range(tokens):
+                pool = list(range(len(experts)))
+                w = list(weights)
+                for _ in range(min(top_k, len(pool))):
+                    pick = rng.choices(range(len(pool)), weights=w)[0]
+                    name = experts[pool[pick]].name
+                    counts[name] = counts.get(name, 0) + 1
+                    del pool[pick], w[pick]
+            cached.append(counts)
+        if len(_DRAWS) > 4096:
+            _DRAWS.clear()
+        _DRAWS[key] = cached
+    return cached
+
+
+def sampled_layer_time(
+    layer_units: list[Unit],
+    homes: dict[str, str],
+    profile: HardwareProfile,
+    routing: dict[str, float],
+    per_layer: dict[int, tuple[int, int]],
+    tokens: int,
+) -> float:
+    """Mean layer time over sampled routings of ``tokens`` tokens.
+
+    With one token per step the lanes see a handful of whole experts, not their expectation: the max of
+    the lanes over a draw is what a step costs, and its mean is above the max of mean lanes.
+    """
+    experts = [u for u in layer_units if u.kind == "expert"]
+    if not experts:
+        return layer_time(layer_units, homes, profile, routing, per_layer, tokens)[0]
+    _, top_k = per_layer[experts[0].layer]
+    weights = [usage_probability(u, routing, per_layer) for u in experts]
+    draws = routing_draws(experts, weights, top_k, tokens)
+    total = sum(
+        layer_time(layer_units, homes, profile, routing, per_layer, tokens, routed=c)[0] for c in draws
+    )
+    return total / len(draws)
+
+
+def step_layer_time(layer_units, homes, profile, routing, per_layer, tokens) -> float:
+    """The layer's predicted time in one step: sampled routings for small decode steps, else expectation."""
+    if tokens <= SAMPLED_TOKENS:
+        return sampled_layer_time(layer_units, homes, profile, routing, per_layer, tokens)
+    return layer_time(layer_units, homes, profile, routing, per_layer, tokens)[0]
+
+
+#: Steps of at most this many tokens are predicted from sampled routings.
+SAMPLED_TOKENS = 16
 
 
 def _by_layer(units: list[Unit]) -> dict[int | None, list[Unit]]:
@@ -666,8 +784,8 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
         times: dict[str, float] = {}
         total = host_bytes = 0.0
         for layer_units in layers.values():
-            t, b = layer_time(layer_units, result.homes, profile, routing, per_layer, tokens, times)
-            total += t
+            _, b = layer_time(layer_units, result.homes, profile, routing, per_layer, tokens, times)
+            total += step_layer_time(layer_units, result.homes, profile, routing, per_layer, tokens)
             host_bytes += b
         for name, t in times.items():
             result.unit_times.setdefault(name, {})[phase] = t
