@@ -287,6 +287,10 @@ class Executor:
         self.lock = threading.RLock()  # one generate at a time per model
         self.fault_injector = None  # tests: a callable(lane: str) that may raise
         self.closed = False
+        # routing statistics, recorded while ``record_routing`` is on (see ``calibrate``)
+        self.record_routing = False
+        self.routed_counts: dict[tuple[int, int], int] = {}
+        self.routed_tokens: dict[int, int] = {}
 
     # ------------------------------------------------------------------ resources
     @property
@@ -375,6 +379,11 @@ class Executor:
             for c in counts:
                 starts.append(starts[-1] + c)
             token_of = order // k
+            if self.record_routing:
+                self.routed_tokens[group.layer] = self.routed_tokens.get(group.layer, 0) + tokens
+                for i, c in enumerate(counts):
+                    if c:
+                        self.routed_counts[(group.layer, i)] = self.routed_counts.get((group.layer, i), 0) + c
         else:
             counts = [tokens] * len(group.units)
 
@@ -473,6 +482,35 @@ class Executor:
                 raise ExecutionError(f"the CPU lane failed in layer {group.layer}: {exc!r}") from exc
             acc += cpu_out.to(dev, non_blocking=True)
         return acc.to(hidden.dtype)
+
+    def rehome(self, group: ExpertGroup, i: int, home: str) -> None:
+        """Move unit ``i`` of ``group`` to ``home`` (weights cross PCIe once; for re-planning).
+
+        A unit leaving the device gets its own pinned host region; a unit arriving drops its host views
+        (the layer's host arena itself is shared, so its bytes stay allocated until the model is freed).
+        """
+        old = group.homes[i]
+        if old == home:
+            return
+        shapes = list(group.shapes[i])
+        if old == GPU:
+            gate_up, down = group.device_weights.pop(i)
+            region = torch.empty(
+                layout_bytes(shapes, group.dtype), dtype=torch.uint8, pin_memory=self.lanes.is_cuda
+            )
+            host_gate_up, host_down = carve(region, shapes, group.dtype)
+            host_gate_up.copy_(gate_up)
+            host_down.copy_(down)
+            group.host_regions[i] = region
+            group.host_weights[i] = (host_gate_up, host_down)
+        elif home == GPU:
+            host_gate_up, host_down = group.host_weights.pop(i)
+            group.host_regions.pop(i)
+            group.device_weights[i] = (host_gate_up.to(self.device), host_down.to(self.device))
+        group.cpu_kernels.pop(i, None)
+        if self.expert_ring is not None and (group.layer, i) in self.expert_ring.by_tag:
+            self.expert_ring.by_tag.pop((group.layer, i))
+        group.homes[i] = home
 
     def _device_unit(
         self, group, i, gate_up, down, hidden, acc, device_rows, device_tokens, flat_weights, starts

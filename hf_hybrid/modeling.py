@@ -107,6 +107,89 @@ class HybridGenerationMixin:
                 f"reserved for; reload with max_batch_size={batch}."
             )
 
+    def calibrate(
+        self,
+        texts,
+        tokenizer=None,
+        *,
+        max_length: int = 512,
+        replan: bool = True,
+    ) -> dict[str, float]:
+        """Record how often each expert is routed to on ``texts`` and re-plan placement with it.
+
+        ``texts`` are strings (tokenised with ``tokenizer``, by default the checkpoint's own) or token-id
+        tensors. Returns ``{"layers.3.experts.5": frequency}`` where a frequency is the share of tokens
+        routed to that expert (each layer's frequencies sum to top-k). With ``replan`` the experts are
+        moved to the homes a plan with these frequencies gives (hot experts onto the GPU); attention and
+        other modules keep their homes. Pass the returned dict as ``routing_stats=`` to a later
+        ``from_pretrained`` to plan with it from the start.
+        """
+        rt = self.hybrid
+        if not any(g.routed for g in rt.loaded.groups.values()):
+            raise ValueError("calibrate() needs a mixture-of-experts model: this one has no routed experts")
+        if isinstance(texts, (str, torch.Tensor)):
+            texts = [texts]
+        if any(isinstance(t, str) for t in texts) and tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(rt.source)
+        ex = rt.executor
+        with rt.lock:
+            ex.routed_counts.clear()
+            ex.routed_tokens.clear()
+            ex.record_routing = True
+            try:
+                with torch.no_grad():
+                    for text in texts:
+                        if isinstance(text, str):
+                            encoded = tokenizer(
+                                text, return_tensors="pt", truncation=True, max_length=max_length
+                            )
+                            ids = encoded["input_ids"]
+                        else:
+                            ids = text if text.dim() == 2 else text.unsqueeze(0)
+                        ids = ids[:, : min(max_length, rt.max_context)]
+                        self(ids.to(self.device), use_cache=False)
+            except BaseException:
+                ex.recover()
+                raise
+            finally:
+                ex.record_routing = False
+            stats = {}
+            for group in rt.loaded.groups.values():
+                if group.routed:
+                    seen = max(1, ex.routed_tokens.get(group.layer, 0))
+                    for i, u in enumerate(group.units):
+                        stats[u.name] = ex.routed_counts.get((group.layer, i), 0) / seen
+            if replan:
+                self._replan_experts(stats)
+        return stats
+
+    def _replan_experts(self, routing: dict[str, float]) -> None:
+        """Re-plan with ``routing`` keeping every non-expert unit's home, then move the experts."""
+        rt = self.hybrid
+        old = rt.plan
+        keep = {u.name: old.homes[u.name] for u in old.units if u.kind != "expert" and len(u.homes) > 1}
+        new = plan(
+            old.units,
+            old.profile,
+            old.budget_bytes,
+            kv_cache_bytes=old.kv_cache_bytes,
+            workspace_bytes=old.workspace_bytes,
+            workload=old.workload,
+            top_k=_top_k(self.config),
+            forced=keep,
+            routing=routing,
+        )
+        ex = rt.executor
+        moves = [(g, i, new.homes[u.name]) for g in rt.loaded.groups.values() for i, u in enumerate(g.units)]
+        # free device memory before taking more: units leaving the GPU move first
+        for group, i, home in sorted(moves, key=lambda m: m[2] == GPU):
+            ex.rehome(group, i, home)
+        ex.prepare_cpu_kernels(rt.loaded.groups.values(), progress=False)
+        rt.plan = new
+        logger.info("hf_hybrid: re-planned with calibrated routing: %s", new.predicted)
+
     def save_pretrained(self, *args, **kwargs):
         """Not supported: the weights live in the executor's homes, not in the module tree."""
         raise NotImplementedError(
