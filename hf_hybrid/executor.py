@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -109,6 +110,19 @@ class DeviceLanes:
         self.device = device
         self.is_cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
+        self.tracer = None  # a hf_hybrid.trace.Tracer while a trace is recorded
+
+    def span(self, lane: str, name: str, stream=None):
+        """A trace span of device work (a no-op unless a trace is being recorded)."""
+        if self.tracer is None:
+            return nullcontext()
+        return self.tracer.device_span(lane, name, stream)
+
+    def host_span(self, lane: str, name: str):
+        """A trace span of host work (a no-op unless a trace is being recorded)."""
+        if self.tracer is None:
+            return nullcontext()
+        return self.tracer.host_span(lane, name)
 
     def event(self):
         """A fresh event; blocking so a host wait sleeps instead of spinning."""
@@ -118,15 +132,17 @@ class DeviceLanes:
         """The stream the model computes on (the current one)."""
         return torch.cuda.current_stream(self.device) if self.is_cuda else None
 
-    def copy_into(self, dst: torch.Tensor, src: torch.Tensor, wait_for=None):
+    def copy_into(self, dst: torch.Tensor, src: torch.Tensor, wait_for=None, label: str = "copy"):
         """Copy ``src`` (pinned host) into ``dst`` (device) on the copy lane; returns the arrival event."""
         if not self.is_cuda:
-            dst.copy_(src)
+            with self.span("PCIe copy", label):
+                dst.copy_(src)
             return _NoEvent()
         with torch.cuda.stream(self.copy_stream):
             if wait_for is not None:
                 self.copy_stream.wait_event(wait_for)
-            dst.copy_(src, non_blocking=True)
+            with self.span("PCIe copy", label, self.copy_stream):
+                dst.copy_(src, non_blocking=True)
             ev = torch.cuda.Event(blocking=True)
             ev.record(self.copy_stream)
         return ev
@@ -151,6 +167,12 @@ class _Slot:
     tag: object = None
     ready: object = None  # copy finished
     free: object = None  # last reader finished
+
+
+def _label(tag: object) -> str:
+    if isinstance(tag, tuple) and len(tag) == 2:
+        return f"L{tag[0]} unit {tag[1]}"
+    return str(tag)
 
 
 class StagingRing:
@@ -194,7 +216,7 @@ class StagingRing:
         if slot.tag is not None:
             self.by_tag.pop(slot.tag, None)
         view = slot.buffer[: host_region.numel()]
-        slot.ready = self.lanes.copy_into(view, host_region, wait_for=slot.free)
+        slot.ready = self.lanes.copy_into(view, host_region, wait_for=slot.free, label=_label(tag))
         slot.tag = tag
         self.by_tag[tag] = index
         self.misses += 1
@@ -437,18 +459,19 @@ class Executor:
             view, ready, cached = self.expert_ring.fetch((group.layer, i), group.host_regions[i])
             gate_up, down = carve(view, [gate_up_shape, down_shape], group.dtype)
             self.lanes.wait(ready)
-            self._device_unit(
-                group,
-                i,
-                gate_up,
-                down,
-                hidden,
-                acc,
-                device_rows,
-                device_tokens,
-                flat_weights,
-                starts if group.routed else None,
-            )
+            with self.lanes.span("GPU", f"L{group.layer} streamed {i}"):
+                self._device_unit(
+                    group,
+                    i,
+                    gate_up,
+                    down,
+                    hidden,
+                    acc,
+                    device_rows,
+                    device_tokens,
+                    flat_weights,
+                    starts if group.routed else None,
+                )
             self.expert_ring.release((group.layer, i))
             self.stats.streamed_units += 1
             self.stats.cached_units += int(cached)
@@ -457,18 +480,19 @@ class Executor:
         for i in resident:
             self._maybe_fault("gpu")
             gate_up, down = group.device_weights[i]
-            self._device_unit(
-                group,
-                i,
-                gate_up,
-                down,
-                hidden,
-                acc,
-                device_rows,
-                device_tokens,
-                flat_weights,
-                starts if group.routed else None,
-            )
+            with self.lanes.span("GPU", f"L{group.layer} resident {i}"):
+                self._device_unit(
+                    group,
+                    i,
+                    gate_up,
+                    down,
+                    hidden,
+                    acc,
+                    device_rows,
+                    device_tokens,
+                    flat_weights,
+                    starts if group.routed else None,
+                )
             self.stats.gpu_units += 1
 
         # 6. join the CPU lane (the main thread sleeps on the future, it does not spin)
@@ -476,7 +500,8 @@ class Executor:
         if cpu_future is not None:
             try:
                 waited = time.perf_counter()
-                cpu_out = cpu_future.result()
+                with self.lanes.host_span("host", f"L{group.layer} wait for CPU lane"):
+                    cpu_out = cpu_future.result()
                 self.stats.join_wait_s += time.perf_counter() - waited
             except BaseException as exc:  # noqa: BLE001 - re-raised with context in the caller's thread
                 raise ExecutionError(f"the CPU lane failed in layer {group.layer}: {exc!r}") from exc
@@ -575,6 +600,8 @@ class Executor:
 
         stats = self.stats
         stats.cpu_bytes += sum(k.weight_bytes for k in kernels)
+        lanes = self.lanes
+        label = f"L{group.layer} cpu units {','.join(str(i) for i in on_cpu)}"
 
         def cpu_lane() -> torch.Tensor:
             if injector is not None:
@@ -583,7 +610,8 @@ class Executor:
                 arrived.synchronize()  # blocking event: this thread sleeps until the activations are here
             started = time.perf_counter()
             try:
-                return compute()
+                with lanes.host_span("CPU lane", label):
+                    return compute()
             finally:
                 stats.cpu_lane_s += time.perf_counter() - started
 

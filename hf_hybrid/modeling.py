@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -189,6 +190,54 @@ class HybridGenerationMixin:
         ex.prepare_cpu_kernels(rt.loaded.groups.values(), progress=False)
         rt.plan = new
         logger.info("hf_hybrid: re-planned with calibrated routing: %s", new.predicted)
+
+    def trace(
+        self, path, input_ids: torch.Tensor | None = None, *, max_new_tokens: int = 8, **generate_kwargs
+    ):
+        """Run one prefill and ``max_new_tokens - 1`` decode steps and save a Chrome/Perfetto timeline.
+
+        The trace has one row per lane -- the feeding thread ("host"), the CPU lane, PCIe copies and GPU
+        compute -- so you can see which lane bounds each layer. Open it at https://ui.perfetto.dev.
+        ``input_ids`` defaults to a random prompt of the planned workload's length. Returns the path.
+        """
+        from .trace import Tracer
+
+        rt = self.hybrid
+        if input_ids is None:
+            length = min(rt.plan.workload.prompt_tokens, rt.max_context - max_new_tokens)
+            generator = torch.Generator().manual_seed(0)
+            input_ids = torch.randint(0, self.config.vocab_size, (1, max(1, length)), generator=generator)
+        input_ids = input_ids.to(self.device)
+        tracer = Tracer(self.device)
+        lanes = rt.executor.lanes
+        lanes.tracer = tracer
+        steps = {"n": 0}
+
+        # one span per forward (the prefill, then each decode step) on the host row
+        def step_start(module, args, kwargs):
+            steps["n"] += 1
+            steps["t"] = time.perf_counter()
+
+        def step_end(module, args, kwargs, output):
+            tracer.host_spans.append(("host", f"forward {steps['n']}", steps["t"], time.perf_counter()))
+
+        handles = [
+            self.register_forward_pre_hook(step_start, with_kwargs=True),
+            self.register_forward_hook(step_end, with_kwargs=True),
+        ]
+        try:
+            self.generate(
+                input_ids,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                do_sample=False,
+                **generate_kwargs,
+            )
+        finally:
+            lanes.tracer = None
+            for handle in handles:
+                handle.remove()
+        return tracer.save(path)
 
     def save_pretrained(self, *args, **kwargs):
         """Not supported: the weights live in the executor's homes, not in the module tree."""

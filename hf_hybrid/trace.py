@@ -1,0 +1,102 @@
+"""A timeline of the executor's lanes as a Chrome / Perfetto trace (open it in ui.perfetto.dev).
+
+Host work (the CPU lane, the feeding thread) is timed with ``perf_counter``; device work (copies on the
+copy stream, kernels on the compute stream) with CUDA events, converted to the same clock after the run
+so the lanes line up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+LANES = {"host": 1, "CPU lane": 2, "PCIe copy": 3, "GPU": 4}
+
+
+class Tracer:
+    """Collects spans per lane; ``save(path)`` writes Chrome trace JSON."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        self.host_spans: list[tuple[str, str, float, float]] = []
+        self.device_spans: list[tuple[str, str, object, object]] = []
+        self.lock = threading.Lock()
+        self.t0 = time.perf_counter()
+        self.base_event = None
+        if self.is_cuda:
+            torch.cuda.synchronize(device)
+            self.base_event = torch.cuda.Event(enable_timing=True)
+            self.base_event.record()
+            torch.cuda.synchronize(device)
+            self.t0 = time.perf_counter()
+
+    @contextmanager
+    def host_span(self, lane: str, name: str):
+        """Time a block of host work on ``lane``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            end = time.perf_counter()
+            with self.lock:
+                self.host_spans.append((lane, name, start, end))
+
+    @contextmanager
+    def device_span(self, lane: str, name: str, stream=None):
+        """Time device work issued inside the block on ``stream`` (host-timed on the CPU stand-in)."""
+        if not self.is_cuda:
+            with self.host_span(lane, name):
+                yield
+            return
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        try:
+            yield
+        finally:
+            end.record(stream)
+            with self.lock:
+                self.device_spans.append((lane, name, start, end))
+
+    def events(self) -> list[dict]:
+        """Chrome trace events (microseconds since the tracer started)."""
+        out = [
+            {"name": "process_name", "ph": "M", "pid": 1, "args": {"name": f"hf_hybrid ({self.device})"}},
+        ]
+        for lane, tid in LANES.items():
+            out.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": lane}})
+        for lane, name, start, end in self.host_spans:
+            out.append(_span(lane, name, (start - self.t0) * 1e6, (end - start) * 1e6))
+        if self.device_spans:
+            torch.cuda.synchronize(self.device)
+            for lane, name, start, end in self.device_spans:
+                begin_ms = self.base_event.elapsed_time(start)
+                out.append(_span(lane, name, begin_ms * 1e3, start.elapsed_time(end) * 1e3))
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the trace; open it in https://ui.perfetto.dev or chrome://tracing."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps({"traceEvents": self.events(), "displayTimeUnit": "ms"}))
+        os.replace(tmp, path)
+        return path
+
+
+def _span(lane: str, name: str, ts_us: float, dur_us: float) -> dict:
+    return {
+        "name": name,
+        "ph": "X",
+        "pid": 1,
+        "tid": LANES[lane],
+        "ts": round(ts_us, 3),
+        "dur": round(dur_us, 3),
+    }
