@@ -18,12 +18,35 @@ from hf_hybrid.bench import build_checkpoint
 from hf_hybrid.bench.scenarios import get_scenario
 
 
-def timed_generate(model, ids, new_tokens: int) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
+def timed_generate(model, ids, new_tokens: int) -> tuple[float, list[float]]:
+    """Total seconds of one generate call and the seconds of each forward (prefill first).
+
+    Per-forward times come from hooks on the model, so decode steps are timed directly instead of as a
+    difference of two noisy generate calls.
+    """
+    forwards: list[float] = []
+
+    def start(module, args, kwargs):
+        torch.cuda.synchronize()
+        forwards.append(time.perf_counter())
+
+    def end(module, args, kwargs, output):
+        torch.cuda.synchronize()
+        forwards[-1] = time.perf_counter() - forwards[-1]
+
+    handles = [
+        model.register_forward_pre_hook(start, with_kwargs=True),
+        model.register_forward_hook(end, with_kwargs=True),
+    ]
+    try:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, forwards
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def main() -> None:
@@ -51,7 +74,7 @@ def main() -> None:
     print(f"loaded in {time.perf_counter() - t0:.1f} s")
     print(model.hybrid_plan.to_dict()["homes"], model.hybrid_plan.to_dict()["budget"])
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), device="cuda")
-    timed_generate(model, ids, 2)
+    timed_generate(model, ids, 2)  # warm-up
     ex = model.hybrid.executor
 
     # the CPU kernel alone in the CPU lane's thread, out of cache (rotating over every CPU-home unit)
@@ -74,12 +97,12 @@ def main() -> None:
     rows = []
     for mode in ("adaptive", "static", "cpu", "stream"):
         ex.token_assignment = mode
-        prefill_s = timed_generate(model, ids, 1)
+        timed_generate(model, ids, 1)
         ex.stats.reset()
         ring_bytes = ex.expert_ring.bytes_copied if ex.expert_ring else 0
-        full_s = timed_generate(model, ids, args.new_tokens)
-        steps = args.new_tokens - 1
-        decode_s = (full_s - prefill_s) / steps
+        _, forwards = timed_generate(model, ids, args.new_tokens)
+        prefill_s = forwards[0]
+        decode_s = sum(forwards[1:]) / len(forwards[1:])
         st = ex.stats
         copied = (ex.expert_ring.bytes_copied if ex.expert_ring else 0) - ring_bytes
         rows.append(
