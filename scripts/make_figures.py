@@ -1,0 +1,287 @@
+"""Make the figures of the docs: the lanes diagram and one bar chart per benchmark scenario.
+
+    python scripts/make_figures.py                # writes docs/images/lanes.png and docs/images/<scenario>.png
+    python scripts/make_figures.py --out /tmp/img --data docs/data
+
+* ``lanes.png``: the planner (before loading) and the three lanes of one MoE layer step (at run time).
+* ``<scenario>.png`` (e.g. ``s1.png``): prefill and decode tokens/s of every engine in every
+  ``docs/data/*.json`` benchmark record of that scenario (records written by ``hf-hybrid bench --json``;
+  files without ``rows``, such as hardware profiles, are skipped). The numbers are the records' own.
+
+Runs offline. Needs matplotlib; without it, prints a message and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# fixed PNG metadata: regenerating unchanged figures gives identical files
+PNG_METADATA = {"Software": None}
+
+LANE_COLORS = {"gpu": "#4c72b0", "copy": "#dd8452", "cpu": "#55a868", "wait": "#c8c8c8"}
+ENGINE_COLORS = {"hf_hybrid": "#4c72b0", "gpu": "#8c8c8c", "accelerate": "#dd8452", "cpu": "#55a868"}
+ENGINE_LABELS = {
+    "gpu": "all on GPU\n(outside budget)",
+    "accelerate": "accelerate\noffload",
+    "cpu": "CPU only",
+}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_records(data_dir: Path) -> dict[str, list[tuple[str, dict]]]:
+    """Benchmark records in ``data_dir`` grouped by scenario: {scenario: [(file stem, record), ...]}."""
+    by_scenario: dict[str, list[tuple[str, dict]]] = {}
+    for path in sorted(data_dir.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"skipping {path.name}: {exc}", file=sys.stderr)
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("rows"), list):
+            continue  # not a bench record (e.g. a hardware profile)
+        scenario = str(record.get("header", {}).get("scenario") or path.stem.split("-")[0])
+        by_scenario.setdefault(scenario, []).append((path.stem, record))
+    return by_scenario
+
+
+def measured_rows(record: dict) -> list[dict]:
+    """The rows of engines that ran, with both rates."""
+    return [
+        r
+        for r in record["rows"]
+        if r.get("status") == "ok"
+        and r.get("prefill_tok_s") is not None
+        and r.get("decode_tok_s") is not None
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def lanes_figure(plt, path: Path) -> None:
+    """The planner pipeline (top) and a timeline of the three lanes during one MoE layer step (bottom)."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    fig = plt.figure(figsize=(11, 6.4))
+    top = fig.add_axes([0.02, 0.60, 0.96, 0.38])
+    top.set_xlim(0, 100)
+    top.set_ylim(0, 30)
+    top.axis("off")
+
+    def box(ax, x, y, w, h, text, color="#eef2f8", edge="#4c72b0", size=9):
+        ax.add_patch(
+            FancyBboxPatch(
+                (x, y), w, h, boxstyle="round,pad=0.4,rounding_size=1.2", fc=color, ec=edge, lw=1.2
+            )
+        )
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size)
+
+    def arrow(ax, x0, y0, x1, y1):
+        ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=12, color="#444"))
+
+    top.text(0, 29, "Before the first token: from_pretrained", fontsize=11, weight="bold", va="top")
+    steps = [
+        ("config.json\n+ family adapter", "families.for_config"),
+        ("units\nattention, experts,\nMLP slices, router...", "units.describe_units"),
+        ("hardware profile\nCPU / PCIe / GPU rates", "profile.load_or_measure"),
+        ("plan: a home\nper unit under\ngpu_memory", "planner.plan"),
+        ("load: each tensor\nstraight to its home", "loading.load_weights"),
+        ("hooks + executor\nstock generate()", "hooks.attach"),
+    ]
+    w, gap = 13.5, 3.0
+    for n, (label, where) in enumerate(steps):
+        x = n * (w + gap) + 0.6
+        highlight = where == "planner.plan"
+        box(top, x, 9, w, 13, label, color="#fdf0e6" if highlight else "#eef2f8")
+        top.text(x + w / 2, 5.5, where, ha="center", fontsize=7.5, family="monospace", color="#333")
+        if n:
+            arrow(top, x - gap + 0.2, 15.5, x - 0.2, 15.5)
+    top.text(
+        50,
+        0.8,
+        "homes: gpu (resident)  |  cpu (host memory, computed by the CPU lane)  |  "
+        "stream (pinned host memory, copied over PCIe into a staging slot before use)",
+        ha="center",
+        fontsize=8.5,
+        color="#333",
+    )
+
+    ax = fig.add_axes([0.14, 0.10, 0.83, 0.42])
+    ax.set_title(
+        "One MoE layer step: the three lanes run at once; the layer costs about the max of them",
+        fontsize=11,
+        weight="bold",
+        loc="left",
+    )
+    lanes = ["CPU lane\n(worker thread)", "copy lane\n(CUDA side stream)", "GPU lane\n(current stream)"]
+    # (lane index, start, length, label, color key) -- an illustration, not a measurement
+    bars = [
+        (2, 0.0, 1.2, "attention", "gpu"),
+        (2, 1.2, 0.5, "router", "gpu"),
+        (2, 1.7, 0.6, "x ->\nhost", "gpu"),
+        (0, 1.7, 0.6, "wait", "wait"),
+        (0, 2.3, 5.0, "host experts assigned to the CPU\n(weights read in place)", "cpu"),
+        (1, 1.7, 2.5, "copy expert a\n-> slot 0", "copy"),
+        (1, 4.2, 2.5, "copy expert b\n-> slot 1", "copy"),
+        (1, 6.7, 0.6, "pre-\nfetch", "copy"),
+        (2, 2.3, 1.4, "resident\nexperts", "gpu"),
+        (2, 4.2, 0.5, "a", "gpu"),
+        (2, 6.7, 0.5, "b", "gpu"),
+        (2, 7.4, 0.5, "sum", "gpu"),
+    ]
+    for lane, start, length, label, color in bars:
+        ax.barh(lane, length, left=start, height=0.62, color=LANE_COLORS[color], edgecolor="white")
+        ax.text(
+            start + length / 2,
+            lane,
+            label,
+            ha="center",
+            va="center",
+            fontsize=7.5,
+            color="black" if color == "wait" else "white",
+        )
+    ax.annotate(
+        "", xy=(7.55, 1.68), xytext=(7.55, 0.32), arrowprops={"arrowstyle": "-|>", "color": "#444", "lw": 1}
+    )
+    ax.text(7.65, 1.0, "CPU results\nback to the device", fontsize=7.5, va="center")
+    ax.text(
+        8.05,
+        2.0,
+        "streamed attention / lm_head:\nthe next one is prefetched\nwhile this one computes",
+        fontsize=7,
+        va="center",
+        color="#444",
+    )
+    ax.set_yticks(range(3), lanes, fontsize=9)
+    ax.set_xlim(0, 9.8)
+    ax.set_ylim(-0.6, 2.6)
+    ax.set_xticks([])
+    ax.set_xlabel(
+        "time (illustrative, not to scale)\nper layer step, planner.assign_tokens sends each non-resident "
+        "expert's tokens to the CPU lane or streams its weights to the GPU, whichever finishes sooner",
+        fontsize=8.5,
+    )
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.savefig(path, dpi=130, metadata=PNG_METADATA)
+    plt.close(fig)
+
+
+def run_label(stem: str, record: dict) -> str:
+    """``2026-11-25 10:15, uniform routing`` for a record (its file stem when the header has no date)."""
+    header = record.get("header", {})
+    date = str(header.get("date") or stem)
+    when = date[:16] if len(date) >= 16 else date
+    label = f"{when}, {header.get('skew') or 'uniform'} routing"
+    if "--routing-stats" in str(header.get("command", "")):
+        label += ", planned with it"
+    return label
+
+
+def scenario_figure(plt, scenario: str, records: list[tuple[str, dict]], path: Path) -> bool:
+    """Horizontal bars: prefill and decode tok/s of every engine of every run. False if nothing measured."""
+    runs = [(run_label(stem, rec), rec, measured_rows(rec)) for stem, rec in records]
+    runs = sorted((r for r in runs if r[2]), key=lambda r: str(r[1].get("header", {}).get("date", r[0])))
+    if not runs:
+        return False
+    # one row per (run, engine), a gap between runs, the first run on top
+    positions, labels, rows = [], [], []
+    y = 0.0
+    for label, _, run_rows in runs:
+        for row in run_rows:
+            engine = str(row.get("engine"))
+            name = ENGINE_LABELS.get(engine, engine).replace("\n", " ")
+            positions.append(y)
+            labels.append(f"{name}  ({row.get('prompt')}+{row.get('new_tokens')})")
+            rows.append((label, engine, row))
+            y -= 1
+        y -= 0.8
+    height = 1.6 + 0.32 * len(rows) + 0.25 * len(runs)
+    fig, axes = plt.subplots(1, 2, figsize=(12, height), sharey=True)
+    for ax, key, title in (
+        (axes[0], "prefill_tok_s", "prefill tokens/s"),
+        (axes[1], "decode_tok_s", "decode tokens/s"),
+    ):
+        for ypos, (_, engine, row) in zip(positions, rows):
+            value = float(row[key])
+            ax.barh(ypos, value, height=0.8, color=ENGINE_COLORS.get(engine, "#999"), edgecolor="white")
+            text = f" {value:,.0f}" if value >= 100 else f" {value:.3g}"
+            ax.text(value, ypos, text, va="center", fontsize=7.5)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{title} (log scale)", fontsize=9)
+        ax.set_title(title, fontsize=10)
+        ax.margins(x=0.15)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    axes[0].set_yticks(positions, labels, fontsize=8)
+    # the run each block of rows belongs to, above its first row
+    first = {}
+    for ypos, (label, _, _) in zip(positions, rows):
+        first.setdefault(label, ypos)
+    for label, ypos in first.items():
+        axes[0].annotate(
+            label,
+            xy=(0, ypos + 0.55),
+            xycoords=("axes fraction", "data"),
+            xytext=(-4, 0),
+            textcoords="offset points",
+            ha="right",
+            va="bottom",
+            fontsize=8,
+            weight="bold",
+        )
+    header = runs[-1][1].get("header", {})
+    title = (
+        f"{scenario}: {header.get('description', '')} -- {header.get('device_name', header.get('device', ''))}, "
+        f"GPU budget {header.get('gpu_memory', '?')}"
+    )
+    fig.suptitle(title, fontsize=10.5)
+    fig.text(
+        0.5,
+        0.005,
+        "measured by hf-hybrid bench (docs/data/*.json); in brackets: prompt + new tokens of that run "
+        "(the slow baselines run a shorter workload)",
+        ha="center",
+        va="bottom",
+        fontsize=7.5,
+        color="#444",
+    )
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+    fig.savefig(path, dpi=130, metadata=PNG_METADATA)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the figures; returns 0 (also when matplotlib is missing)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "docs" / "data", help="bench JSON directory")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images", help="output directory")
+    args = parser.parse_args(argv)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no figures made (pip install matplotlib)")
+        return 0
+    plt.rcParams["svg.hashsalt"] = "hf_hybrid"
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = []
+    lanes = args.out / "lanes.png"
+    lanes_figure(plt, lanes)
+    written.append(lanes)
+    for scenario, records in sorted(load_records(args.data).items()):
+        target = args.out / f"{scenario.lower()}.png"
+        if scenario_figure(plt, scenario, records, target):
+            written.append(target)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
