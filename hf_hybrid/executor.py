@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -452,60 +453,69 @@ class Executor:
         if on_cpu:
             cpu_future = self._submit_cpu(group, on_cpu, hidden, flat_weights, rows)
 
-        # 4. streamed units: copy (copy lane) then compute (GPU lane), interleaved so slots recycle safely
-        for i in streamed:
-            self._maybe_fault("stream")
-            gate_up_shape, down_shape = group.shapes[i]
-            view, ready, cached = self.expert_ring.fetch((group.layer, i), group.host_regions[i])
-            gate_up, down = carve(view, [gate_up_shape, down_shape], group.dtype)
-            self.lanes.wait(ready)
-            with self.lanes.span("GPU", f"L{group.layer} streamed {i}"):
-                self._device_unit(
-                    group,
-                    i,
-                    gate_up,
-                    down,
-                    hidden,
-                    acc,
-                    device_rows,
-                    device_tokens,
-                    flat_weights,
-                    starts if group.routed else None,
-                )
-            self.expert_ring.release((group.layer, i))
-            self.stats.streamed_units += 1
-            self.stats.cached_units += int(cached)
+        try:
+            # 4. streamed units: copy (copy lane) then compute (GPU lane), interleaved so slots recycle safely
+            for i in streamed:
+                self._maybe_fault("stream")
+                gate_up_shape, down_shape = group.shapes[i]
+                view, ready, cached = self.expert_ring.fetch((group.layer, i), group.host_regions[i])
+                gate_up, down = carve(view, [gate_up_shape, down_shape], group.dtype)
+                self.lanes.wait(ready)
+                with self.lanes.span("GPU", f"L{group.layer} streamed {i}"):
+                    self._device_unit(
+                        group,
+                        i,
+                        gate_up,
+                        down,
+                        hidden,
+                        acc,
+                        device_rows,
+                        device_tokens,
+                        flat_weights,
+                        starts if group.routed else None,
+                    )
+                self.expert_ring.release((group.layer, i))
+                self.stats.streamed_units += 1
+                self.stats.cached_units += int(cached)
 
-        # 5. resident units on the GPU lane
-        for i in resident:
-            self._maybe_fault("gpu")
-            gate_up, down = group.device_weights[i]
-            with self.lanes.span("GPU", f"L{group.layer} resident {i}"):
-                self._device_unit(
-                    group,
-                    i,
-                    gate_up,
-                    down,
-                    hidden,
-                    acc,
-                    device_rows,
-                    device_tokens,
-                    flat_weights,
-                    starts if group.routed else None,
-                )
-            self.stats.gpu_units += 1
+            # 5. resident units on the GPU lane
+            for i in resident:
+                self._maybe_fault("gpu")
+                gate_up, down = group.device_weights[i]
+                with self.lanes.span("GPU", f"L{group.layer} resident {i}"):
+                    self._device_unit(
+                        group,
+                        i,
+                        gate_up,
+                        down,
+                        hidden,
+                        acc,
+                        device_rows,
+                        device_tokens,
+                        flat_weights,
+                        starts if group.routed else None,
+                    )
+                self.stats.gpu_units += 1
+        except BaseException:
+            # the step is abandoned: let the CPU lane finish before the error leaves, so no task of this
+            # step still writes the shared buffers when the next call starts
+            if cpu_future is not None:
+                wait_futures([cpu_future])
+            raise
 
         # 6. join the CPU lane (the main thread sleeps on the future, it does not spin)
         self.stats.groups += 1
         if cpu_future is not None:
-            try:
-                waited = time.perf_counter()
-                with self.lanes.host_span("host", f"L{group.layer} wait for CPU lane"):
-                    cpu_out = cpu_future.result()
-                self.stats.join_wait_s += time.perf_counter() - waited
-            except BaseException as exc:  # noqa: BLE001 - re-raised with context in the caller's thread
+            waited = time.perf_counter()
+            with self.lanes.host_span("host", f"L{group.layer} wait for CPU lane"):
+                wait_futures([cpu_future])  # a Ctrl-C while the main thread sleeps here propagates as is
+            self.stats.join_wait_s += time.perf_counter() - waited
+            exc = cpu_future.exception()
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise exc
+            if exc is not None:
                 raise ExecutionError(f"the CPU lane failed in layer {group.layer}: {exc!r}") from exc
-            acc += cpu_out.to(dev, non_blocking=True)
+            acc += cpu_future.result().to(dev, non_blocking=True)
         return acc.to(hidden.dtype)
 
     def rehome(self, group: ExpertGroup, i: int, home: str) -> None:

@@ -88,14 +88,18 @@ class HybridGenerationMixin:
         if not isinstance(input_ids, torch.Tensor):
             return
         prompt = input_ids.shape[-1]
-        batch = input_ids.shape[0] if input_ids.dim() > 1 else 1
+        rows = input_ids.shape[0] if input_ids.dim() > 1 else 1
         gen_config = kwargs.get("generation_config") or self.generation_config
-        new = kwargs.get("max_new_tokens", getattr(gen_config, "max_new_tokens", None))
-        total = (
-            prompt + new
-            if new is not None
-            else kwargs.get("max_length", getattr(gen_config, "max_length", prompt))
-        )
+
+        def setting(name: str, default):
+            value = kwargs.get(name, getattr(gen_config, name, None))
+            return default if value is None else value
+
+        new = setting("max_new_tokens", None)
+        # transformers' own default length is 20 positions when neither limit is given
+        total = prompt + new if new is not None else max(prompt, setting("max_length", 20))
+        # beams and returned sequences each hold their own KV cache rows
+        batch = rows * max(setting("num_beams", 1), setting("num_return_sequences", 1))
         rt = self.hybrid
         if total > rt.max_context:
             raise ContextLengthError(
@@ -492,7 +496,7 @@ class HybridModelForCausalLM:
             logger.info("hf_hybrid: passing through to the model config: %s", sorted(kwargs))
             for key, value in kwargs.items():
                 setattr(model.config, key, value)
-        reader = CheckpointReader(directory)
+        reader = CheckpointReader(directory, allow_pickle=allow_pickle)
         loaded = load_weights(model, reader, adapter, hybrid_plan, dev, torch_dt, progress=progress)
         rings = {r.name: (r.slot_bytes, r.slots) for r in hybrid_plan.staging}
         executor = Executor(
@@ -618,7 +622,10 @@ def plan_model(
     """Build the meta skeleton of ``config`` and plan it; returns (plan, skeleton)."""
     model = build_skeleton(config, dtype, trust_remote_code, attn_implementation)
     units = describe_units(model, dtype, mlp_slices)
-    budget = default_budget(device) if gpu_memory is None else parse_bytes(gpu_memory, "gpu_memory")
+    try:
+        budget = default_budget(device) if gpu_memory is None else parse_bytes(gpu_memory, "gpu_memory")
+    except ValueError as exc:
+        raise BudgetError(f"{exc}; pass e.g. gpu_memory='6GiB'") from exc
     if budget <= 0:
         raise BudgetError(f"gpu_memory must be positive (got {gpu_memory!r}); pass e.g. gpu_memory='6GiB'")
     workload = workload or Workload(prompt_tokens=min(512, max_context), new_tokens=128, batch=max_batch_size)
