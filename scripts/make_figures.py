@@ -4,6 +4,8 @@
     python scripts/make_figures.py --out /tmp/img --data docs/data
 
 * ``lanes.png``: the planner (before loading) and the three lanes of one MoE layer step (at run time).
+* ``<name>-timeline.png``: every ``docs/data/<name>.trace.json`` written by ``model.trace()``, one row per
+  lane (host forwards, CPU lane, PCIe copies, GPU).
 * ``<scenario>.png`` (e.g. ``s1.png``): prefill and decode tokens/s of every engine in every
   ``docs/data/*.json`` benchmark record of that scenario (records written by ``hf-hybrid bench --json``;
   files without ``rows``, such as hardware profiles, are skipped). The numbers are the records' own.
@@ -254,6 +256,44 @@ def scenario_figure(plt, scenario: str, records: list[tuple[str, dict]], path: P
     return True
 
 
+TRACE_COLORS = {"host": "#c8c8c8", "CPU lane": "#55a868", "PCIe copy": "#dd8452", "GPU": "#4c72b0"}
+
+
+def timeline_figure(plt, trace_path: Path, path: Path) -> bool:
+    """Draw a ``model.trace()`` file (Chrome trace JSON) as one row per lane."""
+    try:
+        events = json.loads(trace_path.read_text())["traceEvents"]
+    except (OSError, ValueError, KeyError):
+        return False
+    names = {
+        e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
+    spans = [e for e in events if e.get("ph") == "X"]
+    if not spans:
+        return False
+    rows = [tid for tid in sorted(names) if any(e["tid"] == tid for e in spans)]
+    fig, ax = plt.subplots(figsize=(12, 0.6 + 0.55 * len(rows)))
+    for row, tid in enumerate(rows):
+        lane = names[tid]
+        bars = [(e["ts"] / 1e3, max(e["dur"] / 1e3, 0.01)) for e in spans if e["tid"] == tid]
+        color = TRACE_COLORS.get(lane, "#999")
+        if lane == "host":
+            # the host row holds whole forwards: draw them as outlines behind the lane work
+            ax.broken_barh(bars, (row - 0.35, 0.7), facecolors="none", edgecolors="#777", linewidth=0.6)
+        else:
+            ax.broken_barh(bars, (row - 0.35, 0.7), facecolors=color, edgecolors="none")
+    ax.set_yticks(range(len(rows)), [names[t] for t in rows], fontsize=8)
+    ax.set_xlabel("milliseconds", fontsize=9)
+    ax.invert_yaxis()
+    ax.set_title(f"timeline: {trace_path.name}", fontsize=10)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, metadata=PNG_METADATA)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write the figures; returns 0 (also when matplotlib is missing)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -277,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     for scenario, records in sorted(load_records(args.data).items()):
         target = args.out / f"{scenario.lower()}.png"
         if scenario_figure(plt, scenario, records, target):
+            written.append(target)
+    for trace in sorted(args.data.glob("*.trace.json")):
+        target = args.out / (trace.name[: -len(".trace.json")] + "-timeline.png")
+        if timeline_figure(plt, trace, target):
             written.append(target)
     for path in written:
         print(f"wrote {path}")
