@@ -1,28 +1,146 @@
-"""The ``hf-hybrid`` command line: generate, plan, profile, bench."""
+"""The ``hf-hybrid`` command line: generate, plan, profile, bench.
+
+``main(argv)`` never raises for bad input: it returns the exit code (0 ok, 1 failure, 2 bad input or an
+hf_hybrid error, printed as one ``hf-hybrid: error: ...`` line on stderr, 130 interrupted), so it can be
+called in-process. Logging follows transformers' conventions (``transformers.utils.logging`` loggers named
+after the module); ``-v`` shows hf_hybrid's INFO messages, such as the load summary, and ``-vv`` adds
+transformers' own.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging as std_logging
+import math
+import os
+import re
 import sys
+import time
+import warnings
+from pathlib import Path
 
 DEFAULT_PROMPT = "The capital of France is"
+PROG = "hf-hybrid"
+#: Files one of which a local checkpoint needs for ``generate`` to tokenize the prompt.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "tiktoken.model",
+)
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+class UsageError(Exception):
+    """Bad command-line input found after parsing (a missing directory, a model dir without config)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (``prog: error: message (see prog --help)``)."""
+
+    def error(self, message: str):  # noqa: D102 (argparse API)
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
+# ------------------------------------------------------------------------------------- argument types
+def _size(value: str) -> str:
+    """``--gpu-memory``: validated here so a typo is a usage error, passed on as written."""
+    from .units import parse_bytes
+
+    try:
+        size = parse_bytes(value, "--gpu-memory")
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"cannot read {value!r}: use a number of bytes or a size like 512MiB, 6GiB or 1.5GB"
+        ) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive (got {value!r})")
+    return value
+
+
+def _device(value: str) -> str:
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` (whether that GPU exists is checked when it is used)."""
+    if re.fullmatch(r"cpu|cuda(:\d+)?", value.strip().lower()) is None:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {value!r}")
+    return value.strip().lower()
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
+    return number
+
+
+def _probability(value: str) -> float:
+    number = _non_negative_float(value)
+    if not 0 < number <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}")
+    return number
+
+
+# ------------------------------------------------------------------------------------------ options
+def _add_verbose(p: argparse.ArgumentParser, default=0) -> None:
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default,
+        help="show hf_hybrid's INFO messages, e.g. the load summary (-vv: also transformers' INFO)",
+    )
+
+
+def _add_model_options(p: argparse.ArgumentParser, *, plan: bool = False) -> None:
     p.add_argument(
         "model",
         nargs="?",
         default=None,
-        help="hub id or local directory of safetensors shards (default: the embedded SmolLM2-135M-Instruct)",
+        help=(
+            "hub id or local directory"
+            + (" (config.json is enough: no weights are read)" if plan else " of safetensors shards")
+            + " (default: the embedded SmolLM2-135M-Instruct, converted once into $HF_HYBRID_CACHE, "
+            "else ~/.cache/hf_hybrid)"
+        ),
     )
     p.add_argument(
-        "--gpu-memory", default=None, help="device budget, e.g. 6GiB (default: free memory minus 1.5 GiB)"
+        "--gpu-memory",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help=(
+            "device memory budget such as 6GiB, 512MiB or 1.5GB; weights, KV cache, workspace and staging "
+            "buffers all count inside it and what does not fit runs on the CPU or streams over PCIe "
+            "(default: free GPU memory minus 1.5 GiB; on the CPU standing in for a GPU: unlimited, so the "
+            "whole model is resident: pass a budget there to exercise the hybrid path)"
+        ),
     )
     p.add_argument(
         "--device",
+        type=_device,
         default=None,
-        help="cuda, cuda:1, or cpu to let the CPU stand in (default: cuda if present)",
+        help=(
+            "cuda, cuda:N, or cpu to let the CPU stand in for the GPU (default: cuda if available, else cpu)"
+            + ("; planning for cuda without one needs --gpu-memory" if plan else "")
+        ),
     )
     p.add_argument(
         "--dtype",
@@ -30,43 +148,165 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         choices=["bfloat16", "float16", "float32"],
         help="compute dtype (default: the checkpoint's)",
     )
-    p.add_argument("--max-context", type=int, default=4096, help="KV cache length reserved inside the budget")
     p.add_argument(
-        "--max-batch-size", type=int, default=1, help="sequences per batch the KV cache is reserved for"
+        "--max-context",
+        type=_positive_int,
+        default=4096,
+        metavar="N",
+        help="positions (prompt + new tokens) the KV cache is reserved for inside the budget (default: 4096)",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help=(
+            "sequences per generate call the KV cache is reserved for inside the budget (default: 1)"
+            + (
+                "; the plan optimises decode for batches of this size"
+                if plan
+                else "; this command generates one sequence, so a larger value only shrinks what stays "
+                "on the GPU, as it would for a server that batches"
+            )
+        ),
     )
     p.add_argument(
         "--trust-remote-code", action="store_true", help="allow code from the checkpoint's repository to run"
     )
+    _add_verbose(p, default=argparse.SUPPRESS)
 
 
-def _model_path(args) -> str:
+def _looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` is meant as a directory rather than an ``owner/name`` hub id (as the loader decides)."""
+    return name.startswith((".", "/", "~")) or os.sep in name.replace("/", "", 1) or name.count("/") != 1
+
+
+def _model_path(args, *, need_weights: bool = True) -> str:
+    """The checkpoint the command runs on: ``args.model`` checked, or the embedded default model.
+
+    A local directory must exist and hold ``config.json``; that is all ``plan`` needs (``need_weights``
+    false). Hub ids pass through (``plan`` then fetches only the config).
+    """
     if args.model:
+        path = Path(args.model).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise UsageError(f"{path} has no config.json: pass a transformers checkpoint directory")
+            if need_weights and not any(next(path.glob(p), None) for p in ("*.safetensors", "*.bin", "*.pt")):
+                raise UsageError(
+                    f"{path} holds no weights (*.safetensors); 'hf-hybrid plan' works from config.json alone"
+                )
+            return str(path)
+        if path.exists():
+            raise UsageError(f"{path} is a file; pass the directory that holds config.json")
+        if _looks_like_local_path(args.model):
+            raise UsageError(
+                f"no such directory: {path} (pass a checkpoint directory or a hub id like 'owner/name')"
+            )
         return args.model
-    from .default_model import default_model_dir
+    from .default_model import NAME, cache_root, default_model_dir
 
+    target = cache_root() / NAME
+    if not (target / "config.json").exists() or (
+        need_weights and not (target / "model.safetensors").exists()
+    ):
+        print(
+            f"{PROG}: converting the embedded SmolLM2-135M-Instruct into {target} (once, ~20 s)",
+            file=sys.stderr,
+        )
     return str(default_model_dir())
 
 
+def _resolve_device(args) -> str:
+    import torch
+
+    if args.device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return args.device
+
+
+def _is_cpu(device: str) -> bool:
+    return device.split(":")[0] == "cpu"
+
+
+def _suggested_budget(plan) -> str:
+    """A budget that keeps about half of ``plan``'s (all-resident) weights on the device."""
+    target = plan.device_bytes - plan.resident_bytes // 2
+    if target >= 256 * 1024**2:
+        return f"{target // 1024**2}MiB"
+    return f"{target // 1024}KiB"
+
+
+def _cpu_note(plan, what: str) -> None:
+    print(
+        f"{PROG}: note: no --gpu-memory on the CPU standing in for a GPU, so the whole model {what} "
+        f"resident; pass e.g. --gpu-memory {_suggested_budget(plan)} to exercise the CPU and "
+        "PCIe-streaming paths",
+        file=sys.stderr,
+    )
+
+
+@contextlib.contextmanager
+def _quiet_fit_warning(noted: bool):
+    """Turn hf_hybrid's own UserWarnings into one-line notes (dropping the 'fits' one the CPU note covers)."""
+    with warnings.catch_warnings(record=True) as caught:  # the filters in force still apply
+        yield
+    for w in caught:
+        text = str(w.message)
+        if text.startswith("hf_hybrid:"):
+            if not (noted and "nothing is offloaded" in text):
+                print(f"{PROG}: note: {_one_line(text.removeprefix('hf_hybrid:'))}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+# ----------------------------------------------------------------------------------------- commands
 def _generate(args) -> int:
     import torch
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import AutoTokenizer
 
     from .modeling import HybridModelForCausalLM
 
     path = _model_path(args)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = HybridModelForCausalLM.from_pretrained(
-        path,
-        gpu_memory=args.gpu_memory,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-        dtype=dtype,
-        max_context=args.max_context,
-        max_batch_size=args.max_batch_size,
-        trust_remote_code=args.trust_remote_code,
-    )
-    if args.show_plan:
-        print(model.hybrid_plan, file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    # the tokenizer first: a checkpoint without one fails before the (slower) weight load
+    local = Path(path)
+    if local.is_dir() and not any((local / name).exists() for name in TOKENIZER_FILES):
+        raise UsageError(
+            f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...) to encode the prompt"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(f"cannot load a tokenizer from {path}: {_one_line(exc)}") from exc
+    if args.chat and not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"--chat: the tokenizer of {path} has no chat template")
+    device = _resolve_device(args)
+    noted = _is_cpu(device) and args.gpu_memory is None
+    with _quiet_fit_warning(noted):
+        model = HybridModelForCausalLM.from_pretrained(
+            path,
+            gpu_memory=args.gpu_memory,
+            device=device,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
+            max_context=args.max_context,
+            max_batch_size=args.max_batch_size,
+            trust_remote_code=args.trust_remote_code,
+            progress=sys.stderr.isatty(),
+        )
+    if noted:
+        _cpu_note(model.hybrid_plan, "is")
+    try:
+        if args.show_plan:
+            print(model.hybrid_plan, file=sys.stderr)
+        return _run_generate(args, model, tokenizer, path)
+    finally:
+        model.hybrid.close()
+
+
+def _run_generate(args, model, tokenizer, path: str) -> int:
+    import torch
+    from transformers import TextStreamer
+
     prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
     if args.chat:
         messages = [{"role": "user", "content": prompt}]
@@ -76,34 +316,48 @@ def _generate(args) -> int:
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    # stream the completion as it is made; a chat template's markup is not shown
     streamer = None if args.json else TextStreamer(tokenizer, skip_prompt=args.chat, skip_special_tokens=True)
-    sampling = {}
-    if args.temperature and args.temperature > 0:
-        sampling = {
-            "do_sample": True,
-            "temperature": args.temperature,
-            "top_k": args.top_k,
-            "top_p": args.top_p,
-        }
-    else:
-        sampling = {"do_sample": False}
+    sampling: dict = {"do_sample": False}
+    if args.temperature > 0:
+        sampling = {"do_sample": True, "temperature": args.temperature}
+        if args.top_k is not None:
+            sampling["top_k"] = args.top_k
+        if args.top_p is not None:
+            sampling["top_p"] = args.top_p
+    elif args.top_k is not None or args.top_p is not None:
+        print(
+            f"{PROG}: note: --top-k/--top-p apply only with --temperature > 0; decoding greedily",
+            file=sys.stderr,
+        )
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    start = time.perf_counter()
     out = model.generate(
         **inputs,
         max_new_tokens=args.max_new_tokens,
         repetition_penalty=args.repetition_penalty,
         streamer=streamer,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_token_id=pad,
         **sampling,
     )
+    seconds = time.perf_counter() - start
     new_tokens = out[0, inputs["input_ids"].shape[1] :]
-    text = tokenizer.decode(new_tokens, skip_special_tokens=True)
     if args.json:
-        print(
-            json.dumps({"model": path, "prompt": prompt, "completion": text, "tokens": new_tokens.tolist()})
-        )
-    model.hybrid.close()
+        plan = model.hybrid_plan
+        record = {
+            "model": path,
+            "prompt": prompt,
+            "chat": args.chat,
+            "completion": tokenizer.decode(new_tokens, skip_special_tokens=True),
+            "tokens": new_tokens.tolist(),
+            "prompt_tokens": int(inputs["input_ids"].shape[1]),
+            "seconds": round(seconds, 4),
+            "device": str(model.device),
+            "homes": {home: len(plan.units_in(home)) for home in ("gpu", "cpu", "stream")},
+        }
+        print(json.dumps(record))
     return 0
 
 
@@ -113,53 +367,133 @@ def _plan(args) -> int:
     from .modeling import HybridModelForCausalLM
     from .planner import Workload
 
-    path = _model_path(args) if args.model is None else args.model
+    path = _model_path(args, need_weights=False)
+    device = _resolve_device(args)
+    if device.startswith("cuda") and torch.cuda.is_available():
+        from .modeling import resolve_device
+
+        resolve_device(device)  # a cuda:N this machine lacks is an error, as for generate
+    elif device.startswith("cuda"):
+        if args.gpu_memory is None:
+            raise UsageError(
+                f"--device {device}: no CUDA device here, so no free memory to plan for; pass --gpu-memory "
+                "SIZE to plan for a GPU this machine does not have"
+            )
+        if args.profile != "default":
+            raise UsageError(f"--profile {args.profile} measures this machine's GPU, and it has none")
     plan = HybridModelForCausalLM.plan(
         path,
         gpu_memory=args.gpu_memory,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-        dtype=getattr(torch, args.dtype) if args.dtype else torch.bfloat16,
+        device=device,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
         trust_remote_code=args.trust_remote_code,
         max_context=args.max_context,
         max_batch_size=args.max_batch_size,
-        workload=Workload(args.prompt_tokens, args.new_tokens, args.max_batch_size),
+        workload=Workload(min(args.prompt_tokens, args.max_context), args.new_tokens, args.max_batch_size),
         profile=args.profile,
     )
-    print(plan.to_json() if args.json else plan)
+    if _is_cpu(device) and args.gpu_memory is None:
+        _cpu_note(plan, "would be")
+    print(json.dumps(_strict_json(plan.to_dict()), indent=2) if args.json else plan)
     return 0
 
 
+def _strict_json(value):
+    """``value`` with infinite/NaN floats (an all-resident plan's unbounded rates) as ``null``: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``hf-hybrid``."""
-    parser = argparse.ArgumentParser(
-        prog="hf-hybrid",
+    parser = _Parser(
+        prog=PROG,
         description="Run LLMs that do not fit on one GPU across GPU, CPU and PCIe at once.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    _add_verbose(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gen = sub.add_parser("generate", help="generate text (streams tokens to the terminal)")
+    gen = sub.add_parser(
+        "generate",
+        help="generate text (streams tokens to the terminal)",
+        description=(
+            "Load a model across GPU, CPU and PCIe streaming and generate from one prompt, streaming the "
+            "text to stdout (or printing one JSON object with --json)."
+        ),
+    )
     _add_model_options(gen)
     gen.add_argument("--prompt", default=None, help=f"the prompt (default: {DEFAULT_PROMPT!r})")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
-    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
-    gen.add_argument("--top-k", type=int, default=50, help="top-k sampling (with --temperature)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
-    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' repetition penalty")
-    gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    gen.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=32,
+        metavar="N",
+        help="tokens to generate (default: 32)",
+    )
+    gen.add_argument(
+        "--temperature",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="T",
+        help="sampling temperature; 0 = greedy (default: 0)",
+    )
+    gen.add_argument(
+        "--top-k",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="top-k sampling, with --temperature > 0 (default: transformers' 50)",
+    )
+    gen.add_argument(
+        "--top-p",
+        type=_probability,
+        default=None,
+        metavar="P",
+        help="nucleus sampling, with --temperature > 0 (default: 1.0, off)",
+    )
+    gen.add_argument(
+        "--repetition-penalty",
+        type=_non_negative_float,
+        default=1.0,
+        metavar="R",
+        help="transformers' repetition penalty; 1 = off (default: 1)",
+    )
+    gen.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: unseeded)")
     gen.add_argument("--show-plan", action="store_true", help="print the placement table to stderr")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=_generate)
 
-    pl = sub.add_parser("plan", help="print the placement for a model from its config alone (no weights)")
-    _add_model_options(pl)
-    pl.add_argument("--prompt-tokens", type=int, default=512, help="prompt length the plan optimises for")
-    pl.add_argument("--new-tokens", type=int, default=128, help="new tokens the plan optimises for")
+    pl = sub.add_parser(
+        "plan",
+        help="print the placement for a model from its config alone (no weights)",
+        description=(
+            "Print the placement hf_hybrid would make -- which units live on the GPU, run on the CPU or "
+            "stream over PCIe -- and its predicted speed, from the model's config alone."
+        ),
+    )
+    _add_model_options(pl, plan=True)
+    pl.add_argument(
+        "--prompt-tokens",
+        type=_positive_int,
+        default=512,
+        metavar="N",
+        help="prompt length the plan optimises for",
+    )
+    pl.add_argument(
+        "--new-tokens", type=_positive_int, default=128, metavar="N", help="new tokens the plan optimises for"
+    )
     pl.add_argument(
         "--profile",
         default="default",
         choices=["default", "auto", "measure"],
-        help="hardware figures: built-in defaults, the cached measurement, or measure now",
+        help="hardware figures: built-in defaults, the cached measurement, or measure now (default: default)",
     )
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=_plan)
@@ -171,24 +505,54 @@ def build_parser() -> argparse.ArgumentParser:
             add_cli = None
         if add_cli is not None:
             add_cli(sub)
+    for name, subparser in sub.choices.items():
+        if name not in ("generate", "plan") and "--verbose" not in subparser._option_string_actions:
+            _add_verbose(subparser, default=argparse.SUPPRESS)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``hf-hybrid`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, MemoryError, RuntimeError) as exc:
-        from .errors import HybridError
+@contextlib.contextmanager
+def _verbosity(level: int):
+    """``-v``: hf_hybrid's loggers at INFO on stderr; ``-vv``: DEBUG, and transformers' at INFO."""
+    if level <= 0:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
 
-        if not isinstance(exc, HybridError):
-            raise
-        print(f"hf-hybrid: error: {exc}", file=sys.stderr)
+    logger = hf_logging.get_logger("hf_hybrid")
+    handler = std_logging.StreamHandler(sys.stderr)
+    handler.setFormatter(std_logging.Formatter("%(message)s"))
+    old_level, old_tf = logger.level, hf_logging.get_verbosity()
+    logger.addHandler(handler)
+    logger.setLevel(std_logging.INFO if level == 1 else std_logging.DEBUG)
+    if level > 1:
+        hf_logging.set_verbosity_info()
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        hf_logging.set_verbosity(old_tf)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hf-hybrid`` console script; returns the exit code (see the module docstring)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    from .errors import HybridError
+
+    try:
+        with _verbosity(getattr(args, "verbose", 0)):
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, HybridError, OSError) as exc:
+        # OSError: transformers cannot find a config/tokenizer, a hub id does not exist, the network is down
+        print(f"{PROG} {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -18,10 +18,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging
 
 from . import families
-from .errors import BudgetError, ContextLengthError, DeviceUnavailableError
+from .errors import BudgetError, ContextLengthError, DeviceUnavailableError, WeightsNotFoundError
 from .executor import Executor
 from .hooks import attach, detach, register_experts_implementation
-from .loading import CheckpointReader, LoadedModel, load_weights, resolve_checkpoint
+from .loading import CheckpointReader, LoadedModel, _looks_like_path, load_weights, resolve_checkpoint
 from .planner import HybridPlan, Workload, plan
 from .profile import HardwareProfile, default_profile
 from .units import GPU, describe_units, dtype_size, format_bytes, parse_bytes
@@ -95,9 +95,16 @@ class HybridGenerationMixin:
             value = kwargs.get(name, getattr(gen_config, name, None))
             return default if value is None else value
 
-        new = setting("max_new_tokens", None)
-        # transformers' own default length is 20 positions when neither limit is given
-        total = prompt + new if new is not None else max(prompt, setting("max_length", 20))
+        new, max_length = setting("max_new_tokens", None), setting("max_length", None)
+        if new is not None:
+            total = prompt + new
+        elif max_length is not None:
+            total = max_length
+        else:
+            # transformers generates 20 new tokens when neither limit is given
+            total = prompt + 20
+            positions = getattr(self.config, "max_position_embeddings", None)
+            total = min(total, positions) if positions else total
         # beams and returned sequences each hold their own KV cache rows
         batch = rows * max(setting("num_beams", 1), setting("num_return_sequences", 1))
         rt = self.hybrid
@@ -537,6 +544,11 @@ class HybridModelForCausalLM:
         if os.path.isdir(pretrained_model_name_or_path):
             config = AutoConfig.from_pretrained(
                 pretrained_model_name_or_path, trust_remote_code=trust_remote_code
+            )
+        elif _looks_like_path(str(pretrained_model_name_or_path)):
+            raise WeightsNotFoundError(
+                f"no such directory: {pretrained_model_name_or_path}. Pass a checkpoint directory (config.json is "
+                f"enough for a plan) or a Hugging Face hub id."
             )
         else:
             config = AutoConfig.from_pretrained(

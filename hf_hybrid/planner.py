@@ -23,6 +23,8 @@ from .errors import BudgetError, PlacementError
 from .profile import HardwareProfile
 from .units import CPU, GPU, HOMES, STREAM, Unit, format_bytes
 
+#: Budgets at or above this are "unlimited" (the CPU standing in with no gpu_memory given).
+UNLIMITED = 1 << 61
 #: Fixed cost of sending activations to the CPU lane and back (launch + sync latency), seconds.
 CPU_ROUND_TRIP_S = 60e-6
 #: Staging slots per class: two for double buffering plus one so a copy can run ahead of compute.
@@ -238,7 +240,7 @@ class HybridPlan:
                 "new_tokens": self.workload.new_tokens,
                 "batch": self.workload.batch,
             },
-            "predicted": dict(self.predicted),
+            "predicted": {k: (v if math.isfinite(v) else None) for k, v in self.predicted.items()},
             "profile": self.profile.to_dict(),
         }
 
@@ -258,24 +260,30 @@ class HybridPlan:
             )
         d = self.to_dict()["budget"]
         lines.append("")
+        unlimited = d["total"] >= UNLIMITED
         lines.append(
-            f"device budget {format_bytes(d['total'])}: weights {format_bytes(d['resident_weights'])}, "
-            f"KV cache {format_bytes(d['kv_cache'])}, workspace {format_bytes(d['workspace'])}, "
-            f"staging {format_bytes(d['staging'])}, free {format_bytes(d['free'])}"
+            f"device budget {'unlimited' if unlimited else format_bytes(d['total'])}: weights "
+            f"{format_bytes(d['resident_weights'])}, KV cache {format_bytes(d['kv_cache'])}, workspace "
+            f"{format_bytes(d['workspace'])}, staging {format_bytes(d['staging'])}"
+            + ("" if unlimited else f", free {format_bytes(d['free'])}")
         )
         counts = ", ".join(f"{h} {len(self.units_in(h))}" for h in HOMES)
         lines.append(f"units per home: {counts}")
         p = self.predicted
         if p:
             wl = self.workload
-            lines.append(
-                f"predicted prefill ({wl.prompt_tokens} tokens x {wl.batch}): {p['prefill_tok_s']:.1f} tok/s "
-                f"(bound {p['prefill_bound_tok_s']:.1f}, {100 * p['prefill_fraction_of_bound']:.0f}%)"
-            )
-            lines.append(
-                f"predicted decode (batch {wl.batch}): {p['decode_tok_s']:.2f} tok/s "
-                f"(bound {p['decode_bound_tok_s']:.2f}, {100 * p['decode_fraction_of_bound']:.0f}%)"
-            )
+            for phase, what, digits in (
+                ("prefill", f"prefill ({wl.prompt_tokens} tokens x {wl.batch})", 1),
+                ("decode", f"decode (batch {wl.batch})", 2),
+            ):
+                bound = p[f"{phase}_bound_tok_s"]
+                # nothing off the device means no transfer bound to compare with
+                tail = (
+                    f" (bound {bound:.{digits}f}, {100 * p[f'{phase}_fraction_of_bound']:.0f}%)"
+                    if math.isfinite(bound)
+                    else " (everything resident: no PCIe/CPU bound)"
+                )
+                lines.append(f"predicted {what}: {p[f'{phase}_tok_s']:.{digits}f} tok/s{tail}")
         return "\n".join(lines)
 
     __repr__ = __str__
