@@ -298,7 +298,13 @@ def _generate(args) -> int:
     try:
         if args.show_plan:
             print(model.hybrid_plan, file=sys.stderr)
-        return _run_generate(args, model, tokenizer, path)
+        code = _run_generate(args, model, tokenizer, path)
+        if args.trace:
+            # a separate short run: one prefill of the prompt and a few decode steps on the lanes' timeline
+            ids = tokenizer(args.prompt if args.prompt is not None else DEFAULT_PROMPT, return_tensors="pt")
+            written = model.trace(args.trace, ids["input_ids"], max_new_tokens=min(8, args.max_new_tokens))
+            print(f"{PROG}: trace written to {written} (open it at https://ui.perfetto.dev)", file=sys.stderr)
+        return code
     finally:
         model.hybrid.close()
 
@@ -467,6 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: unseeded)")
     gen.add_argument("--show-plan", action="store_true", help="print the placement table to stderr")
+    gen.add_argument(
+        "--trace",
+        default=None,
+        metavar="PATH",
+        help="after generating, record one prefill and up to 8 decode steps as a Chrome/Perfetto trace "
+        "(CPU, PCIe and GPU lanes) at PATH",
+    )
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=_generate)
 

@@ -91,6 +91,27 @@ def test_generate_default_model_streams_text(capsys, smollm2_dir):
 
 
 @needs_smollm2
+def test_generate_trace_writes_a_timeline(capsys, smollm2_dir, tmp_path):
+    trace = tmp_path / "trace.json"
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--gpu-memory",
+        "200MiB",
+        "--max-context",
+        256,
+        "--max-new-tokens",
+        3,
+        "--trace",
+        trace,
+    )
+    assert code == 0 and "Paris" in out
+    assert f"trace written to {trace}" in err
+    lanes = {e["tid"] for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"}
+    assert len(lanes) == 4  # host, CPU lane, PCIe copy, GPU
+
+
+@needs_smollm2
 def test_generate_json_hybrid_path_matches_transformers(capsys, smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
