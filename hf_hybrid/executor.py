@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .errors import ExecutionError
 from .kernels.cpu import PLAIN_METHODS, CpuExpertKernel, fix_thread_count, pick_methods
-from .planner import HostWork, assign_tokens
+from .planner import HostWork, assign_tokens, cpu_lane_time
 from .profile import HardwareProfile
 from .units import CPU, GPU, STREAM, Unit
 
@@ -311,6 +311,9 @@ class Executor:
         self.fault_injector = None  # tests: a callable(lane: str) that may raise
         self.closed = False
         # routing statistics, recorded while ``record_routing`` is on (see ``calibrate``)
+        # measured CPU-lane time / predicted, smoothed: corrects the profile's CPU rate to what this process
+        # really gets (spinning OpenMP threads, a busy machine), so assignment follows the lanes' real speed
+        self.cpu_scale = 1.0
         self.record_routing = False
         self.routed_counts: dict[tuple[int, int], int] = {}
         self.routed_tokens: dict[int, int] = {}
@@ -437,7 +440,9 @@ class Executor:
                 for i in host
             ]
             gpu_busy = sum(group.units[i].nbytes for i in resident) / self.profile.gpu_mem_bw
-            names = assign_tokens(work, self.profile, gpu_busy_s=gpu_busy, mode=self.token_assignment)
+            names = assign_tokens(
+                work, self.profile, gpu_busy_s=gpu_busy, mode=self.token_assignment, cpu_scale=self.cpu_scale
+            )
             if ring is None:
                 names = set()
             streamed = [i for i in host if group.units[i].name in names]
@@ -515,8 +520,25 @@ class Executor:
                 raise exc
             if exc is not None:
                 raise ExecutionError(f"the CPU lane failed in layer {group.layer}: {exc!r}") from exc
-            acc += cpu_future.result().to(dev, non_blocking=True)
+            cpu_out, seconds = cpu_future.result()
+            self._learn_cpu_rate(
+                cpu_lane_time([(group.units[i], counts[i]) for i in on_cpu], self.profile), seconds
+            )
+            acc += cpu_out.to(dev, non_blocking=True)
         return acc.to(hidden.dtype)
+
+    #: smoothing and limits of :attr:`cpu_scale`
+    CPU_SCALE_WEIGHT = 0.2
+    CPU_SCALE_RANGE = (0.25, 8.0)
+    #: jobs predicted shorter than this are dominated by fixed overheads and teach nothing about the rate
+    CPU_SCALE_MIN_JOB_S = 1e-3
+
+    def _learn_cpu_rate(self, predicted_s: float, measured_s: float) -> None:
+        if predicted_s < self.CPU_SCALE_MIN_JOB_S or measured_s <= 0:
+            return
+        lo, hi = self.CPU_SCALE_RANGE
+        ratio = min(hi, max(lo, measured_s / predicted_s))
+        self.cpu_scale += self.CPU_SCALE_WEIGHT * (ratio - self.cpu_scale)
 
     def rehome(self, group: ExpertGroup, i: int, home: str) -> None:
         """Move unit ``i`` of ``group`` to ``home`` (weights cross PCIe once; for re-planning).
@@ -621,7 +643,8 @@ class Executor:
             started = time.perf_counter()
             try:
                 with lanes.host_span("CPU lane", label):
-                    return compute()
+                    result = compute()
+                return result, time.perf_counter() - started
             finally:
                 stats.cpu_lane_s += time.perf_counter() - started
 

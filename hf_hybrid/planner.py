@@ -93,6 +93,13 @@ def cpu_share(profile: HardwareProfile) -> float:
     return max(0.05, min(1.0, profile.cpu_gemv_bw_during_copy / profile.cpu_weight_bw(1)))
 
 
+def cpu_lane_time(units_and_tokens: list[tuple[Unit, int]], profile: HardwareProfile) -> float:
+    """Predicted seconds of one CPU-lane job (as :func:`assign_tokens` costs it, before any correction)."""
+    if not units_and_tokens:
+        return 0.0
+    return CPU_ROUND_TRIP_S + sum(cpu_time(u, n, profile) for u, n in units_and_tokens) / cpu_share(profile)
+
+
 def pcie_share(profile: HardwareProfile) -> float:
     """Fraction of its solo rate the copy lane keeps while the CPU lane reads DRAM."""
     return max(0.05, min(1.0, profile.h2d_bw_during_cpu / profile.h2d_bw))
@@ -126,7 +133,12 @@ class HostWork:
 
 
 def assign_tokens(
-    work: list[HostWork], profile: HardwareProfile, *, gpu_busy_s: float = 0.0, mode: str = "adaptive"
+    work: list[HostWork],
+    profile: HardwareProfile,
+    *,
+    gpu_busy_s: float = 0.0,
+    mode: str = "adaptive",
+    cpu_scale: float = 1.0,
 ) -> set[str]:
     """Decide which host units of one layer step run on the GPU (streamed) rather than on the CPU.
 
@@ -134,7 +146,9 @@ def assign_tokens(
     over two lanes: biggest job first, each to the lane that would finish it earliest, where the
     CPU lane costs :func:`cpu_time` and the GPU side costs the copy (free if ``staged``) on the PCIe lane
     and the compute on the GPU lane. Both lanes are costed at their rates while the other one runs (they
-    share DRAM), and the first CPU job pays the activations' round trip. Returns the names to stream.
+    share DRAM), and the first CPU job pays the activations' round trip. ``cpu_scale`` multiplies the CPU
+    costs: the executor sets it from how long its CPU lane really took against this prediction. Returns
+    the names to stream.
     """
     if mode == "static":
         return {w.name for w in work if w.home == STREAM}
@@ -147,7 +161,7 @@ def assign_tokens(
     pcie_lane = 0.0
     gpu_lane = gpu_busy_s
     costed = []
-    cpu_factor, pcie_factor = 1.0 / cpu_share(profile), 1.0 / pcie_share(profile)
+    cpu_factor, pcie_factor = cpu_scale / cpu_share(profile), 1.0 / pcie_share(profile)
     for w in work:
         unit = Unit(w.name, "expert", None, w.nbytes, w.flops_per_token, HOMES)
         c = cpu_time(unit, w.tokens, profile) * cpu_factor

@@ -1,0 +1,58 @@
+"""Executor details that the end-to-end tests do not pin down."""
+
+from __future__ import annotations
+
+import torch
+
+from hf_hybrid.executor import DeviceLanes, Executor, HostArena, StagingRing, carve, layout_bytes
+from hf_hybrid.planner import HostWork, assign_tokens
+from hf_hybrid.profile import default_profile
+
+MIB = 1024**2
+
+
+def test_cpu_rate_correction_converges_and_is_bounded():
+    ex = Executor(torch.device("cpu"), default_profile("cuda"))
+    for _ in range(60):
+        ex._learn_cpu_rate(predicted_s=0.010, measured_s=0.030)  # the CPU lane is 3x slower than profiled
+    assert abs(ex.cpu_scale - 3.0) < 0.01
+    for _ in range(60):
+        ex._learn_cpu_rate(predicted_s=0.010, measured_s=10.0)
+    assert Executor.CPU_SCALE_RANGE[1] - 1e-3 < ex.cpu_scale <= Executor.CPU_SCALE_RANGE[1]
+    before = ex.cpu_scale
+    ex._learn_cpu_rate(predicted_s=1e-6, measured_s=1.0)  # overhead-dominated jobs are ignored
+    assert ex.cpu_scale == before
+    ex.close()
+
+
+def test_slow_cpu_lane_moves_work_to_the_copy_lane():
+    profile = default_profile("cuda")
+    work = [HostWork(f"e{i}", 1, 336 * MIB, 336 * MIB) for i in range(2)]
+    assert len(assign_tokens(work, profile)) == 1  # balanced: one expert on each side
+    assert len(assign_tokens(work, profile, cpu_scale=8.0)) == 2  # CPU measured 8x slower: stream both
+
+
+def test_staging_ring_reuses_cached_weights_and_evicts_least_recent():
+    lanes = DeviceLanes(torch.device("cpu"))
+    ring = StagingRing(lanes, slot_bytes=1024, slots=2)
+    regions = {name: torch.full((1000,), i, dtype=torch.uint8) for i, name in enumerate("abc")}
+    view, _, cached = ring.fetch("a", regions["a"])
+    assert not cached and torch.equal(view, regions["a"])
+    ring.fetch("b", regions["b"])
+    _, _, cached = ring.fetch("a", regions["a"])
+    assert cached and ring.hits == 1
+    ring.fetch("c", regions["c"])  # evicts b, the least recently used
+    assert "b" not in ring.by_tag and "a" in ring.by_tag
+    assert ring.bytes_copied == 3000
+
+
+def test_host_arena_carves_aligned_typed_views():
+    shapes = [(3, 5), (7,)]
+    arena = HostArena(layout_bytes(shapes, torch.float32), pin=False)
+    region = arena.take(layout_bytes(shapes, torch.float32))
+    a, b = carve(region, shapes, torch.float32)
+    assert a.shape == (3, 5) and b.shape == (7,)
+    assert a.data_ptr() % 64 == 0 and b.data_ptr() % 64 == 0
+    a.fill_(1.0)
+    b.fill_(2.0)
+    assert a.sum() == 15 and b.sum() == 14
