@@ -458,6 +458,20 @@ class Executor:
         if on_cpu:
             cpu_future = self._submit_cpu(group, on_cpu, hidden, flat_weights, rows)
 
+        def on_device(i: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+            self._device_unit(
+                group,
+                i,
+                gate_up,
+                down,
+                hidden,
+                acc,
+                device_rows,
+                device_tokens,
+                flat_weights,
+                starts if group.routed else None,
+            )
+
         try:
             # 4. streamed units: copy (copy lane) then compute (GPU lane), interleaved so slots recycle safely
             for i in streamed:
@@ -467,18 +481,7 @@ class Executor:
                 gate_up, down = carve(view, [gate_up_shape, down_shape], group.dtype)
                 self.lanes.wait(ready)
                 with self.lanes.span("GPU", f"L{group.layer} streamed {i}"):
-                    self._device_unit(
-                        group,
-                        i,
-                        gate_up,
-                        down,
-                        hidden,
-                        acc,
-                        device_rows,
-                        device_tokens,
-                        flat_weights,
-                        starts if group.routed else None,
-                    )
+                    on_device(i, gate_up, down)
                 self.expert_ring.release((group.layer, i))
                 self.stats.streamed_units += 1
                 self.stats.cached_units += int(cached)
@@ -488,18 +491,7 @@ class Executor:
                 self._maybe_fault("gpu")
                 gate_up, down = group.device_weights[i]
                 with self.lanes.span("GPU", f"L{group.layer} resident {i}"):
-                    self._device_unit(
-                        group,
-                        i,
-                        gate_up,
-                        down,
-                        hidden,
-                        acc,
-                        device_rows,
-                        device_tokens,
-                        flat_weights,
-                        starts if group.routed else None,
-                    )
+                    on_device(i, gate_up, down)
                 self.stats.gpu_units += 1
         except BaseException:
             # the step is abandoned: let the CPU lane finish before the error leaves, so no task of this

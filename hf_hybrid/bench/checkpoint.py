@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from ..loading import host_memory_available
 from ..units import format_bytes
 from .scenarios import Scenario, default_cache_dir, get_scenario, make_config, parse_skew, skew_label
 
@@ -164,17 +165,6 @@ def byte_breakdown(model: Any, config: Any) -> dict:
 _SUMMED = ("attention", "router", "experts", "mlp", "norms")
 
 
-def _mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _choose_build_device(device: str | None, nbytes: int) -> str:
     """CUDA when it is there and the model fits in its free memory (fast init, fast save); else the CPU."""
     if device is not None:
@@ -196,7 +186,7 @@ def _check_resources(root: Path, nbytes: int, device: str) -> None:
             "or delete old builds (--cleanup deletes the checkpoint after the run)."
         )
     if device == "cpu":
-        available = _mem_available()
+        available = host_memory_available()
         # the model, plus one 5 GB shard that safetensors serialises in memory
         need_ram = nbytes + min(nbytes, 5 * 10**9) + _GIB
         if available is not None and available < need_ram:
