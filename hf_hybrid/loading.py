@@ -174,11 +174,8 @@ def check_config(directory: Path) -> dict:
 
 
 def _looks_like_path(name: str) -> bool:
-    return (
-        name.startswith((".", "/", "~"))
-        or os.sep in name.strip("/").replace("/", "", 1)
-        or name.count("/") != 1
-    )
+    """A name that can only be a local path: hub ids are ``name`` or ``owner/name``, never more."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or not name.strip()
 
 
 def hub_offline() -> bool:

@@ -91,15 +91,17 @@ def no_network(monkeypatch):
     return attempts
 
 
-def test_unknown_hub_id_offline_fails_fast_without_network(monkeypatch, tmp_path, no_network):
+@pytest.mark.parametrize("repo_id", ["hf-hybrid-tests/no-such-model", "no-such-model-without-owner"])
+def test_unknown_hub_id_offline_fails_fast_without_network(monkeypatch, tmp_path, no_network, repo_id):
     # set after huggingface_hub was imported: hf_hybrid must read it at call time
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # a bare name is a hub id (like "gpt2") unless such a directory exists
     start = time.perf_counter()
     with pytest.raises(WeightsNotFoundError) as info:
-        load("hf-hybrid-tests/no-such-model", cache_dir=tmp_path / "cache")
+        load(repo_id, cache_dir=tmp_path / "cache")
     assert time.perf_counter() - start < 5
     message = str(info.value)
-    assert "hf-hybrid-tests/no-such-model" in message and "HF_HUB_OFFLINE" in message
+    assert repo_id in message and "HF_HUB_OFFLINE" in message
     assert "not in the Hugging Face cache" in message and "local directory" in message
     assert no_network == [], f"offline mode still tried the network: {no_network}"
 
