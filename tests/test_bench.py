@@ -367,3 +367,30 @@ def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "bench"
     monkeypatch.delenv("HF_HYBRID_CACHE")
     assert default_cache_dir() == Path(os.path.expanduser("~/.cache/hf_hybrid/bench"))
+
+
+def test_hf_hybrid_variants_are_measured_on_one_load(cache, tmp_path):
+    json_path = tmp_path / "variants.json"
+    record = run_bench(
+        "tiny-moe",
+        skew="zipf",
+        engines="hf_hybrid",
+        variants="stream,cpu,calibrated",
+        cache_dir=cache,
+        json_path=json_path,
+        device="cpu",
+        progress=False,
+        print_table=False,
+    )
+    engines = [row["engine"] for row in record["rows"]]
+    assert engines == ["hf_hybrid", "hf_hybrid[stream]", "hf_hybrid[cpu]", "hf_hybrid[calibrated]"]
+    base, stream, cpu, calibrated = record["rows"]
+    for row in record["rows"]:
+        assert row["status"] == "ok", row.get("error")
+        assert row["generated_tokens"] == base["new_tokens"]
+    assert stream["lanes"]["cpu_units"] == 0 and stream["lanes"]["streamed_units"] > 0
+    assert cpu["lanes"]["streamed_units"] == 0 and cpu["lanes"]["cpu_units"] > 0
+    assert calibrated["plan"]["predicted"] == calibrated["predicted"]
+    assert "hf_hybrid[calibrated]" in record["table"]
+    with pytest.raises(ValueError, match="unknown variant"):
+        run_bench("tiny-moe", engines="hf_hybrid", variants="warp", cache_dir=cache, device="cpu")

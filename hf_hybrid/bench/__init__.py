@@ -176,6 +176,15 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         ),
     )
     parser.add_argument(
+        "--variants",
+        default=None,
+        help=(
+            "comma-separated extra hf_hybrid rows measured on the same loaded model: token-assignment modes "
+            "(stream, static, cpu, adaptive) and 'calibrated' (model.calibrate on 8 random prompts, then "
+            "measured again); each adds a row 'hf_hybrid[variant]'"
+        ),
+    )
+    parser.add_argument(
         "--build-only", action="store_true", help="build (or find) the checkpoint, print its path and stop"
     )
 
@@ -234,6 +243,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             cleanup=args.cleanup,
             profile=args.profile,
             routing_stats=args.routing_stats,
+            variants=args.variants,
             repeats=args.repeats,
             command=shlex.join(["hf-hybrid", "bench", *_argv_after_bench()]),
         )

@@ -182,6 +182,13 @@ def resolve_settings(scenario: str | Scenario, **options: Any) -> BenchSettings:
     settings.extra["progress"] = bool(options.pop("progress", True))
     settings.extra["routing_stats"] = bool(options.pop("routing_stats", False))
     settings.extra["print_table"] = bool(options.pop("print_table", True))
+    variants = options.pop("variants", None) or ()
+    if isinstance(variants, str):
+        variants = [v.strip() for v in variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+    settings.extra["variants"] = list(variants)
     if options:
         raise TypeError(f"unknown option(s) for run_bench: {', '.join(sorted(options))}")
     if not settings.command:
@@ -690,6 +697,8 @@ def run_engine(engine: str, path: Path, settings: BenchSettings, ids: torch.Tens
         row.update(extra)
         _log(f"{engine}: loaded in {row['load_s']:.1f} s; measuring")
         device = _input_device(model, engine, settings)
+        if engine == "hf_hybrid":
+            model.hybrid.executor.stats.reset()  # count the measurement, not the load
         row.update(measure_generate(model, ids[:, :prompt].to(device), new_tokens, settings.repeats))
         if row.get("generated_tokens") != new_tokens:
             row["warning"] = f"generated {row.get('generated_tokens')} tokens instead of {new_tokens}"
@@ -698,6 +707,9 @@ def run_engine(engine: str, path: Path, settings: BenchSettings, ids: torch.Tens
         plan = row.get("plan")
         if isinstance(plan, dict) and isinstance(plan.get("predicted"), dict):
             row["predicted"] = plan["predicted"]
+        if engine == "hf_hybrid":
+            row["lanes"] = _lane_stats(model)
+            row["variant_rows"] = _measure_variants(model, ids[:, :prompt].to(device), row, settings)
     except EngineSkipped as exc:
         row.update(status="skipped", reason=str(exc))
         _log(f"{engine}: skipped: {exc}")
@@ -718,6 +730,52 @@ def run_engine(engine: str, path: Path, settings: BenchSettings, ids: torch.Tens
         model = None
         _free()
     return row
+
+
+#: What ``--variants`` may name: token-assignment modes measured on the already loaded hf_hybrid model,
+#: and "calibrated" (``model.calibrate`` on random prompts, then measured again).
+VARIANTS = ("stream", "static", "cpu", "adaptive", "calibrated")
+
+
+def _lane_stats(model: Any) -> dict | None:
+    """The executor's counters summed over the measurement calls, with the CPU lane's achieved weight rate."""
+    executor = getattr(getattr(model, "hybrid", None), "executor", None)
+    stats = getattr(executor, "stats", None)
+    if stats is None:
+        return None
+    out = {name: getattr(stats, name) for name in stats.__dataclass_fields__}
+    out["cpu_lane_GBps"] = stats.cpu_bytes / stats.cpu_lane_s / 1e9 if stats.cpu_lane_s else None
+    out["cpu_scale"] = getattr(executor, "cpu_scale", None)
+    return out
+
+
+def _measure_variants(model: Any, ids: torch.Tensor, base: dict, settings: BenchSettings) -> list[dict]:
+    """Rows for each ``--variants`` entry, measured on the loaded model (no reload: a few seconds each)."""
+    rows = []
+    executor = model.hybrid.executor
+    default_mode = executor.token_assignment
+    for variant in settings.extra.get("variants") or ():
+        row = {key: base[key] for key in ("batch", "prompt", "new_tokens")}
+        row.update(engine=f"hf_hybrid[{variant}]", status="ok")
+        try:
+            if variant == "calibrated":
+                executor.token_assignment = default_mode
+                texts = [_random_prompt(model.config.vocab_size, 1, min(256, ids.shape[1]), 1000 + i)[0]
+                         for i in range(8)]  # fmt: skip
+                model.calibrate(texts)
+                row["plan"] = model.hybrid_plan.to_dict()
+                row["predicted"] = row["plan"]["predicted"]
+            else:
+                executor.token_assignment = variant
+            executor.stats.reset()
+            row.update(measure_generate(model, ids, base["new_tokens"], settings.repeats))
+            row["lanes"] = _lane_stats(model)
+        except Exception as exc:  # noqa: BLE001 - a failing variant is a row, not an aborted run
+            row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
+        finally:
+            executor.token_assignment = default_mode
+        rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -836,7 +894,7 @@ def _bounds_for(
     plan: dict | None,
     hybrid_counts: tuple | None,
 ) -> dict | None:
-    if row["engine"] not in ("hf_hybrid", "accelerate"):
+    if not (row["engine"].startswith("hf_hybrid") or row["engine"] == "accelerate"):
         return None  # all-on-GPU and all-on-CPU are not limited by moving weights off the GPU
     bounds = compute_bounds(meta, profile, settings.budget_bytes, row["prompt"], settings.batch, plan)
     predicted = (plan or {}).get("predicted") if isinstance(plan, dict) else None
@@ -920,7 +978,11 @@ def run_bench(scenario: str, **options: Any) -> dict:
     longest = max(settings.prompt, settings.baseline_prompt)
     ids = _random_prompt(vocab, settings.batch, longest, settings.seed)
 
-    rows = [run_engine(engine, path, settings, ids) for engine in settings.engines]
+    rows = []
+    for engine in settings.engines:
+        row = run_engine(engine, path, settings, ids)
+        rows.append(row)
+        rows.extend(row.pop("variant_rows", None) or [])
     hybrid = next((r for r in rows if r["engine"] == "hf_hybrid" and r["status"] == "ok"), None)
     profile, profile_source = load_profile(settings.device, settings.profile, (hybrid or {}).get("plan"))
     _finish_rows(rows, meta, profile, settings)
