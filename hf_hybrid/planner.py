@@ -679,7 +679,12 @@ def layer_time(
         if unit_times is not None:
             unit_times[u.name] = used * home_time(u, home, max(n, 1), profile)
         if home == GPU:
-            gpu_lane += used * gpu_time(u, max(n, 1), profile)
+            if u.is_expert_like:
+                gpu_lane += used * gpu_time(u, max(n, 1), profile)
+            else:
+                # attention, router, norms and shared experts run before the routed experts of their layer
+                # are known: they cannot overlap with this layer's expert lanes
+                serial += used * gpu_time(u, max(n, 1), profile)
             continue
         host_bytes += used * u.nbytes
         if u.is_expert_like:
