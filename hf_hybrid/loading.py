@@ -540,7 +540,6 @@ def load_weights(
     base = model.model
     moe_layers = {i for i, layer in enumerate(base.layers) if getattr(layer.mlp, "experts", None) is not None}
     model_to_ckpt = {adapter.to_model_key(k): k for k in reader.keys()}
-    units_by_name = {u.name: u for u in plan.units}
 
     # group module-tree params by unit
     by_unit: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
@@ -596,7 +595,6 @@ def load_weights(
     for name, param in model.named_parameters():
         if param.device.type == "meta":
             raise CheckpointError(f"{name} was not loaded from the checkpoint")
-    del units_by_name
     return result
 
 
