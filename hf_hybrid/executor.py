@@ -29,11 +29,16 @@ import torch.nn.functional as F
 
 from .errors import ExecutionError
 from .kernels.cpu import PLAIN_METHODS, CpuExpertKernel, fix_thread_count, pick_methods
-from .planner import HostWork, assign_tokens, cpu_lane_time
+from .planner import HostWork, assign_tokens, cpu_lane_time, split_fraction
 from .profile import HardwareProfile
 from .units import CPU, GPU, STREAM, Unit
 
 ALIGN = 64  # bytes; keeps every carved tensor aligned for vector loads and oneDNN
+#: Token-assignment policies (see :func:`hf_hybrid.planner.assign_tokens`; "split" adds row splits).
+TOKEN_ASSIGNMENTS = ("adaptive", "static", "cpu", "stream", "split")
+#: "split" divides a host expert between the lanes only in steps this small (decode); bigger steps
+#: assign whole experts, where the GPU's compute advantage dominates.
+SPLIT_MAX_TOKENS = 16
 
 
 def align(n: int) -> int:
@@ -199,29 +204,41 @@ class StagingRing:
         self.misses = 0
         self.bytes_copied = 0
 
-    def fetch(self, tag: object, host_region: torch.Tensor) -> tuple[torch.Tensor, object, bool]:
-        """Make ``host_region`` available on the device; returns (slot bytes view, ready event, was cached)."""
-        if host_region.numel() > self.slot_bytes:
-            raise ExecutionError(
-                f"staging slot of {self.slot_bytes} B is too small for {tag} ({host_region.numel()} B)"
-            )
+    def fetch(
+        self, tag: object, host_region: torch.Tensor | list[torch.Tensor]
+    ) -> tuple[torch.Tensor, object, bool]:
+        """Make ``host_region`` available on the device; returns (slot bytes view, ready event, was cached).
+
+        A list of regions is laid out back to back at aligned offsets (as :func:`carve` reads them), one
+        copy each: how a row range of an expert that is not contiguous on the host crosses PCIe.
+        """
+        parts = host_region if isinstance(host_region, list) else [host_region]
+        total = sum(align(p.numel()) for p in parts[:-1]) + parts[-1].numel()
+        if total > self.slot_bytes:
+            raise ExecutionError(f"staging slot of {self.slot_bytes} B is too small for {tag} ({total} B)")
         index = self.by_tag.get(tag)
         if index is not None:
             self.lru.move_to_end(index)
             self.hits += 1
             slot = self.slots[index]
-            return slot.buffer[: host_region.numel()], slot.ready, True
+            return slot.buffer[:total], slot.ready, True
         index = next(iter(self.lru))
         self.lru.move_to_end(index)
         slot = self.slots[index]
         if slot.tag is not None:
             self.by_tag.pop(slot.tag, None)
-        view = slot.buffer[: host_region.numel()]
-        slot.ready = self.lanes.copy_into(view, host_region, wait_for=slot.free, label=_label(tag))
+        view = slot.buffer[:total]
+        offset = 0
+        for part in parts:
+            # every part waits for the slot's last reader; the copy stream keeps them in order
+            slot.ready = self.lanes.copy_into(
+                view[offset : offset + part.numel()], part, wait_for=slot.free, label=_label(tag)
+            )
+            offset = align(offset + part.numel())
         slot.tag = tag
         self.by_tag[tag] = index
         self.misses += 1
-        self.bytes_copied += host_region.numel()
+        self.bytes_copied += sum(p.numel() for p in parts)
         return view, slot.ready, False
 
     def release(self, tag: object) -> None:
@@ -272,6 +289,7 @@ class StepStats:
     cpu_bytes: int = 0  # weight bytes the CPU lane read
     join_wait_s: float = 0.0  # time the feeding thread slept waiting for the CPU lane
     groups: int = 0  # expert groups run (layer steps)
+    split_units: int = 0  # units whose rows were split between the CPU lane and the copy lane
 
     def reset(self) -> None:
         """Zero every counter."""
@@ -298,8 +316,8 @@ class Executor:
         self.lanes = DeviceLanes(device)
         self.expert_ring = StagingRing(self.lanes, *expert_slots) if expert_slots else None
         self.module_ring = StagingRing(self.lanes, *module_slots) if module_slots else None
-        if token_assignment not in ("adaptive", "static", "cpu", "stream"):
-            raise ValueError("token_assignment must be 'adaptive', 'static', 'cpu' or 'stream'")
+        if token_assignment not in TOKEN_ASSIGNMENTS:
+            raise ValueError(f"token_assignment must be one of {', '.join(TOKEN_ASSIGNMENTS)}")
         self.token_assignment = token_assignment
         self.cpu_threads = cpu_threads
         self.cpu_methods: dict[int, str] | str = cpu_methods
@@ -426,6 +444,7 @@ class Executor:
         # 2. token assignment: which host units run on the CPU, which are streamed to the GPU
         streamed: list[int] = []
         on_cpu: list[int] = []
+        split: dict[int, int] = {}  # unit -> intermediate rows [0, r) the CPU lane computes
         if host:
             ring = self.expert_ring
             work = [
@@ -439,24 +458,34 @@ class Executor:
                 )
                 for i in host
             ]
+            if self.token_assignment == "split" and ring is not None:
+                split = self._choose_splits(group, host, counts, work)
+                work = [w for i, w in zip(host, work) if i not in split]
             gpu_busy = sum(group.units[i].nbytes for i in resident) / self.profile.gpu_mem_bw
+            mode = "adaptive" if self.token_assignment == "split" else self.token_assignment
             names = assign_tokens(
-                work, self.profile, gpu_busy_s=gpu_busy, mode=self.token_assignment, cpu_scale=self.cpu_scale
+                work, self.profile, gpu_busy_s=gpu_busy, mode=mode, cpu_scale=self.cpu_scale
             )
             if ring is None:
                 names = set()
-            streamed = [i for i in host if group.units[i].name in names]
-            on_cpu = [i for i in host if group.units[i].name not in names]
+            streamed = [i for i in host if i not in split and group.units[i].name in names]
+            on_cpu = [i for i in host if i not in split and group.units[i].name not in names]
 
         acc = torch.zeros(tokens, width, dtype=torch.float32, device=dev)
-        device_rows = order.to(dev, non_blocking=True) if group.routed and (resident or streamed) else None
+        device_rows = (
+            order.to(dev, non_blocking=True) if group.routed and (resident or streamed or split) else None
+        )
         device_tokens = token_of.to(dev, non_blocking=True) if device_rows is not None else None
         flat_weights = top_k_weights.reshape(-1) if group.routed else None
 
         # 3. CPU lane first, so it starts while the GPU lane and the copies are issued
         cpu_future: Future | None = None
+        split_future: Future | None = None
+        host_inputs = None
+        if on_cpu or split:
+            host_inputs = self._host_inputs(hidden, flat_weights)
         if on_cpu:
-            cpu_future = self._submit_cpu(group, on_cpu, hidden, flat_weights, rows)
+            cpu_future = self._submit_cpu(group, on_cpu, hidden, host_inputs, rows)
 
         def on_device(i: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
             self._device_unit(
@@ -486,6 +515,23 @@ class Executor:
                 self.stats.streamed_units += 1
                 self.stats.cached_units += int(cached)
 
+            # 4b. split units: the copy lane brings gate/up rows [r, I), the GPU computes their activations,
+            # which return to the CPU lane; it adds rows [0, r) and the whole down projection
+            if split:
+                halves = [
+                    (
+                        i,
+                        r,
+                        self._split_gpu_half(
+                            group, i, r, hidden, device_tokens, starts if group.routed else None
+                        ),
+                    )
+                    for i, r in split.items()
+                ]
+                split_future = self._submit_split(
+                    group, halves, hidden, host_inputs, rows, self.lanes.record()
+                )
+
             # 5. resident units on the GPU lane
             for i in resident:
                 self._maybe_fault("gpu")
@@ -496,8 +542,9 @@ class Executor:
         except BaseException:
             # the step is abandoned: let the CPU lane finish before the error leaves, so no task of this
             # step still writes the shared buffers when the next call starts
-            if cpu_future is not None:
-                wait_futures([cpu_future])
+            for future in (cpu_future, split_future):
+                if future is not None:
+                    wait_futures([future])
             raise
 
         # 6. join the CPU lane (the main thread sleeps on the future, it does not spin)
@@ -517,6 +564,15 @@ class Executor:
                 cpu_lane_time([(group.units[i], counts[i]) for i in on_cpu], self.profile), seconds
             )
             acc += cpu_out.to(dev, non_blocking=True)
+        if split_future is not None:
+            with self.lanes.host_span("host", f"L{group.layer} wait for CPU lane (split)"):
+                wait_futures([split_future])
+            exc = split_future.exception()
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise exc
+            if exc is not None:
+                raise ExecutionError(f"the CPU lane failed in layer {group.layer}: {exc!r}") from exc
+            acc += split_future.result()[0].to(dev, non_blocking=True)
         return acc.to(hidden.dtype)
 
     #: smoothing and limits of :attr:`cpu_scale`
@@ -602,19 +658,88 @@ class Executor:
             extra += self._cpu_kernel(g, i).extra_bytes
         return extra
 
-    def _submit_cpu(self, group, on_cpu, hidden, flat_weights, rows) -> Future:
+    def _host_inputs(self, hidden, flat_weights) -> tuple:
+        """(activations, routing weights, arrival event) on the host for the CPU lane."""
+        if not self.lanes.is_cuda:
+            return hidden, flat_weights, None
+        # activations cross PCIe in reusable pinned buffers, asynchronously on the GPU lane
+        x_host = self.pinned("x", tuple(hidden.shape), hidden.dtype)
+        x_host.copy_(hidden, non_blocking=True)
+        w_host = None
+        if flat_weights is not None:
+            w_host = self.pinned("w", tuple(flat_weights.shape), flat_weights.dtype)
+            w_host.copy_(flat_weights, non_blocking=True)
+        return x_host, w_host, self.lanes.record()
+
+    def _choose_splits(self, group, host, counts, work) -> dict[int, int]:
+        """Host units of a small step to divide between the lanes, with the CPU lane's share of rows."""
+        fraction = split_fraction(self.profile, self.cpu_scale)
+        split = {}
+        for i, w in zip(host, work):
+            inter = group.shapes[i][0][0] // 2
+            rows_on_cpu = round(fraction * inter)
+            if counts[i] <= SPLIT_MAX_TOKENS and not w.staged and 0 < rows_on_cpu < inter:
+                split[i] = rows_on_cpu
+        return split
+
+    def _split_gpu_half(self, group, i, r, hidden, device_tokens, starts) -> torch.Tensor:
+        """Stream gate/up rows [r, I) of unit i, compute their activations, start them towards the host."""
+        gate_up_host, _ = group.host_weights[i]
+        inter, width = gate_up_host.shape[0] // 2, gate_up_host.shape[1]
+        parts = [gate_up_host[r:inter], gate_up_host[inter + r :]]
+        tag = (group.layer, i, r)
+        view, ready, cached = self.expert_ring.fetch(tag, [p.view(torch.uint8).reshape(-1) for p in parts])
+        gate, up = carve(view, [(inter - r, width), (inter - r, width)], group.dtype)
+        self.lanes.wait(ready)
+        with self.lanes.span("GPU", f"L{group.layer} split {i} rows {r}:{inter}"):
+            x = hidden[device_tokens[starts[i] : starts[i + 1]]] if group.routed else hidden
+            half = group.act_fn(F.linear(x, gate)) * F.linear(x, up)
+            if self.lanes.is_cuda:
+                host_half = self.pinned(f"split{i}", tuple(half.shape), half.dtype)
+                host_half.copy_(half, non_blocking=True)
+                half = host_half
+        self.expert_ring.release(tag)
+        self.stats.split_units += 1
+        self.stats.cached_units += int(cached)
+        return half
+
+    def _submit_split(self, group, halves, hidden, host_inputs, rows, halves_arrived) -> Future:
+        """The CPU lane's part of split units: rows [0, r) of gate/up, then the whole down projection."""
+        x_host, w_host, arrived = host_inputs
+        out = self.pinned("split_out", tuple(hidden.shape), torch.float32)
+        jobs = [(group.host_weights[i], r, half, rows(i)) for i, r, half in halves]
+        act = group.act_fn
+        lanes, stats, injector = self.lanes, self.stats, self.fault_injector
+        stats.cpu_bytes += sum(gu[:r].nbytes * 2 + down.nbytes for (gu, down), r, _, _ in jobs)
+
+        def split_lane():
+            if injector is not None:
+                injector("cpu")
+            if arrived is not None:
+                arrived.synchronize()
+            started = time.perf_counter()
+            with lanes.host_span("CPU lane", f"L{group.layer} split units"), torch.inference_mode():
+                out.zero_()
+                for (gate_up, down), r, half, routed_rows in jobs:
+                    inter = gate_up.shape[0] // 2
+                    xs = x_host if routed_rows is None else x_host[routed_rows[0]]
+                    mine = act(F.linear(xs, gate_up[:r])) * F.linear(xs, gate_up[inter : inter + r])
+                    halves_arrived.synchronize()  # the GPU's rows of the activations are in pinned memory
+                    y = F.linear(torch.cat([mine, half], dim=1), down)
+                    if routed_rows is None:
+                        out.add_(y.float())
+                    else:
+                        tok, sel = routed_rows
+                        out.index_add_(0, tok, (y * w_host[sel, None]).float())
+            seconds = time.perf_counter() - started
+            stats.cpu_lane_s += seconds
+            return out, seconds
+
+        return self.worker.submit(split_lane)
+
+    def _submit_cpu(self, group, on_cpu, hidden, host_inputs, rows) -> Future:
         tokens, width = hidden.shape
-        if self.lanes.is_cuda:
-            # activations cross PCIe in reusable pinned buffers, asynchronously on the GPU lane
-            x_host = self.pinned("x", (tokens, width), hidden.dtype)
-            x_host.copy_(hidden, non_blocking=True)
-            w_host = None
-            if flat_weights is not None:
-                w_host = self.pinned("w", tuple(flat_weights.shape), flat_weights.dtype)
-                w_host.copy_(flat_weights, non_blocking=True)
-            arrived = self.lanes.record()
-        else:
-            x_host, w_host, arrived = hidden, flat_weights, None
+        x_host, w_host, arrived = host_inputs
         out = self.pinned("cpu_out", (tokens, width), torch.float32)
         kernels = [self._cpu_kernel(group, i) for i in on_cpu]
         row_lists = [rows(i) for i in on_cpu]

@@ -454,7 +454,9 @@ class HybridModelForCausalLM:
             workload: the prompt length / new tokens / batch the plan optimises for.
             placement: force homes, ``{"layers.*.experts.0": "gpu", "layers.1.attention": "stream"}``.
             token_assignment: ``"adaptive"`` (cost model per layer step), ``"static"`` (by home),
-                ``"cpu"`` or ``"stream"`` (all host units one way).
+                ``"cpu"`` or ``"stream"`` (all host units one way), ``"split"`` (adaptive, and in decode
+                steps each host expert's rows are divided between the CPU lane and the copy lane so both
+                finish together; not yet measured on a GPU, hence not the default).
             profile: a :class:`HardwareProfile`, ``"auto"`` (cached measurement on CUDA), ``"measure"``,
                 ``"default"``.
             routing_stats: per-expert routing frequencies (``{"layers.0.experts.3": 0.4}``) to weight placement.

@@ -100,6 +100,18 @@ def cpu_lane_time(units_and_tokens: list[tuple[Unit, int]], profile: HardwarePro
     return CPU_ROUND_TRIP_S + sum(cpu_time(u, n, profile) for u, n in units_and_tokens) / cpu_share(profile)
 
 
+def split_fraction(profile: HardwareProfile, cpu_scale: float = 1.0) -> float:
+    """Share of an expert's intermediate rows the CPU lane takes when one expert is split between lanes.
+
+    The CPU lane reads gate/up rows [0, r) and the whole down projection ((2f + 1) thirds of the expert),
+    the copy lane brings gate/up rows [r, I) (2(1 - f) thirds); both finish together when
+    (2f + 1) / c = 2 (1 - f) / p, with c and p the lanes' rates while both run.
+    """
+    c = profile.cpu_gemv_bw_during_copy / cpu_scale
+    p = profile.h2d_bw_during_cpu
+    return max(0.0, min(1.0, (2 * c - p) / (2 * (c + p))))
+
+
 def pcie_share(profile: HardwareProfile) -> float:
     """Fraction of its solo rate the copy lane keeps while the CPU lane reads DRAM."""
     return max(0.05, min(1.0, profile.h2d_bw_during_cpu / profile.h2d_bw))
@@ -150,6 +162,8 @@ def assign_tokens(
     costs: the executor sets it from how long its CPU lane really took against this prediction. Returns
     the names to stream.
     """
+    if mode not in ("adaptive", "split", "static", "cpu", "stream"):
+        raise ValueError(f"unknown token assignment mode {mode!r}")
     if mode == "static":
         return {w.name for w in work if w.home == STREAM}
     if mode == "cpu":

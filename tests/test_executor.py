@@ -56,3 +56,28 @@ def test_host_arena_carves_aligned_typed_views():
     a.fill_(1.0)
     b.fill_(2.0)
     assert a.sum() == 15 and b.sum() == 14
+
+
+def test_split_mode_fault_in_cpu_lane_surfaces_and_model_recovers(tiny_checkpoints):
+    import pytest
+    from test_exactness import load_pair, prompt
+
+    from hf_hybrid import ExecutionError
+
+    ref, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral", torch.float32, token_assignment="split")
+    ids = prompt(batch=1, seed=4)
+    want = ref.generate(ids, max_new_tokens=6, do_sample=False)
+    calls = {"n": 0}
+
+    def fail_on_third(lane):
+        if lane == "cpu":
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("injected")
+
+    hybrid.hybrid.executor.fault_injector = fail_on_third
+    with pytest.raises(ExecutionError, match="CPU lane"):
+        hybrid.generate(ids, max_new_tokens=6, do_sample=False)
+    hybrid.hybrid.executor.fault_injector = None
+    assert torch.equal(hybrid.generate(ids, max_new_tokens=6, do_sample=False), want)
+    assert hybrid.hybrid.executor.stats.split_units > 0

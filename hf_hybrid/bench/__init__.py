@@ -180,7 +180,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=(
             "comma-separated extra hf_hybrid rows measured on the same loaded model: token-assignment modes "
-            "(stream, static, cpu, adaptive) and 'calibrated' (model.calibrate on 8 random prompts, then "
+            "(stream, static, cpu, adaptive, split) and 'calibrated' (model.calibrate on 8 random prompts, then "
             "measured again); each adds a row 'hf_hybrid[variant]'"
         ),
     )

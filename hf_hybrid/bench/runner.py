@@ -734,7 +734,7 @@ def run_engine(engine: str, path: Path, settings: BenchSettings, ids: torch.Tens
 
 #: What ``--variants`` may name: token-assignment modes measured on the already loaded hf_hybrid model,
 #: and "calibrated" (``model.calibrate`` on random prompts, then measured again).
-VARIANTS = ("stream", "static", "cpu", "adaptive", "calibrated")
+VARIANTS = ("stream", "static", "cpu", "adaptive", "split", "calibrated")
 
 
 def _lane_stats(model: Any) -> dict | None:
