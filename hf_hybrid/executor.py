@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ExecutionError
-from .kernels.cpu import PLAIN_METHODS, CpuExpertKernel, fix_thread_count, pick_methods
+from .kernels.cpu import PLAIN_METHODS, CpuExpertKernel, fix_thread_count, pick_methods, plain_linear
 from .planner import HostWork, assign_tokens, cpu_lane_time, split_fraction
 from .profile import HardwareProfile
 from .units import CPU, GPU, STREAM, Unit
@@ -708,7 +708,7 @@ class Executor:
         x_host, w_host, arrived = host_inputs
         out = self.pinned("split_out", tuple(hidden.shape), torch.float32)
         jobs = [(group.host_weights[i], r, half, rows(i)) for i, r, half in halves]
-        act = group.act_fn
+        act, linear, methods = group.act_fn, plain_linear, self.plain_cpu_methods
         lanes, stats, injector = self.lanes, self.stats, self.fault_injector
         stats.cpu_bytes += sum(gu[:r].nbytes * 2 + down.nbytes for (gu, down), r, _, _ in jobs)
 
@@ -723,9 +723,11 @@ class Executor:
                 for (gate_up, down), r, half, routed_rows in jobs:
                     inter = gate_up.shape[0] // 2
                     xs = x_host if routed_rows is None else x_host[routed_rows[0]]
-                    mine = act(F.linear(xs, gate_up[:r])) * F.linear(xs, gate_up[inter : inter + r])
+                    mine = act(linear(xs, gate_up[:r], methods)) * linear(
+                        xs, gate_up[inter : inter + r], methods
+                    )
                     halves_arrived.synchronize()  # the GPU's rows of the activations are in pinned memory
-                    y = F.linear(torch.cat([mine, half], dim=1), down)
+                    y = linear(torch.cat([mine, half], dim=1), down, methods)
                     if routed_rows is None:
                         out.add_(y.float())
                     else:

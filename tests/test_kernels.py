@@ -153,3 +153,16 @@ def test_worker_thread_call():
         results = [f.result() for f in [pool.submit(work) for _ in range(4)]]
     for y in results:
         assert torch.equal(y, expected)
+
+
+def test_plain_linear_dispatches_by_token_count():
+    from hf_hybrid.kernels.cpu import plain_linear
+
+    torch.manual_seed(0)
+    weight = torch.randn(24, 16)
+    for tokens in (1, 3, 40):
+        x = torch.randn(tokens, 16)
+        assert torch.equal(plain_linear(x, weight), F.linear(x, weight))
+        torch.testing.assert_close(plain_linear(x, weight, "matmul_t"), F.linear(x, weight))
+        table = {1: "linear", 16: "matmul_t"}
+        torch.testing.assert_close(plain_linear(x, weight, table), F.linear(x, weight))

@@ -91,6 +91,24 @@ def fix_thread_count(threads: int) -> None:
     _thread_state.fixed = True
 
 
+def plain_linear(x: Tensor, weight: Tensor, methods: Mapping[int, str] | str = "linear") -> Tensor:
+    """``x @ weight.T`` with the plain method chosen for ``x``'s token count (no packed copy needed).
+
+    For row ranges of an expert (a split between lanes), which have no packed copy of their own.
+    """
+    method = methods if isinstance(methods, str) else _nearest(methods, x.shape[0])
+    _sync_threads()
+    if method == "matmul_t":
+        return x @ weight.t()
+    return F.linear(x, weight)
+
+
+def _nearest(table: Mapping[int, str], tokens: int) -> str:
+    keys = sorted(table)
+    i = bisect.bisect_left(keys, tokens)
+    return table[keys[min(i, len(keys) - 1)]]
+
+
 def _packed_linear(x: Tensor, packed: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
