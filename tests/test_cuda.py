@@ -105,3 +105,48 @@ def test_cuda_cpu_lane_fault_leaves_model_usable(tiny_checkpoints):
         hybrid.generate(ids, max_new_tokens=6, do_sample=False)
     hybrid.hybrid.executor.fault_injector = None
     assert torch.equal(hybrid.generate(ids, max_new_tokens=6, do_sample=False), want)
+
+
+def test_cuda_soak_memory_is_flat(tiny_checkpoints, capsys):
+    """2,000 decode steps and 50 generate calls on the GPU path: device and pinned memory stay flat.
+
+    Prints the figures (run with ``-s`` to see them) so a GPU session can record them.
+    """
+    import gc
+    import threading
+
+    _, hybrid = _pair(tiny_checkpoints["mixtral"], "mixtral", torch.float32, mode="adaptive")
+    executor = hybrid.hybrid.executor
+    long_ids, short_ids = prompt(batch=1, length=4, seed=1).cuda(), prompt(batch=1, length=12, seed=2).cuda()
+
+    def run(ids, new):
+        return hybrid.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+
+    first, short = run(long_ids, 55), run(short_ids, 3)
+    gc.collect()
+    torch.cuda.synchronize()
+    allocated0 = torch.cuda.memory_allocated()
+    pinned0 = sum(b.numel() * b.element_size() for b in executor._pinned.values())
+    threads0 = threading.active_count()
+    torch.cuda.reset_peak_memory_stats()
+    steps = calls = 0
+    for i in range(35):
+        out = run(long_ids, 55)
+        assert torch.equal(out, first)
+        steps += 55
+        calls += 1
+        if i < 15:
+            assert torch.equal(run(short_ids, 3), short)
+            calls += 1
+    gc.collect()
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    pinned = sum(b.numel() * b.element_size() for b in executor._pinned.values())
+    assert steps >= 1900 and calls == 50
+    assert allocated - allocated0 < 1024**2, (allocated0, allocated)
+    assert pinned == pinned0 and threading.active_count() <= threads0
+    with capsys.disabled():
+        print(
+            f"\nsoak: {steps} decode steps, {calls} calls; device allocated {allocated0} -> {allocated} B "
+            f"(peak {torch.cuda.max_memory_allocated()} B); pinned buffers {pinned0} -> {pinned} B"
+        )
