@@ -130,19 +130,19 @@ def test_cuda_soak_memory_is_flat(tiny_checkpoints, capsys):
     threads0 = threading.active_count()
     torch.cuda.reset_peak_memory_stats()
     steps = calls = 0
-    for i in range(35):
+    for i in range(37):
         out = run(long_ids, 55)
         assert torch.equal(out, first)
         steps += 55
         calls += 1
-        if i < 15:
+        if i < 13:
             assert torch.equal(run(short_ids, 3), short)
             calls += 1
     gc.collect()
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_allocated()
     pinned = sum(b.numel() * b.element_size() for b in executor._pinned.values())
-    assert steps >= 1900 and calls == 50
+    assert steps >= 2000 and calls == 50
     assert allocated - allocated0 < 1024**2, (allocated0, allocated)
     assert pinned == pinned0 and threading.active_count() <= threads0
     with capsys.disabled():
