@@ -75,7 +75,7 @@ def test_parse_skew():
 
 
 def test_full_size_byte_counts_from_meta_model():
-    """S1 is the 22.1 GiB checkpoint the brief names (checked on the meta device: no memory used)."""
+    """S1 is the 22.1 GiB headline checkpoint (checked on the meta device: no memory used)."""
     config = checkpoint_mod.make_config("S1")
     info = checkpoint_mod.byte_breakdown(checkpoint_mod._meta_model(config), config)
     assert abs(info["total"] / 1024**3 - 22.1) < 0.05

@@ -110,7 +110,7 @@ def test_cuda_cpu_lane_fault_leaves_model_usable(tiny_checkpoints):
 def test_cuda_soak_memory_is_flat(tiny_checkpoints, capsys):
     """2,000 decode steps and 50 generate calls on the GPU path: device and pinned memory stay flat.
 
-    Prints the figures (run with ``-s`` to see them) so a GPU session can record them.
+    Prints the figures (run with ``-s`` to see them) for the benchmark record.
     """
     import gc
     import threading
