@@ -290,6 +290,7 @@ class StepStats:
     join_wait_s: float = 0.0  # time the feeding thread slept waiting for the CPU lane
     groups: int = 0  # expert groups run (layer steps)
     split_units: int = 0  # units whose rows were split between the CPU lane and the copy lane
+    prefetched_units: int = 0  # next-layer units copied ahead during a prefill step
 
     def reset(self) -> None:
         """Zero every counter."""
@@ -332,6 +333,7 @@ class Executor:
         # measured CPU-lane time / predicted, smoothed: corrects the profile's CPU rate to what this process
         # really gets (spinning OpenMP threads, a busy machine), so assignment follows the lanes' real speed
         self.cpu_scale = 1.0
+        self.groups: dict[int, ExpertGroup] = {}  # by layer, set when the hooks attach (for prefetching)
         self.record_routing = False
         self.routed_counts: dict[tuple[int, int], int] = {}
         self.routed_tokens: dict[int, int] = {}
@@ -547,6 +549,11 @@ class Executor:
                     wait_futures([future])
             raise
 
+        # 5b. a prefill-sized step uses nearly every expert of the next layer: start copying its streamed
+        # experts now, so the copy lane works through this layer's tail, the attention and the routing
+        if tokens > SPLIT_MAX_TOKENS and self.expert_ring is not None and self.token_assignment != "cpu":
+            self._prefetch_next(group)
+
         # 6. join the CPU lane (the main thread sleeps on the future, it does not spin)
         self.stats.groups += 1
         if cpu_future is not None:
@@ -657,6 +664,21 @@ class Executor:
         for g, i in tqdm(todo, desc="Preparing CPU kernels", unit="unit", disable=not progress or not todo):
             extra += self._cpu_kernel(g, i).extra_bytes
         return extra
+
+    def _prefetch_next(self, group: ExpertGroup) -> None:
+        """Copy the next layer's first stream-home units into the staging slots this layer no longer needs."""
+        later = [g for layer, g in self.groups.items() if layer > group.layer]
+        if not later:
+            return
+        following = min(later, key=lambda g: g.layer)
+        budget = len(self.expert_ring.slots) - 1  # leave one slot for what the next step decides
+        for i, home in enumerate(following.homes):
+            if budget == 0:
+                break
+            if home == STREAM and i in following.host_regions:
+                self.expert_ring.fetch((following.layer, i), following.host_regions[i])
+                self.stats.prefetched_units += 1
+                budget -= 1
 
     def _host_inputs(self, hidden, flat_weights) -> tuple:
         """(activations, routing weights, arrival event) on the host for the CPU lane."""

@@ -63,6 +63,7 @@ def attach(model: torch.nn.Module, executor: Executor, loaded: LoadedModel) -> l
     register_experts_implementation()
     handles: list = []
     layers = model.model.layers
+    executor.groups = dict(loaded.groups)
     for i, group in loaded.groups.items():
         mlp = layers[i].mlp
         if group.routed:

@@ -81,3 +81,21 @@ def test_split_mode_fault_in_cpu_lane_surfaces_and_model_recovers(tiny_checkpoin
     hybrid.hybrid.executor.fault_injector = None
     assert torch.equal(hybrid.generate(ids, max_new_tokens=6, do_sample=False), want)
     assert hybrid.hybrid.executor.stats.split_units > 0
+
+
+def test_prefill_prefetches_next_layer_streamed_experts(tiny_checkpoints):
+    from test_exactness import load_pair, prompt
+
+    ref, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral", torch.float32, token_assignment="static")
+    ex = hybrid.hybrid.executor
+    ids = prompt(batch=2, length=16)  # 32 tokens: a prefill-sized step
+    ex.stats.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(hybrid(ids).logits, ref(ids).logits, rtol=1e-6, atol=5e-6)
+    # layer 0's step copied layer 1's first streamed experts ahead; layer 1 found them staged
+    assert ex.stats.prefetched_units == len(ex.expert_ring.slots) - 1
+    assert ex.stats.cached_units >= ex.stats.prefetched_units
+    ex.stats.reset()
+    with torch.no_grad():
+        hybrid(ids[:1, :4])  # 4 tokens: decode-sized, nothing is guessed ahead
+    assert ex.stats.prefetched_units == 0
