@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_exactness import bf16_ulps, prompt
-from tiny_models import CONFIGS, placement_for
+from test_exactness import bf16_ulps, load_pair, prompt
+from tiny_models import CONFIGS
 from transformers import AutoModelForCausalLM
 
 from hf_hybrid import HybridModelForCausalLM
@@ -17,19 +17,7 @@ pytestmark = [
 
 
 def _pair(directory, family, dtype, mode="static"):
-    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to("cuda")
-    hybrid = HybridModelForCausalLM.from_pretrained(
-        directory,
-        device="cuda",
-        dtype=dtype,
-        gpu_memory="256MiB",
-        placement=placement_for(family),
-        max_context=64,
-        max_batch_size=2,
-        progress=False,
-        token_assignment=mode,
-    )
-    return ref, hybrid
+    return load_pair(directory, family, dtype, device="cuda", token_assignment=mode)
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))

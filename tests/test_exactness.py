@@ -22,11 +22,12 @@ def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs() / ulp).max().item()
 
 
-def load_pair(directory, family, dtype, **options):
-    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+def load_pair(directory, family, dtype, device="cpu", **options):
+    """Plain transformers and hf_hybrid (forced to use every home) on the same files, both on ``device``."""
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device)
     hybrid = HybridModelForCausalLM.from_pretrained(
         directory,
-        device="cpu",
+        device=device,
         dtype=dtype,
         gpu_memory="256MiB",
         placement=placement_for(family),
