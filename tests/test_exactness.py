@@ -132,3 +132,32 @@ def test_split_assignment_bfloat16_within_a_few_ulps(tiny_checkpoints, family):
         got = hybrid(ids[:, :3]).logits.float()
     assert bf16_ulps(got, expected) <= 4.0
     assert hybrid.hybrid.executor.stats.split_units > 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "llama"])
+def test_embeddings_on_cpu_and_streamed_lm_head_are_exact(tiny_checkpoints, family):
+    directory = tiny_checkpoints[family]
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    placement = dict(placement_for(family), embed_tokens="cpu", lm_head="stream")
+    placement["layers.*.attention"] = "stream"
+    hybrid = HybridModelForCausalLM.from_pretrained(
+        directory,
+        device="cpu",
+        dtype=torch.float32,
+        gpu_memory="256MiB",
+        placement=placement,
+        max_context=64,
+        max_batch_size=2,
+        progress=False,
+        token_assignment="static",
+    )
+    homes = hybrid.hybrid_plan.homes
+    assert homes["embed_tokens"] == "cpu" and homes["lm_head"] == "stream"
+    assert hybrid.hybrid.loaded.cpu_embedding
+    ids = prompt()
+    with torch.no_grad():
+        torch.testing.assert_close(hybrid(ids).logits, ref(ids).logits, rtol=1e-6, atol=5e-6)
+    assert torch.equal(
+        hybrid.generate(ids, max_new_tokens=6, do_sample=False),
+        ref.generate(ids, max_new_tokens=6, do_sample=False),
+    )
