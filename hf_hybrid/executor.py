@@ -29,16 +29,18 @@ import torch.nn.functional as F
 
 from .errors import ExecutionError
 from .kernels.cpu import PLAIN_METHODS, CpuExpertKernel, fix_thread_count, pick_methods, plain_linear
-from .planner import HostWork, assign_tokens, cpu_lane_time, split_fraction
+from .planner import (
+    SPLIT_MAX_TOKENS,
+    TOKEN_ASSIGNMENTS,
+    HostWork,
+    assign_tokens,
+    cpu_lane_time,
+    split_fraction,
+)
 from .profile import HardwareProfile
 from .units import CPU, GPU, STREAM, Unit
 
 ALIGN = 64  # bytes; keeps every carved tensor aligned for vector loads and oneDNN
-#: Token-assignment policies (see :func:`hf_hybrid.planner.assign_tokens`; "split" adds row splits).
-TOKEN_ASSIGNMENTS = ("adaptive", "static", "cpu", "stream", "split")
-#: "split" divides a host expert between the lanes only in steps this small (decode); bigger steps
-#: assign whole experts, where the GPU's compute advantage dominates.
-SPLIT_MAX_TOKENS = 16
 
 
 def align(n: int) -> int:

@@ -192,6 +192,7 @@ class HybridGenerationMixin:
             top_k=_top_k(self.config),
             forced=keep,
             routing=routing,
+            token_assignment=old.token_assignment,
         )
         ex = rt.executor
         moves = [(g, i, new.homes[u.name]) for g in rt.loaded.groups.values() for i, u in enumerate(g.units)]
@@ -500,6 +501,7 @@ class HybridModelForCausalLM:
             mlp_slices=mlp_slices,
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
+            token_assignment=token_assignment,
         )
         if kwargs:
             logger.info("hf_hybrid: passing through to the model config: %s", sorted(kwargs))
@@ -632,6 +634,7 @@ def plan_model(
     mlp_slices: int | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = "sdpa",
+    token_assignment: str = "adaptive",
 ) -> tuple[HybridPlan, torch.nn.Module]:
     """Build the meta skeleton of ``config`` and plan it; returns (plan, skeleton)."""
     model = build_skeleton(config, dtype, trust_remote_code, attn_implementation)
@@ -654,6 +657,7 @@ def plan_model(
         top_k=_top_k(config),
         forced=placement,
         routing=routing_stats,
+        token_assignment=token_assignment,
     )
     return result, model
 

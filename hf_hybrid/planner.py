@@ -27,6 +27,11 @@ from .units import CPU, GPU, HOMES, STREAM, Unit, format_bytes
 UNLIMITED = 1 << 61
 #: Fixed cost of sending activations to the CPU lane and back (launch + sync latency), seconds.
 CPU_ROUND_TRIP_S = 60e-6
+#: The token-assignment policies (see :func:`assign_tokens`; "split" also divides experts between lanes).
+TOKEN_ASSIGNMENTS = ("adaptive", "static", "cpu", "stream", "split")
+#: Token assignment "split" divides host experts only in steps of at most this many tokens (decode);
+#: bigger steps assign whole experts, where the GPU's compute advantage dominates.
+SPLIT_MAX_TOKENS = 16
 #: Staging slots per class: two for double buffering plus one so a copy can run ahead of compute.
 EXPERT_STAGING_SLOTS = 3
 MODULE_STAGING_SLOTS = 2
@@ -162,7 +167,7 @@ def assign_tokens(
     costs: the executor sets it from how long its CPU lane really took against this prediction. Returns
     the names to stream.
     """
-    if mode not in ("adaptive", "split", "static", "cpu", "stream"):
+    if mode not in TOKEN_ASSIGNMENTS:
         raise ValueError(f"unknown token assignment mode {mode!r}")
     if mode == "static":
         return {w.name for w in work if w.home == STREAM}
@@ -212,6 +217,7 @@ class HybridPlan:
     profile: HardwareProfile
     workload: Workload
     routing: dict[str, float] = field(default_factory=dict)
+    token_assignment: str = "adaptive"  # the executor's policy, which the predictions assume
     predicted: dict[str, float] = field(default_factory=dict)
     unit_times: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -268,6 +274,7 @@ class HybridPlan:
                 "new_tokens": self.workload.new_tokens,
                 "batch": self.workload.batch,
             },
+            "token_assignment": self.token_assignment,
             "predicted": {k: (v if math.isfinite(v) else None) for k, v in self.predicted.items()},
             "profile": self.profile.to_dict(),
         }
@@ -403,6 +410,7 @@ def plan(
     forced: dict[str, str] | None = None,
     routing: dict[str, float] | None = None,
     search_rounds: int = 40,
+    token_assignment: str = "adaptive",
 ) -> HybridPlan:
     """Choose every unit's home to minimise predicted time of the workload under ``budget_bytes``.
 
@@ -415,6 +423,10 @@ def plan(
     units between homes and swaps resident and host units while the objective improves. It runs twice:
     with every non-expert module resident (no module staging ring) and with streamed modules allowed.
     """
+    if token_assignment not in TOKEN_ASSIGNMENTS:
+        raise ValueError(
+            f"token_assignment must be one of {', '.join(TOKEN_ASSIGNMENTS)} (got {token_assignment!r})"
+        )
     workload = workload or Workload()
     routing = dict(routing or {})
     forced_homes = resolve_forced(units, forced)
@@ -432,6 +444,7 @@ def plan(
             profile=profile,
             workload=workload,
             routing=routing,
+            token_assignment=token_assignment,
         )
 
     everything = {u.name: forced_homes.get(u.name, GPU) for u in units}
@@ -546,6 +559,7 @@ def _local_search(
     a round cheap on models with thousands of experts.
     """
     routing, profile, wl = best.routing, best.profile, best.workload
+    split = best.token_assignment == "split"
     T, B, N = wl.prompt_tokens * wl.batch, wl.batch, wl.new_tokens
     layers = _by_layer(best.units)
 
@@ -555,8 +569,8 @@ def _local_search(
         lu = layers[layer]
         key = (layer, tuple(homes[u.name] for u in lu))
         if key not in memo:
-            pre = step_layer_time(lu, homes, profile, routing, per_layer, T)
-            dec = step_layer_time(lu, homes, profile, routing, per_layer, B)
+            pre = step_layer_time(lu, homes, profile, routing, per_layer, T, split)
+            dec = step_layer_time(lu, homes, profile, routing, per_layer, B, split)
             memo[key] = pre + N * dec
         return memo[key]
 
@@ -670,12 +684,15 @@ def layer_time(
     tokens: int,
     unit_times: dict[str, float] | None = None,
     routed: dict[str, int] | None = None,
+    split: bool = False,
 ) -> tuple[float, float]:
     """Predicted (seconds, host bytes touched) of one layer's units in a step of ``tokens`` tokens.
 
     The GPU, CPU and PCIe lanes overlap, so the layer costs the max of the lanes; host experts are split
     between the CPU and PCIe lanes by :func:`assign_tokens`, as the executor will do at run time. Experts
     count their expected tokens, or exactly ``routed[name]`` tokens when one routing draw is given.
+    With ``split`` (token assignment "split"), host experts of a small step are divided between the CPU
+    and copy lanes as :func:`split_fraction` says, so they cost their bytes at both lanes' shared rates.
     """
     gpu_lane = cpu_lane = pcie_lane = serial = host_bytes = 0.0
     work = []
@@ -708,6 +725,15 @@ def layer_time(
             # occupies the PCIe lane and their compute is on the layer's critical path
             pcie_lane += copy_time(u, profile)
             serial += gpu_time(u, max(n, 1), profile)
+    split_time = 0.0
+    if split and tokens <= SPLIT_MAX_TOKENS and work:
+        # every small-step host expert is divided so both lanes finish together (see split_fraction)
+        f = split_fraction(profile)
+        rate_cpu, rate_pcie = profile.cpu_gemv_bw_during_copy, profile.h2d_bw_during_cpu
+        cpu_bytes = sum(used * u.nbytes * (2 * f + 1) / 3 for u, _, used in work)
+        pcie_bytes = sum(used * u.nbytes * 2 * (1 - f) / 3 for u, _, used in work)
+        split_time = max(cpu_bytes / rate_cpu, pcie_bytes / rate_pcie) + CPU_ROUND_TRIP_S
+        work = []
     if work:
         streamed = assign_tokens(
             [
@@ -729,7 +755,7 @@ def layer_time(
         # both lanes read DRAM at once: each runs at its shared rate
         cpu_lane /= cpu_share(profile)
         pcie_lane /= pcie_share(profile)
-    return serial + max(gpu_lane, cpu_lane, pcie_lane), host_bytes
+    return serial + max(gpu_lane, cpu_lane, pcie_lane, split_time), host_bytes
 
 
 #: Routing draws per layer when predicting small decode steps (deterministic: seeded per layer).
@@ -773,6 +799,7 @@ def sampled_layer_time(
     routing: dict[str, float],
     per_layer: dict[int, tuple[int, int]],
     tokens: int,
+    split: bool = False,
 ) -> float:
     """Mean layer time over sampled routings of ``tokens`` tokens.
 
@@ -781,21 +808,22 @@ def sampled_layer_time(
     """
     experts = [u for u in layer_units if u.kind == "expert"]
     if not experts:
-        return layer_time(layer_units, homes, profile, routing, per_layer, tokens)[0]
+        return layer_time(layer_units, homes, profile, routing, per_layer, tokens, split=split)[0]
     _, top_k = per_layer[experts[0].layer]
     weights = [usage_probability(u, routing, per_layer) for u in experts]
     draws = routing_draws(experts, weights, top_k, tokens)
     total = sum(
-        layer_time(layer_units, homes, profile, routing, per_layer, tokens, routed=c)[0] for c in draws
+        layer_time(layer_units, homes, profile, routing, per_layer, tokens, routed=c, split=split)[0]
+        for c in draws
     )
     return total / len(draws)
 
 
-def step_layer_time(layer_units, homes, profile, routing, per_layer, tokens) -> float:
+def step_layer_time(layer_units, homes, profile, routing, per_layer, tokens, split: bool = False) -> float:
     """The layer's predicted time in one step: sampled routings for small decode steps, else expectation."""
     if tokens <= SAMPLED_TOKENS:
-        return sampled_layer_time(layer_units, homes, profile, routing, per_layer, tokens)
-    return layer_time(layer_units, homes, profile, routing, per_layer, tokens)[0]
+        return sampled_layer_time(layer_units, homes, profile, routing, per_layer, tokens, split)
+    return layer_time(layer_units, homes, profile, routing, per_layer, tokens, split=split)[0]
 
 
 #: Steps of at most this many tokens are predicted from sampled routings.
@@ -819,6 +847,7 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
     profile, wl, routing = result.profile, result.workload, result.routing
     per_layer = per_layer or _experts_per_layer(result.units, 2)
     T, B = wl.prompt_tokens * wl.batch, wl.batch
+    split = result.token_assignment == "split"
     totals, host = {}, {}
     layers = _by_layer(result.units)
     for phase, tokens in (("prefill", T), ("decode", B)):
@@ -826,7 +855,7 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
         total = host_bytes = 0.0
         for layer_units in layers.values():
             _, b = layer_time(layer_units, result.homes, profile, routing, per_layer, tokens, times)
-            total += step_layer_time(layer_units, result.homes, profile, routing, per_layer, tokens)
+            total += step_layer_time(layer_units, result.homes, profile, routing, per_layer, tokens, split)
             host_bytes += b
         for name, t in times.items():
             result.unit_times.setdefault(name, {})[phase] = t

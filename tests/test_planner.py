@@ -166,3 +166,17 @@ def test_plan_table_and_dict():
     assert {u["home"] for u in d["units"]} <= set(HOMES)
     assert d["predicted"]["decode_tok_s"] > 0
     predict(p)  # idempotent
+
+
+def test_split_assignment_predicts_decode_at_the_shared_bound():
+    profile = default_profile("cuda")
+    units = moe_units(layers=4, experts=8, expert_mib=300)
+    budget = 2000 * MIB
+    whole = plan(units, profile, budget, workload=Workload(new_tokens=64))
+    split = plan(units, profile, budget, workload=Workload(new_tokens=64), token_assignment="split")
+    assert split.to_dict()["token_assignment"] == "split"
+    # dividing experts between lanes can only help decode, and lands near the shared-DRAM bound
+    assert split.predicted["decode_tok_s"] >= whole.predicted["decode_tok_s"]
+    assert split.predicted["decode_fraction_of_bound"] > 0.9
+    with pytest.raises(ValueError, match="token_assignment"):
+        plan(units, profile, budget, token_assignment="sideways")
