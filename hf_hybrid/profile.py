@@ -550,6 +550,8 @@ def _cache_name(dev: torch.device, dtype: torch.dtype, quick: bool) -> str:
         f"torch{torch.__version__}",
         _device_name(dev),
         _dtype_name(dtype),
+        # spinning OpenMP threads halve the CPU lane: rates measured under another policy do not apply
+        f"omp-{os.environ.get('OMP_WAIT_POLICY', 'default').lower()}",
     ]
     if quick:
         parts.append("quick")  # a rough quick profile must never stand in for a full one
@@ -621,8 +623,8 @@ def load_or_measure(
     """The cached profile of this machine, measuring (and caching) it when missing, unusable or ``refresh``.
 
     The cache is JSON in ``cache_dir``, else ``$HF_HYBRID_CACHE``, else ``~/.cache/hf_hybrid``; its file
-    name is keyed by CPU model, ``torch.get_num_threads()``, torch version, device name and dtype, so a
-    change of any of them measures again. Quick and full profiles are cached separately.
+    name is keyed by CPU model, ``torch.get_num_threads()``, torch version, device name, dtype and
+    ``OMP_WAIT_POLICY``, so a change of any of them measures again. Quick and full profiles are cached separately.
     """
     dtype = _as_dtype(dtype)
     path = profile_cache_path(device, dtype, cache_dir=cache_dir, quick=quick)
