@@ -146,3 +146,13 @@ def test_plans_are_complete():
     for plan in (quick, full):
         assert all(v > 0 for v in dataclasses.astuple(plan))
     assert quick.rotation_bytes <= full.rotation_bytes and quick.min_time < full.min_time
+
+
+def test_cache_name_follows_openmp_wait_policy(monkeypatch, tmp_path):
+    from hf_hybrid.profile import profile_cache_path
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    passive = profile_cache_path("cpu", cache_dir=tmp_path)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    active = profile_cache_path("cpu", cache_dir=tmp_path)
+    assert passive != active and "omp-passive" in passive.name
