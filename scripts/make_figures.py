@@ -4,6 +4,8 @@
     python scripts/make_figures.py --out /tmp/img --data docs/data
 
 * ``lanes.png``: the planner (before loading) and the three lanes of one MoE layer step (at run time).
+* ``<record>-budget.png``: throughput vs GPU budget (measured and predicted) for every record of a budget
+  sweep (``hf-hybrid bench --budgets 4GiB,8GiB,...``).
 * ``<name>-timeline.png``: every ``docs/data/<name>.trace.json`` written by ``model.trace()``, one row per
   lane (host forwards, CPU lane, PCIe copies, GPU).
 * ``<scenario>.png`` (e.g. ``s1.png``): prefill and decode tokens/s of every engine in every
@@ -294,6 +296,49 @@ def timeline_figure(plt, trace_path: Path, path: Path) -> bool:
     return True
 
 
+def budget_figure(plt, stem: str, record: dict, path: Path) -> bool:
+    """Throughput vs GPU budget from a record of a budget sweep (``hf-hybrid bench --budgets ...``)."""
+    points = []
+    for row in record.get("rows", []):
+        if (
+            row.get("status") == "ok"
+            and str(row.get("engine", "")).startswith("hf_hybrid")
+            and row.get("gpu_memory")
+        ):
+            if "[" in row["engine"]:
+                continue  # token-assignment variants share the main row's budget
+            budget = row.get("plan", {}).get("budget", {}).get("total")
+            if budget:
+                points.append((budget / 1024**3, row))
+    if len({b for b, _ in points}) < 2:
+        return False
+    points.sort(key=lambda p: p[0])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, title in (
+        (axes[0], "prefill_tok_s", "prefill tok/s"),
+        (axes[1], "decode_tok_s", "decode tok/s"),
+    ):
+        xs = [b for b, _ in points]
+        measured = [row.get(key) or float("nan") for _, row in points]
+        predicted = [(row.get("predicted") or {}).get(key) or float("nan") for _, row in points]
+        ax.plot(xs, measured, "o-", color=ENGINE_COLORS["hf_hybrid"], label="measured")
+        ax.plot(xs, predicted, "s--", color="#999", label="plan's prediction")
+        ax.set_xlabel("GPU budget (GiB)", fontsize=9)
+        ax.set_title(title, fontsize=10)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+        ax.legend(fontsize=8, frameon=False)
+    header = record.get("header", {})
+    fig.suptitle(
+        f"{header.get('scenario', stem)}: throughput vs GPU budget ({header.get('device_name', '')})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, metadata=PNG_METADATA)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write the figures; returns 0 (also when matplotlib is missing)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -317,6 +362,16 @@ def main(argv: list[str] | None = None) -> int:
     for scenario, records in sorted(load_records(args.data).items()):
         target = args.out / f"{scenario.lower()}.png"
         if scenario_figure(plt, scenario, records, target):
+            written.append(target)
+    for path in sorted(args.data.glob("*.json")):
+        if path.name.endswith(".trace.json"):
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        target = args.out / f"{path.stem}-budget.png"
+        if isinstance(record, dict) and budget_figure(plt, path.stem, record, target):
             written.append(target)
     for trace in sorted(args.data.glob("*.trace.json")):
         target = args.out / (trace.name[: -len(".trace.json")] + "-timeline.png")

@@ -26,6 +26,7 @@ from hf_hybrid.bench import (
 from hf_hybrid.bench.checkpoint import CheckpointBuildError, checkpoint_key, read_meta
 from hf_hybrid.bench.runner import TABLE_COLUMNS, compute_bounds
 from hf_hybrid.profile import default_profile
+from hf_hybrid.units import parse_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -394,3 +395,27 @@ def test_hf_hybrid_variants_are_measured_on_one_load(cache, tmp_path):
     assert "hf_hybrid[calibrated]" in record["table"]
     with pytest.raises(ValueError, match="unknown variant"):
         run_bench("tiny-moe", engines="hf_hybrid", variants="warp", cache_dir=cache, device="cpu")
+
+
+def test_budget_sweep_adds_one_row_per_budget(cache, tmp_path):
+    record = run_bench(
+        "tiny-moe",
+        engines="hf_hybrid",
+        budgets="24MiB,64MiB",
+        cache_dir=cache,
+        json_path=tmp_path / "sweep.json",
+        device="cpu",
+        progress=False,
+        print_table=False,
+    )
+    rows = {row["engine"]: row for row in record["rows"]}
+    assert list(rows) == ["hf_hybrid", "hf_hybrid@24MiB", "hf_hybrid@64MiB"]
+    for row in rows.values():
+        assert row["status"] == "ok", row.get("error")
+        assert row["plan"]["budget"]["total"] == parse_bytes(row["gpu_memory"])
+    assert (
+        rows["hf_hybrid@64MiB"]["plan"]["budget"]["resident_weights"]
+        >= (rows["hf_hybrid@24MiB"]["plan"]["budget"]["resident_weights"])
+    )
+    with pytest.raises(ValueError, match="budgets"):
+        run_bench("tiny-moe", engines="hf_hybrid", budgets="lots", cache_dir=cache, device="cpu")

@@ -176,6 +176,14 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         ),
     )
     parser.add_argument(
+        "--budgets",
+        default=None,
+        help=(
+            "comma-separated extra GPU budgets (e.g. 4GiB,8GiB,12GiB): hf_hybrid is loaded and measured again "
+            "under each, adding rows 'hf_hybrid@<budget>' for a throughput-vs-budget plot"
+        ),
+    )
+    parser.add_argument(
         "--variants",
         default=None,
         help=(
@@ -244,6 +252,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             profile=args.profile,
             routing_stats=args.routing_stats,
             variants=args.variants,
+            budgets=args.budgets,
             repeats=args.repeats,
             command=shlex.join(["hf-hybrid", "bench", *_argv_after_bench()]),
         )

@@ -27,6 +27,7 @@ during prefill instead of copying them can come out slightly above 100 % of the 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -182,6 +183,12 @@ def resolve_settings(scenario: str | Scenario, **options: Any) -> BenchSettings:
     settings.extra["progress"] = bool(options.pop("progress", True))
     settings.extra["routing_stats"] = bool(options.pop("routing_stats", False))
     settings.extra["print_table"] = bool(options.pop("print_table", True))
+    budgets = options.pop("budgets", None) or ()
+    if isinstance(budgets, str):
+        budgets = [b.strip() for b in budgets.split(",") if b.strip()]
+    for b in budgets:
+        parse_bytes(b, "budgets")  # fail before any build with the bad value named
+    settings.extra["budgets"] = list(budgets)
     variants = options.pop("variants", None) or ()
     if isinstance(variants, str):
         variants = [v.strip() for v in variants.split(",") if v.strip()]
@@ -917,7 +924,9 @@ def _finish_rows(rows: list[dict], meta: dict, profile: Any, settings: BenchSett
     for row in rows:
         row["e2e_projected_s"] = _projected_e2e(row, settings)
         bounds = (
-            _bounds_for(row, meta, profile, settings, plan, hybrid_counts) if row["status"] == "ok" else None
+            _bounds_for(row, meta, profile, settings, row.get("plan") or plan, hybrid_counts)
+            if row["status"] == "ok"
+            else None
         )
         row["bounds"] = bounds
         for kind in ("prefill", "decode"):
@@ -981,8 +990,23 @@ def run_bench(scenario: str, **options: Any) -> dict:
     rows = []
     for engine in settings.engines:
         row = run_engine(engine, path, settings, ids)
+        if engine == "hf_hybrid":
+            row["gpu_memory"] = settings.gpu_memory
         rows.append(row)
         rows.extend(row.pop("variant_rows", None) or [])
+    # the budget sweep: hf_hybrid again under each extra budget (a reload each), for throughput vs budget
+    for budget in settings.extra.get("budgets") or ():
+        swept = dataclasses.replace(
+            settings,
+            gpu_memory=budget,
+            budget_bytes=parse_bytes(budget, "budgets"),
+            extra=dict(settings.extra),
+        )
+        swept.extra["variants"] = []
+        row = run_engine("hf_hybrid", path, swept, ids)
+        row.pop("variant_rows", None)
+        row.update(engine=f"hf_hybrid@{budget}", gpu_memory=budget)
+        rows.append(row)
     hybrid = next((r for r in rows if r["engine"] == "hf_hybrid" and r["status"] == "ok"), None)
     profile, profile_source = load_profile(settings.device, settings.profile, (hybrid or {}).get("plan"))
     _finish_rows(rows, meta, profile, settings)
