@@ -466,7 +466,9 @@ class HybridModelForCausalLM:
                 it was measured and host memory holds the packed copies, else ``"linear"``), a method name
                 (``"linear"``, ``"matmul_t"``, ``"onednn_packed"``) or ``{tokens: method}``.
             Other keyword arguments (``revision``, ``token``, ``trust_remote_code``...) mean what they mean
-            in transformers.
+            in transformers; config attributes (``output_router_logits=True``...) override the config before
+            the model is built; transformers' placement options (``device_map``, ``max_memory``...) are
+            ignored with a warning; anything else raises ``TypeError``.
         """
         if torch_dtype is not None and dtype is None:
             dtype = torch_dtype
@@ -485,6 +487,7 @@ class HybridModelForCausalLM:
             allow_pickle=allow_pickle,
         )
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        _apply_config_overrides(config, kwargs)
         adapter = families.for_config(config)
         torch_dt = resolve_dtype(dtype, config)
         hybrid_plan, model = plan_model(
@@ -503,10 +506,6 @@ class HybridModelForCausalLM:
             attn_implementation=attn_implementation,
             token_assignment=token_assignment,
         )
-        if kwargs:
-            logger.info("hf_hybrid: passing through to the model config: %s", sorted(kwargs))
-            for key, value in kwargs.items():
-                setattr(model.config, key, value)
         reader = CheckpointReader(directory, allow_pickle=allow_pickle)
         loaded = load_weights(model, reader, adapter, hybrid_plan, dev, torch_dt, progress=progress)
         rings = {r.name: (r.slot_bytes, r.slots) for r in hybrid_plan.staging}
@@ -572,6 +571,43 @@ class HybridModelForCausalLM:
             config, dev, torch_dt, gpu_memory=gpu_memory, trust_remote_code=trust_remote_code, **options
         )
         return result
+
+
+#: transformers loading options that hf_hybrid's own loader replaces: accepted and ignored, with a warning
+IGNORED_LOADING_KWARGS = (
+    "device_map",
+    "max_memory",
+    "low_cpu_mem_usage",
+    "offload_folder",
+    "offload_state_dict",
+    "offload_buffers",
+    "use_safetensors",
+    "weights_only",
+    "key_mapping",
+    "experts_implementation",
+    "tqdm_class",
+)
+
+
+def _apply_config_overrides(config, kwargs: dict) -> None:
+    """What transformers does with extra ``from_pretrained`` kwargs: config attributes override the config.
+
+    Loading options that hf_hybrid's placement replaces are ignored with a warning; anything else is an
+    error rather than a silently dropped typo.
+    """
+    for key in list(kwargs):
+        if key in IGNORED_LOADING_KWARGS:
+            logger.warning(
+                "hf_hybrid: ignoring %s=%r: hf_hybrid places the weights itself", key, kwargs.pop(key)
+            )
+        elif hasattr(config, key):
+            setattr(config, key, kwargs.pop(key))
+    if kwargs:
+        raise TypeError(
+            f"HybridModelForCausalLM.from_pretrained() got unexpected keyword argument(s) "
+            f"{', '.join(sorted(kwargs))}: they are neither hf_hybrid options nor attributes of "
+            f"{type(config).__name__}"
+        )
 
 
 def _cpu_methods(choice, hybrid_plan: HybridPlan, loaded: LoadedModel) -> str | dict[int, str]:

@@ -441,3 +441,16 @@ def test_auto_map_custom_code_is_never_executed(mixtral_copy, model_type):
         with pytest.raises(ValueError, match="evil_moe|trust_remote_code"):
             load(mixtral_copy)
     assert not (mixtral_copy / "REMOTE_CODE_RAN").exists()
+
+
+def test_extra_kwargs_override_config_or_are_rejected(tiny_checkpoints, caplog):
+    from hf_hybrid import HybridModelForCausalLM
+
+    directory = tiny_checkpoints["mixtral"]
+    options = dict(device="cpu", dtype=torch.float32, gpu_memory="256MiB", max_context=64, progress=False)
+    model = HybridModelForCausalLM.from_pretrained(directory, output_router_logits=True, **options)
+    assert model.config.output_router_logits is True  # a config attribute: overridden before the build
+    model = HybridModelForCausalLM.from_pretrained(directory, device_map="auto", **options)
+    assert model.hybrid_plan is not None  # a loading option hf_hybrid replaces: ignored (with a warning)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        HybridModelForCausalLM.from_pretrained(directory, gpu_memmory="1GiB", **options)
