@@ -21,6 +21,7 @@ from .errors import CheckpointError, HostMemoryError, WeightsNotFoundError
 from .executor import ExpertGroup, HostArena, can_pin, carve, layout_bytes
 from .families import FamilyAdapter
 from .planner import HybridPlan
+from .system import meminfo
 from .units import CPU, GPU, STREAM, Unit, format_bytes
 
 WEIGHT_PATTERNS = [
@@ -476,14 +477,7 @@ class LoadedModel:
 
 def host_memory_available() -> int | None:
     """MemAvailable from /proc/meminfo in bytes, or None where unknown."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return meminfo("MemAvailable")
 
 
 def check_host_memory(plan: HybridPlan, device: torch.device | None = None) -> int:

@@ -12,7 +12,6 @@ import functools
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import sys
@@ -30,6 +29,7 @@ from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
 from .kernels.cpu import CpuExpertKernel, available_methods, pick_methods
+from .system import cpu_model, meminfo
 
 logger = logging.get_logger(__name__)
 
@@ -157,12 +157,9 @@ def _l3_bytes() -> int:
 
 def _available_ram() -> int:
     """Bytes of RAM available now (MemAvailable), falling back to free pages, then 8 GiB."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    available = meminfo("MemAvailable")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -517,16 +514,6 @@ def measure(
 # Cache
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except (OSError, IndexError):
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
-
-
 def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -545,7 +532,7 @@ def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
 def _cache_name(dev: torch.device, dtype: torch.dtype, quick: bool) -> str:
     parts = [
         "profile",
-        _cpu_model(),
+        cpu_model(),
         f"{torch.get_num_threads()}t",
         f"torch{torch.__version__}",
         _device_name(dev),

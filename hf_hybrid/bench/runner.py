@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from ..system import cpu_model, meminfo
 from ..units import format_bytes, parse_bytes
 from .checkpoint import build_checkpoint, checkpoint_key, read_meta
 from .scenarios import Scenario, default_cache_dir, get_scenario, parse_skew, skew_label
@@ -215,28 +216,6 @@ def options_skew_text(skew: tuple[str, float] | None) -> str | None:
 # machine and profile
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _meminfo(key: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _version(module: str) -> str | None:
     try:
         return __import__(module).__version__
@@ -253,10 +232,10 @@ def machine_info(device: str) -> dict:
         "transformers": _version("transformers"),
         "accelerate": _version("accelerate"),
         "safetensors": _version("safetensors"),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "ram_total_bytes": _meminfo("MemTotal"),
+        "ram_total_bytes": meminfo("MemTotal"),
         "device": device,
         "cuda": torch.version.cuda,
     }
@@ -273,7 +252,7 @@ def device_name(device: str) -> str:
     """Human name of the device the bench runs on."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({_cpu_model()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)"
 
 
 def load_profile(device: str, mode: str = "auto", plan: dict | None = None) -> tuple[Any, str]:
@@ -519,7 +498,7 @@ def _load_accelerate(path: Path, settings: BenchSettings, prompt: int, new_token
     if not settings.device.startswith("cuda") or not torch.cuda.is_available():
         raise EngineSkipped("accelerate offload needs a CUDA device")
     host_need = read_meta(path)["bytes"]["total"] - settings.budget_bytes
-    available = _meminfo("MemAvailable")
+    available = meminfo("MemAvailable")
     if available is not None and available < host_need + 2 * _GIB:
         raise EngineSkipped(
             f"needs ~{format_bytes(host_need)} of RAM for offloaded weights, {format_bytes(available)} free"
@@ -540,7 +519,7 @@ def _load_cpu(path: Path, settings: BenchSettings, prompt: int, new_tokens: int)
     from transformers import AutoModelForCausalLM
 
     need = read_meta(path)["bytes"]["total"]
-    available = _meminfo("MemAvailable")
+    available = meminfo("MemAvailable")
     if available is not None and available < need * 1.1 + _GIB:
         raise EngineSkipped(f"needs ~{format_bytes(need)} of RAM, {format_bytes(available)} free")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)

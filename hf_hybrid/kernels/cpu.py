@@ -104,6 +104,7 @@ def plain_linear(x: Tensor, weight: Tensor, methods: Mapping[int, str] | str = "
 
 
 def _nearest(table: Mapping[int, str], tokens: int) -> str:
+    """The entry of the smallest token count >= ``tokens``, else of the largest one."""
     keys = sorted(table)
     i = bisect.bisect_left(keys, tokens)
     return table[keys[min(i, len(keys) - 1)]]
@@ -168,9 +169,7 @@ class CpuExpertKernel:
         if "onednn_packed" in table.values() and not self._pack():
             table = {m: ("linear" if meth == "onednn_packed" else meth) for m, meth in table.items()}
 
-        self._keys = sorted(table)
-        self._methods = [table[k] for k in self._keys]
-        self.methods: dict[int, str] = dict(zip(self._keys, self._methods))
+        self.methods: dict[int, str] = dict(sorted(table.items()))
         self.extra_bytes: int = 0
         if self._packed_gate_up is not None and self._packed_down is not None:
             # nbytes of an mkldnn tensor is its logical size; blocked layouts pad little for these shapes
@@ -202,8 +201,7 @@ class CpuExpertKernel:
 
     def method_for(self, tokens: int) -> str:
         """The method used for a call with ``tokens`` tokens."""
-        i = bisect.bisect_left(self._keys, tokens)
-        return self._methods[min(i, len(self._methods) - 1)]
+        return _nearest(self.methods, tokens)
 
     def __call__(self, x: Tensor) -> Tensor:
         """``x [n, H]`` on CPU in the weights' dtype -> ``[n, H]`` in the same dtype."""

@@ -1,0 +1,28 @@
+"""Facts about the host read from the operating system (Linux /proc, with portable fallbacks)."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+
+def meminfo(key: str) -> int | None:
+    """The ``key`` line of /proc/meminfo (``"MemAvailable"``, ``"MemTotal"``) in bytes, or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (x86 "model name", Arm "Hardware"/"CPU model"), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except (OSError, IndexError):
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
