@@ -854,8 +854,12 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
         times: dict[str, float] = {}
         total = host_bytes = 0.0
         for layer_units in layers.values():
-            _, b = layer_time(layer_units, result.homes, profile, routing, per_layer, tokens, times)
-            total += step_layer_time(layer_units, result.homes, profile, routing, per_layer, tokens, split)
+            t, b = layer_time(
+                layer_units, result.homes, profile, routing, per_layer, tokens, times, split=split
+            )
+            if tokens <= SAMPLED_TOKENS:  # small steps: the mean over sampled routings, not the expectation
+                t = sampled_layer_time(layer_units, result.homes, profile, routing, per_layer, tokens, split)
+            total += t
             host_bytes += b
         for name, t in times.items():
             result.unit_times.setdefault(name, {})[phase] = t
