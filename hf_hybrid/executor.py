@@ -331,8 +331,10 @@ class Executor:
         self.closed = False
         # routing statistics, recorded while ``record_routing`` is on (see ``calibrate``)
         # measured CPU-lane time / predicted, smoothed: corrects the profile's CPU rate to what this process
-        # really gets (spinning OpenMP threads, a busy machine), so assignment follows the lanes' real speed
-        self.cpu_scale = 1.0
+        # really gets (spinning OpenMP threads, a busy machine), so assignment follows the lanes' real speed.
+        # One factor per regime: GEMV-like steps (decode, few tokens per expert) and GEMM-like ones (prefill)
+        # miss the profile by different amounts, and a prefill must not teach decode to avoid the CPU.
+        self.cpu_scales = {"small": 1.0, "large": 1.0}
         self.groups: dict[int, ExpertGroup] = {}  # by layer, set when the hooks attach (for prefetching)
         self.record_routing = False
         self.routed_counts: dict[tuple[int, int], int] = {}
@@ -351,6 +353,11 @@ class Executor:
             self._worker.submit(fix_thread_count, threads).result()
         return self._worker
 
+    @property
+    def cpu_scale(self) -> float:
+        """The learned CPU-rate correction of decode-sized steps (see :attr:`cpu_scales`)."""
+        return self.cpu_scales["small"]
+
     def pinned(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A reusable pinned host buffer of at least ``shape`` (per-step buffers are reused, not re-made)."""
         numel = 1
@@ -358,7 +365,10 @@ class Executor:
             numel *= s
         buf = self._pinned.get((key, dtype))
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(max(numel, 1), dtype=dtype, pin_memory=can_pin() and self.lanes.is_cuda)
+            # a plain tensor even when the first call runs under inference_mode: an inference tensor could
+            # not be written by a later call made under no_grad (calibrate, a user's loop)
+            with torch.inference_mode(False):
+                buf = torch.empty(max(numel, 1), dtype=dtype, pin_memory=can_pin() and self.lanes.is_cuda)
             self._pinned[(key, dtype)] = buf
         return buf[:numel].view(shape)
 
@@ -447,8 +457,10 @@ class Executor:
         streamed: list[int] = []
         on_cpu: list[int] = []
         split: dict[int, int] = {}  # unit -> intermediate rows [0, r) the CPU lane computes
+        regime = "small"
         if host:
             ring = self.expert_ring
+            regime = "small" if max(counts[i] for i in host) <= SPLIT_MAX_TOKENS else "large"
             work = [
                 HostWork(
                     group.units[i].name,
@@ -466,12 +478,17 @@ class Executor:
             gpu_busy = sum(group.units[i].nbytes for i in resident) / self.profile.gpu_mem_bw
             mode = "adaptive" if self.token_assignment == "split" else self.token_assignment
             names = assign_tokens(
-                work, self.profile, gpu_busy_s=gpu_busy, mode=mode, cpu_scale=self.cpu_scale
+                work, self.profile, gpu_busy_s=gpu_busy, mode=mode, cpu_scale=self.cpu_scales[regime]
             )
             if ring is None:
                 names = set()
             streamed = [i for i in host if i not in split and group.units[i].name in names]
             on_cpu = [i for i in host if i not in split and group.units[i].name not in names]
+            if not on_cpu and not split and mode == "adaptive":
+                # nothing ran on the CPU, so nothing corrects the factor: drift back toward the profile, so
+                # one slow measurement cannot keep the CPU lane idle for good (a real slowdown is re-learned
+                # by the next CPU job)
+                self.cpu_scales[regime] += self.CPU_SCALE_DECAY * (1.0 - self.cpu_scales[regime])
 
         acc = torch.zeros(tokens, width, dtype=torch.float32, device=dev)
         device_rows = (
@@ -568,7 +585,7 @@ class Executor:
                 raise ExecutionError(f"the CPU lane failed in layer {group.layer}: {exc!r}") from exc
             cpu_out, seconds = cpu_future.result()
             self._learn_cpu_rate(
-                cpu_lane_time([(group.units[i], counts[i]) for i in on_cpu], self.profile), seconds
+                cpu_lane_time([(group.units[i], counts[i]) for i in on_cpu], self.profile), seconds, regime
             )
             acc += cpu_out.to(dev, non_blocking=True)
         if split_future is not None:
@@ -582,18 +599,19 @@ class Executor:
             acc += split_future.result()[0].to(dev, non_blocking=True)
         return acc.to(hidden.dtype)
 
-    #: smoothing and limits of :attr:`cpu_scale`
+    #: smoothing and limits of :attr:`cpu_scales`, and the drift back toward 1 per step without CPU work
     CPU_SCALE_WEIGHT = 0.2
+    CPU_SCALE_DECAY = 0.02
     CPU_SCALE_RANGE = (0.25, 8.0)
     #: jobs predicted shorter than this are dominated by fixed overheads and teach nothing about the rate
     CPU_SCALE_MIN_JOB_S = 1e-3
 
-    def _learn_cpu_rate(self, predicted_s: float, measured_s: float) -> None:
+    def _learn_cpu_rate(self, predicted_s: float, measured_s: float, regime: str = "small") -> None:
         if predicted_s < self.CPU_SCALE_MIN_JOB_S or measured_s <= 0:
             return
         lo, hi = self.CPU_SCALE_RANGE
         ratio = min(hi, max(lo, measured_s / predicted_s))
-        self.cpu_scale += self.CPU_SCALE_WEIGHT * (ratio - self.cpu_scale)
+        self.cpu_scales[regime] += self.CPU_SCALE_WEIGHT * (ratio - self.cpu_scales[regime])
 
     def rehome(self, group: ExpertGroup, i: int, home: str) -> None:
         """Move unit ``i`` of ``group`` to ``home`` (weights cross PCIe once; for re-planning).

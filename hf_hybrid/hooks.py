@@ -6,6 +6,8 @@
 * Streamed modules (attention, shared experts, lm_head): pre/post forward hooks swap the parameters to
   their staging slot and back, and prefetch the next streamed module.
 * A CPU-resident embedding: inputs go to the CPU, the looked-up activations come back to the device.
+* On CUDA, the cuDNN backend of ``scaled_dot_product_attention`` is switched off for the model's forward
+  (see :class:`_NoCudnnAttention`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,29 @@ class _StreamHook:
         return output
 
 
+class _NoCudnnAttention:
+    """Switch off cuDNN SDPA for one forward and restore the caller's setting afterwards.
+
+    cuDNN attention builds an execution graph for every new key length, and a decode step has a new key
+    length every time: on the H100 machine that was ~40 ms of host time per step (S1, torch 2.11), more
+    than half of a decode step. Flash / memory-efficient attention have no per-shape setup and compute
+    the same attention. The flag is process-wide in torch, so it is set only while the model runs.
+    """
+
+    def __init__(self):
+        self.saved: list[bool] = []
+
+    def pre(self, module, args, kwargs):
+        self.saved.append(torch.backends.cuda.cudnn_sdp_enabled())
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        return args, kwargs
+
+    def post(self, module, args, kwargs, output):
+        if self.saved:
+            torch.backends.cuda.enable_cudnn_sdp(self.saved.pop())
+        return output
+
+
 def attach(model: torch.nn.Module, executor: Executor, loaded: LoadedModel) -> list:
     """Install every hook; returns the handles (``detach`` removes them)."""
     register_experts_implementation()
@@ -78,6 +103,11 @@ def attach(model: torch.nn.Module, executor: Executor, loaded: LoadedModel) -> l
         hook = _StreamHook(executor, s, order[(n + 1) % len(order)])
         handles.append(s.module.register_forward_pre_hook(hook.pre, with_kwargs=True))
         handles.append(s.module.register_forward_hook(hook.post, with_kwargs=True))
+    if executor.lanes.is_cuda:
+        guard = _NoCudnnAttention()
+        handles.append(model.register_forward_pre_hook(guard.pre, with_kwargs=True))
+        # always_call: the setting is restored even when the forward raises
+        handles.append(model.register_forward_hook(guard.post, with_kwargs=True, always_call=True))
     if loaded.cpu_embedding:
         embed = model.get_input_embeddings()
         device = executor.device

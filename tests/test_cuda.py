@@ -138,3 +138,20 @@ def test_cuda_soak_memory_is_flat(tiny_checkpoints, capsys):
             f"\nsoak: {steps} decode steps, {calls} calls; device allocated {allocated0} -> {allocated} B "
             f"(peak {torch.cuda.max_memory_allocated()} B); pinned buffers {pinned0} -> {pinned} B"
         )
+
+
+def test_cuda_attention_runs_without_cudnn_and_the_setting_is_restored(tiny_checkpoints):
+    # cuDNN SDPA builds a graph per key length (tens of ms per decode step): the model's forward turns it off
+    _, hybrid = _pair(tiny_checkpoints["mixtral"], "mixtral", torch.bfloat16, mode="adaptive")
+    seen = []
+    attention = hybrid.model.layers[0].self_attn
+    handle = attention.register_forward_pre_hook(
+        lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+    )
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        hybrid.generate(prompt(batch=1).cuda(), max_new_tokens=3, do_sample=False)
+    finally:
+        handle.remove()
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

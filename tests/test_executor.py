@@ -22,6 +22,33 @@ def test_cpu_rate_correction_converges_and_is_bounded():
     before = ex.cpu_scale
     ex._learn_cpu_rate(predicted_s=1e-6, measured_s=1.0)  # overhead-dominated jobs are ignored
     assert ex.cpu_scale == before
+    # a slow prefill-sized job teaches the prefill regime only
+    for _ in range(60):
+        ex._learn_cpu_rate(predicted_s=0.010, measured_s=0.005, regime="large")
+    assert abs(ex.cpu_scales["large"] - 0.5) < 0.01 and ex.cpu_scale == before
+    ex.close()
+
+
+def test_cpu_rate_correction_drifts_back_when_the_cpu_lane_gets_no_work(tiny_checkpoints):
+    from test_exactness import load_pair, prompt
+
+    _, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral", torch.float32, token_assignment="adaptive")
+    ex = hybrid.hybrid.executor
+    ex.cpu_scales["small"] = Executor.CPU_SCALE_RANGE[1]  # one bad measurement: the CPU looks 8x slower
+    hybrid.generate(prompt(batch=1), max_new_tokens=6, do_sample=False)
+    # every host expert was streamed at first; without new CPU measurements the factor drifts back to 1
+    assert 1.0 <= ex.cpu_scales["small"] < Executor.CPU_SCALE_RANGE[1] - 0.5
+
+
+def test_reusable_buffers_made_under_inference_mode_stay_writable_under_no_grad():
+    # generate under inference_mode (as the benchmark does), then calibrate under no_grad: the buffers the
+    # first call made are written again by the second
+    ex = Executor(torch.device("cpu"), default_profile("cuda"))
+    with torch.inference_mode():
+        buf = ex.pinned("x", (4, 8), torch.float32)
+    with torch.no_grad():
+        ex.pinned("x", (4, 8), torch.float32).copy_(torch.ones(4, 8))
+    assert not buf.is_inference()
     ex.close()
 
 

@@ -27,6 +27,7 @@ during prefill instead of copying them can come out slightly above 100 % of the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -661,6 +662,26 @@ def _reset_peak(index: int) -> None:
         _log(f"cannot reset the GPU peak-memory counter: {exc}")
 
 
+@contextlib.contextmanager
+def _without_cudnn_attention(cuda: bool):
+    """Every engine measures with cuDNN SDPA off, as hf_hybrid's forward runs.
+
+    cuDNN attention builds a graph for each new key length, i.e. every decode step: 40-60 ms of host time
+    per step on the H100 machine, which made the all-on-GPU row decode at 13 tok/s instead of ~60. The
+    baselines would lose to a cost that has nothing to do with offloading; with flash / memory-efficient
+    attention they do not.
+    """
+    if not cuda:
+        yield
+        return
+    saved = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(saved)
+
+
 def run_engine(engine: str, path: Path, settings: BenchSettings, ids: torch.Tensor) -> dict:
     """Load, measure and free one engine; failures become a row with ``status`` error/skipped."""
     prompt, new_tokens = settings.counts(engine)
@@ -685,7 +706,8 @@ def run_engine(engine: str, path: Path, settings: BenchSettings, ids: torch.Tens
         device = _input_device(model, engine, settings)
         if engine == "hf_hybrid":
             model.hybrid.executor.stats.reset()  # count the measurement, not the load
-        row.update(measure_generate(model, ids[:, :prompt].to(device), new_tokens, settings.repeats))
+        with _without_cudnn_attention(cuda):
+            row.update(measure_generate(model, ids[:, :prompt].to(device), new_tokens, settings.repeats))
         if row.get("generated_tokens") != new_tokens:
             row["warning"] = f"generated {row.get('generated_tokens')} tokens instead of {new_tokens}"
         if cuda and engine != "cpu":
@@ -732,6 +754,7 @@ def _lane_stats(model: Any) -> dict | None:
     out = {name: getattr(stats, name) for name in stats.__dataclass_fields__}
     out["cpu_lane_GBps"] = stats.cpu_bytes / stats.cpu_lane_s / 1e9 if stats.cpu_lane_s else None
     out["cpu_scale"] = getattr(executor, "cpu_scale", None)
+    out["cpu_scales"] = dict(getattr(executor, "cpu_scales", {}))
     return out
 
 
