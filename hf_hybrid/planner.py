@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import BudgetError, PlacementError
-from .profile import HardwareProfile
+from .profile import LANE_GEMM_TOKENS, HardwareProfile
 from .units import CPU, GPU, HOMES, STREAM, Unit, format_bytes
 
 #: Budgets at or above this are "unlimited" (the CPU standing in with no gpu_memory given).
@@ -32,6 +32,12 @@ TOKEN_ASSIGNMENTS = ("adaptive", "static", "cpu", "stream", "split")
 #: Token assignment "split" divides host experts only in steps of at most this many tokens (decode);
 #: bigger steps assign whole experts, where the GPU's compute advantage dominates.
 SPLIT_MAX_TOKENS = 16
+#: Serial host time of a layer step: the feeding thread runs the next attention block in Python, waits for
+#: the router's result on the host and issues the lanes, while the lanes idle.
+#: Fitted to six H100 runs of 2026-11-25 (S1 at batch 1 and 8, S3, S4; traces showed 1-4 ms between
+#: layers with every lane idle): about 1 ms per layer plus 0.9 ms per host expert used in a decode step.
+LAYER_HOST_S = 1.0e-3
+UNIT_HOST_S = 0.9e-3
 #: Staging slots per class: two for double buffering plus one so a copy can run ahead of compute.
 EXPERT_STAGING_SLOTS = 3
 MODULE_STAGING_SLOTS = 2
@@ -86,23 +92,43 @@ def gpu_time(unit: Unit, tokens: float, profile: HardwareProfile) -> float:
 
 
 def cpu_time(unit: Unit, tokens: float, profile: HardwareProfile) -> float:
-    """Seconds for the CPU lane to compute ``unit`` on ``tokens`` tokens (weights read from DRAM)."""
+    """Seconds for the CPU lane to compute ``unit`` on ``tokens`` tokens (weights read from DRAM).
+
+    The kernel rates were measured on the profiling thread; the CPU lane runs in its own worker thread
+    with one core fewer, which the profile measures too (:func:`lane_factor`).
+    """
     if tokens <= 0:
         return 0.0
     m = max(1, round(tokens))
-    return max(unit.nbytes / profile.cpu_weight_bw(m), tokens * unit.flops_per_token / profile.cpu_flops(m))
+    solo = max(unit.nbytes / profile.cpu_weight_bw(m), tokens * unit.flops_per_token / profile.cpu_flops(m))
+    return solo / lane_factor(profile, m)
 
 
-def cpu_share(profile: HardwareProfile) -> float:
-    """Fraction of its solo rate the CPU lane keeps while PCIe copies run (they share DRAM)."""
-    return max(0.05, min(1.0, profile.cpu_gemv_bw_during_copy / profile.cpu_weight_bw(1)))
+def lane_factor(profile: HardwareProfile, tokens: int) -> float:
+    """The CPU lane's rate in its worker thread over the profiling thread's, for a job of ``tokens``."""
+    if tokens <= SPLIT_MAX_TOKENS:
+        lane, solo = profile.cpu_lane_gemv_bw, profile.cpu_weight_bw(1)
+    else:
+        lane, solo = profile.cpu_lane_gemm_flops, profile.cpu_flops(LANE_GEMM_TOKENS)
+    if not lane or not solo:
+        return 1.0  # a profile from before these were measured
+    return max(0.05, min(1.5, lane / solo))
+
+
+def cpu_share(profile: HardwareProfile, tokens: int = 1) -> float:
+    """Fraction of its own rate the CPU lane keeps while PCIe copies run (they share DRAM and cores)."""
+    if tokens > SPLIT_MAX_TOKENS and profile.cpu_lane_gemm_flops and profile.cpu_lane_gemm_flops_during_copy:
+        return max(0.05, min(1.0, profile.cpu_lane_gemm_flops_during_copy / profile.cpu_lane_gemm_flops))
+    lane_solo = profile.cpu_weight_bw(1) * lane_factor(profile, 1)
+    return max(0.05, min(1.0, profile.cpu_gemv_bw_during_copy / lane_solo))
 
 
 def cpu_lane_time(units_and_tokens: list[tuple[Unit, int]], profile: HardwareProfile) -> float:
     """Predicted seconds of one CPU-lane job (as :func:`assign_tokens` costs it, before any correction)."""
     if not units_and_tokens:
         return 0.0
-    return CPU_ROUND_TRIP_S + sum(cpu_time(u, n, profile) for u, n in units_and_tokens) / cpu_share(profile)
+    share = cpu_share(profile, max(n for _, n in units_and_tokens))
+    return CPU_ROUND_TRIP_S + sum(cpu_time(u, n, profile) for u, n in units_and_tokens) / share
 
 
 def split_fraction(profile: HardwareProfile, cpu_scale: float = 1.0) -> float:
@@ -180,7 +206,8 @@ def assign_tokens(
     pcie_lane = 0.0
     gpu_lane = gpu_busy_s
     costed = []
-    cpu_factor, pcie_factor = cpu_scale / cpu_share(profile), 1.0 / pcie_share(profile)
+    largest = max((w.tokens for w in work), default=1)
+    cpu_factor, pcie_factor = cpu_scale / cpu_share(profile, largest), 1.0 / pcie_share(profile)
     for w in work:
         unit = Unit(w.name, "expert", None, w.nbytes, w.flops_per_token, HOMES)
         c = cpu_time(unit, w.tokens, profile) * cpu_factor
@@ -725,6 +752,15 @@ def layer_time(
             # occupies the PCIe lane and their compute is on the layer's critical path
             pcie_lane += copy_time(u, profile)
             serial += gpu_time(u, max(n, 1), profile)
+    if any(u.is_expert_like for u in layer_units):
+        # the feeding thread's serial part of the step (see LAYER_HOST_S): every MLP layer pays the attention
+        # block's Python and the routing round trip; each host expert used adds its issue and hand-off
+        # (in prefill-sized steps a small expert's issue hides behind the copies: at most half its copy)
+        serial += LAYER_HOST_S
+        for u, _, used in work:
+            if u.kind == "expert":
+                small = tokens <= SPLIT_MAX_TOKENS
+                serial += used * (UNIT_HOST_S if small else min(UNIT_HOST_S, 0.5 * copy_time(u, profile)))
     split_time = 0.0
     if split and tokens <= SPLIT_MAX_TOKENS and work:
         # every small-step host expert is divided so both lanes finish together (see split_fraction)
@@ -753,7 +789,7 @@ def layer_time(
             cpu_lane += CPU_ROUND_TRIP_S
     if cpu_lane > 0 and pcie_lane > 0:
         # both lanes read DRAM at once: each runs at its shared rate
-        cpu_lane /= cpu_share(profile)
+        cpu_lane /= cpu_share(profile, tokens)
         pcie_lane /= pcie_share(profile)
     return serial + max(gpu_lane, cpu_lane, pcie_lane, split_time), host_bytes
 

@@ -28,12 +28,14 @@ import torch.nn.functional as F
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
-from .kernels.cpu import CpuExpertKernel, available_methods, pick_methods
+from .kernels.cpu import CpuExpertKernel, available_methods, fix_thread_count, pick_methods
 from .system import cache_root, cpu_model, meminfo
 
 logger = logging.get_logger(__name__)
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 64, 512)
+#: Token count of the CPU lane's prefill-sized measurement (one of TOKEN_COUNTS).
+LANE_GEMM_TOKENS = 64
 # fields keyed by token count: JSON turns their keys into strings, from_dict turns them back
 _PER_TOKEN_KEYS = ("cpu_gemv_bw", "cpu_gemm_flops", "cpu_kernel", "cpu_method_bw")
 
@@ -60,6 +62,12 @@ class HardwareProfile:
     measured: bool = False
     # every CPU method's weight-read rate per token count (bytes/s), to see how close the runners-up were
     cpu_method_bw: dict[int, dict[str, float]] = field(default_factory=dict)
+    # the CPU lane as the executor runs it (a worker thread, one core left to the feeding thread): its
+    # 1-token weight-read rate alone, and its FLOP rate at a prefill-sized job (64 tokens) alone and while
+    # copies run. None in profiles measured before these existed (the cost model then assumes no loss).
+    cpu_lane_gemv_bw: float | None = None
+    cpu_lane_gemm_flops: float | None = None
+    cpu_lane_gemm_flops_during_copy: float | None = None
 
     def cpu_weight_bw(self, tokens: int) -> float:
         """Interpolated CPU weight-read rate at ``tokens`` tokens."""
@@ -335,19 +343,29 @@ def _measure_h2d_cuda(plan: _Plan, dev: torch.device) -> float:
     return reps * src.nbytes / (start.elapsed_time(end) / 1e3)
 
 
-def _measure_overlap(
-    plan: _Plan, dev: torch.device, kernels: list[CpuExpertKernel], cpu_pass_seconds: float
-) -> tuple[float, float]:
-    """(CPU kernel weight-read rate, copy rate) while both run at once.
+def _lane_threads(dev: torch.device) -> int:
+    """The CPU lane's thread count, as the executor sets it: one core is left to the thread feeding a GPU."""
+    return max(1, torch.get_num_threads() - (1 if dev.type == "cuda" else 0))
 
-    The CPU kernel runs on a worker thread, as the executor runs it; the main thread only issues copies
-    and waits on blocking events. Spin-waiting here (``event.query()`` loops, ``synchronize()`` on
-    non-blocking events) steals a core from the CPU lane: measured 60 -> 15-33 GB/s on a 16-core Xeon,
-    and 29 -> 9 GB/s for an ``event.query()`` loop on the H100 test host.
+
+def _measure_overlap(
+    plan: _Plan,
+    dev: torch.device,
+    kernels: list[CpuExpertKernel],
+    cpu_pass_seconds: float,
+    tokens: int = 1,
+    copies: bool = True,
+) -> tuple[float, float]:
+    """(CPU-lane seconds per pass over ``kernels`` at ``tokens`` tokens, copy rate) -- with copies running.
+
+    The CPU kernel runs on a worker thread with the executor's thread count, as the executor runs it; the
+    main thread only issues copies and waits on blocking events (or, with ``copies=False``, just waits).
+    Spin-waiting here (``event.query()`` loops, ``synchronize()`` on non-blocking events) steals a core
+    from the CPU lane: measured 60 -> 15-33 GB/s on a 16-core Xeon, and 29 -> 9 GB/s for an
+    ``event.query()`` loop on the H100 test host.
     """
-    x = torch.randn(1, kernels[0].hidden_size).to(kernels[0].gate_up.dtype)
+    x = torch.randn(tokens, kernels[0].hidden_size).to(kernels[0].gate_up.dtype)
     passes = max(2, math.ceil(plan.overlap_time / max(cpu_pass_seconds, 1e-6)))
-    weight_bytes = sum(k.weight_bytes for k in kernels)
     is_cuda = dev.type == "cuda"
     chunk = min(plan.copy_bytes, 64 * _MiB)
     src = torch.ones(chunk, dtype=torch.uint8)
@@ -360,10 +378,12 @@ def _measure_overlap(
     dst.copy_(src)  # warm-up (first touch / DMA mapping)
     barrier = threading.Barrier(2)
     done = threading.Event()
+    threads = _lane_threads(dev)
 
     def cpu_lane() -> float:
         with torch.inference_mode():
             try:
+                fix_thread_count(threads)
                 _cpu_pass(kernels, x)  # warm-up in this thread (per-thread OpenMP state, primitive caches)
             except BaseException:
                 barrier.abort()  # release the main thread instead of leaving it waiting forever
@@ -373,7 +393,7 @@ def _measure_overlap(
                 t0 = time.perf_counter()
                 for _ in range(passes):
                     _cpu_pass(kernels, x)
-                return passes * weight_bytes / (time.perf_counter() - t0)
+                return (time.perf_counter() - t0) / passes
             finally:
                 done.set()
 
@@ -386,7 +406,7 @@ def _measure_overlap(
             raise
         copied = 0
         t0 = time.perf_counter()
-        while not done.is_set():
+        while copies and not done.is_set():
             if is_cuda:
                 with torch.cuda.stream(stream):
                     for _ in range(plan.copies_per_wait):
@@ -399,8 +419,8 @@ def _measure_overlap(
                     dst.copy_(src)  # the CPU stands in for the device: a copy is a host memcpy
             copied += plan.copies_per_wait * chunk
         copy_seconds = time.perf_counter() - t0
-        cpu_bw = future.result()
-    return cpu_bw, copied / copy_seconds
+        seconds_per_pass = future.result()
+    return seconds_per_pass, copied / copy_seconds if copied else 0.0
 
 
 def _measure_gpu(plan: _Plan, dev: torch.device, dtype: torch.dtype) -> tuple[float, float]:
@@ -474,9 +494,20 @@ def measure(
         decode_kernels = kernels_by_method.get(kernel[1]) or next(iter(kernels_by_method.values()))
         weight_bytes = sum(k.weight_bytes for k in decode_kernels)
         cpu_pass_seconds = weight_bytes / max(gemv_bw[1], 1.0)
-        cpu_during_copy, h2d_during_cpu = _measure_overlap(plan, dev, decode_kernels, cpu_pass_seconds)
+        per_pass, h2d_during_cpu = _measure_overlap(plan, dev, decode_kernels, cpu_pass_seconds)
+        cpu_during_copy = weight_bytes / per_pass
+        # the lane alone (its thread and thread count cost something of their own), and a prefill-sized job
+        lane_gemv = weight_bytes / _measure_overlap(plan, dev, decode_kernels, per_pass, copies=False)[0]
+        m = LANE_GEMM_TOKENS
+        prefill_kernels = kernels_by_method.get(kernel[m]) or decode_kernels
+        flops_per_pass = sum(k.flops(m) for k in prefill_kernels)
+        gemm_pass = flops_per_pass / max(gemm_flops[m], 1.0)
+        lane_gemm = (
+            flops_per_pass / _measure_overlap(plan, dev, prefill_kernels, gemm_pass, m, copies=False)[0]
+        )
+        lane_gemm_copy = flops_per_pass / _measure_overlap(plan, dev, prefill_kernels, gemm_pass, m)[0]
         bar.update(1)
-        del experts, kernels_by_method, decode_kernels
+        del experts, kernels_by_method, decode_kernels, prefill_kernels
 
         if is_cuda:
             bar.set_postfix_str("GPU GEMV/GEMM")
@@ -503,6 +534,9 @@ def measure(
         cpu_kernel=kernel,
         measured=True,
         cpu_method_bw=bw,
+        cpu_lane_gemv_bw=lane_gemv,
+        cpu_lane_gemm_flops=lane_gemm,
+        cpu_lane_gemm_flops_during_copy=lane_gemm_copy,
     )
     logger.info(
         "Measured hardware profile in %.1f s:\n%s", time.perf_counter() - started, format_profile(profile)
@@ -655,6 +689,14 @@ def format_profile(p: HardwareProfile) -> str:
         f"{accel + ' GEMV weight read':<34} {p.gpu_mem_bw / 1e9:>9.1f} GB/s",
         f"{accel + ' GEMM':<34} {p.gpu_flops / 1e12:>9.2f} TFLOP/s",
     ]
+    m = LANE_GEMM_TOKENS
+    if p.cpu_lane_gemv_bw:
+        lines.append(f"{'CPU lane alone (1 token)':<34} {p.cpu_lane_gemv_bw / 1e9:>9.1f} GB/s")
+    if p.cpu_lane_gemm_flops:
+        lines.append(f"{f'CPU lane alone ({m} tokens)':<34} {p.cpu_lane_gemm_flops / 1e12:>9.2f} TFLOP/s")
+    if p.cpu_lane_gemm_flops_during_copy:
+        label = f"CPU lane during copy ({m} tokens)"
+        lines.append(f"{label:<34} {p.cpu_lane_gemm_flops_during_copy / 1e12:>9.2f} TFLOP/s")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 
+import hf_hybrid.planner as planner_module
 from hf_hybrid.errors import BudgetError, PlacementError
 from hf_hybrid.planner import HostWork, HybridPlan, Workload, assign_tokens, plan, predict
 from hf_hybrid.profile import default_profile
@@ -168,7 +169,10 @@ def test_plan_table_and_dict():
     predict(p)  # idempotent
 
 
-def test_split_assignment_predicts_decode_at_the_shared_bound():
+def test_split_assignment_predicts_decode_at_the_shared_bound(monkeypatch):
+    # the lanes alone: without the feeding thread's serial time, split reaches the shared-DRAM bound
+    monkeypatch.setattr(planner_module, "LAYER_HOST_S", 0.0)
+    monkeypatch.setattr(planner_module, "UNIT_HOST_S", 0.0)
     profile = default_profile("cuda")
     units = moe_units(layers=4, experts=8, expert_mib=300)
     budget = 2000 * MIB
@@ -180,3 +184,52 @@ def test_split_assignment_predicts_decode_at_the_shared_bound():
     assert split.predicted["decode_fraction_of_bound"] > 0.9
     with pytest.raises(ValueError, match="token_assignment"):
         plan(units, profile, budget, token_assignment="sideways")
+
+
+def test_cpu_costs_follow_the_lane_rates_the_profile_measured():
+    import dataclasses
+
+    from hf_hybrid.planner import cpu_share, cpu_time
+
+    base = default_profile("cuda")
+    expert = moe_units(layers=1, experts=1, expert_mib=300)[-1]
+    # the CPU lane (its worker thread, one core fewer) reads at half the profiling thread's rate
+    slow_lane = dataclasses.replace(base, cpu_lane_gemv_bw=base.cpu_weight_bw(1) / 2)
+    assert cpu_time(expert, 1, slow_lane) == pytest.approx(2 * cpu_time(expert, 1, base))
+    # the rate while copies run was measured on the lane itself: sharing is relative to the lane's own rate,
+    # so a lane that is slow alone does not pay the difference twice
+    lane = dataclasses.replace(base, cpu_lane_gemv_bw=0.9 * base.cpu_weight_bw(1))
+    assert cpu_time(expert, 1, lane) / cpu_share(lane) == pytest.approx(
+        expert.nbytes / base.cpu_gemv_bw_during_copy
+    )
+    # prefill-sized jobs use the lane's GEMM rates: a third of the profiling thread's alone, half again with copies
+    gemm = base.cpu_flops(64)
+    slow_gemm = dataclasses.replace(
+        base, cpu_lane_gemm_flops=gemm / 3, cpu_lane_gemm_flops_during_copy=gemm / 6
+    )
+    assert cpu_time(expert, 128, slow_gemm) == pytest.approx(3 * cpu_time(expert, 128, base))
+    assert cpu_share(slow_gemm, 128) == pytest.approx(0.5)
+    assert cpu_time(expert, 1, slow_gemm) == cpu_time(expert, 1, base)  # decode keeps its own rate
+
+
+def test_layer_step_costs_the_feeding_threads_serial_time_per_host_expert(monkeypatch):
+    from hf_hybrid.planner import LAYER_HOST_S, UNIT_HOST_S, layer_time
+
+    profile = default_profile("cuda")
+    units = moe_units(layers=1, experts=4, expert_mib=300)
+    experts = [u for u in units if u.kind == "expert"]
+    per_layer = {0: (4, 2)}
+    resident = {u.name: GPU for u in units}
+    on_cpu = {**resident, **{e.name: CPU for e in experts}}
+    one, two = {experts[0].name: 1}, {experts[0].name: 1, experts[1].name: 1}
+
+    def step(homes, routed):
+        return layer_time(units, homes, profile, {}, per_layer, 1, routed=routed)[0]
+
+    charged = {n: step(on_cpu, r) for n, r in ((1, one), (2, two))}
+    resident_step = step(resident, two)
+    monkeypatch.setattr(planner_module, "LAYER_HOST_S", 0.0)
+    monkeypatch.setattr(planner_module, "UNIT_HOST_S", 0.0)
+    for n, routed in ((1, one), (2, two)):
+        assert charged[n] - step(on_cpu, routed) == pytest.approx(LAYER_HOST_S + n * UNIT_HOST_S)
+    assert resident_step - step(resident, two) == pytest.approx(LAYER_HOST_S)  # all resident: the layer's own
