@@ -34,6 +34,9 @@ from .system import cache_root, cpu_model, meminfo
 logger = logging.get_logger(__name__)
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 64, 512)
+#: Bumped when a measurement is added, so a cached profile without it is measured again rather than
+#: planned with (2: the CPU lane's own rates).
+PROFILE_FORMAT = 2
 #: Token count of the CPU lane's prefill-sized measurement (one of TOKEN_COUNTS).
 LANE_GEMM_TOKENS = 64
 # fields keyed by token count: JSON turns their keys into strings, from_dict turns them back
@@ -561,6 +564,7 @@ def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
 def _cache_name(dev: torch.device, dtype: torch.dtype, quick: bool) -> str:
     parts = [
         "profile",
+        f"v{PROFILE_FORMAT}",
         cpu_model(),
         f"{torch.get_num_threads()}t",
         f"torch{torch.__version__}",
