@@ -10,6 +10,7 @@ thread count, on ordinary and on pinned weights, with ``F.linear`` and with oneD
 
 from __future__ import annotations
 
+import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,7 +48,13 @@ def _rate(kernels, x, seconds: float = 1.5) -> float:
 
 
 def main() -> None:
-    hidden, inter, count = 4096, 14336, 8
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--inter", type=int, default=14336)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=1.5, help="timing per row")
+    args = parser.parse_args()
+    hidden, inter, count = args.hidden, args.inter, args.experts
     threads = max(1, torch.get_num_threads() - (1 if torch.cuda.is_available() else 0))
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     print("transparent hugepages:", thp.read_text().strip() if thp.exists() else "unknown")
@@ -63,7 +70,7 @@ def main() -> None:
             with ThreadPoolExecutor(max_workers=1) as pool:
                 pool.submit(fix_thread_count, threads).result()
                 with torch.inference_mode():
-                    rate = pool.submit(_rate, kernels, x).result()
+                    rate = pool.submit(_rate, kernels, x, args.seconds).result()
             rows.append((("pinned" if pin else "ordinary"), method, rate))
             del kernels
         del experts

@@ -1,0 +1,53 @@
+"""The diagnostic scripts in benchmarks/ run end to end on a tiny scenario (CPU standing in)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(tmp_path: Path, *args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HYBRID_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_trace_scenario_writes_a_timeline_per_mode(tmp_path):
+    out = _run(
+        tmp_path,
+        str(ROOT / "benchmarks" / "trace_scenario.py"),
+        "--scenario", "tiny-moe", "--gpu-memory", "18MiB", "--modes", "adaptive,stream",
+        "--new-tokens", "3", "--out", str(tmp_path / "t.json"),
+    )  # fmt: skip
+    for mode in ("adaptive", "stream"):
+        events = json.loads((tmp_path / f"t.{mode}.json").read_text())["traceEvents"]
+        assert any(e.get("name", "").startswith("forward") for e in events)
+        assert f"{mode}: lanes" in out
+
+
+def test_step_profile_prints_the_parts_of_a_decode_step(tmp_path):
+    out = _run(
+        tmp_path,
+        str(ROOT / "benchmarks" / "step_profile.py"),
+        "--scenario", "tiny-moe", "--gpu-memory", "18MiB", "--modes", "adaptive,static",
+        "--new-tokens", "4", "--profile-steps", "2", "--out-dir", str(tmp_path),
+    )  # fmt: skip
+    assert "| start -> layer 0 |" in out and "| adaptive | static |" in out
+    assert (tmp_path / "tiny-moe-steps.profile.json").exists()
+
+
+def test_cpu_lane_memory_probe_prints_a_rate_per_method(tmp_path):
+    out = _run(
+        tmp_path,
+        str(ROOT / "benchmarks" / "cpu_lane_memory.py"),
+        "--hidden", "64", "--inter", "128", "--experts", "2", "--seconds", "0.05",
+    )  # fmt: skip
+    assert "| ordinary | linear |" in out
