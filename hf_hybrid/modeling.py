@@ -75,11 +75,39 @@ class HybridGenerationMixin:
         """
         self._check_context(args, kwargs)
         with self.hybrid.lock:
+            starts: list[float] = []  # host time at the start of each forward: prefill, then decode steps
+            handle = self.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
             try:
-                return super().generate(*args, **kwargs)
+                out = super().generate(*args, **kwargs)
             except BaseException:
                 self.hybrid.executor.recover()
                 raise
+            finally:
+                handle.remove()
+            self._record_throughput(args, kwargs, starts, time.perf_counter())
+            return out
+
+    def _record_throughput(self, args, kwargs, starts: list[float], finished: float) -> None:
+        """Put what this generate call measured beside the plan's predictions (``hybrid_plan.measured``).
+
+        generate waits for each step's token on the host, so the start of forward k + 1 marks the end of
+        forward k: prefill = second start - first start, decode = the rest, without extra device syncs.
+        """
+        input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or not starts:
+            return
+        batch, prompt = input_ids.shape
+        prefill_s = (starts[1] if len(starts) > 1 else finished) - starts[0]
+        measured = {
+            "prompt_tokens": prompt,
+            "batch": batch,
+            "prefill_tok_s": batch * prompt / max(prefill_s, 1e-9),
+        }
+        steps = len(starts) - 1
+        if steps > 0:
+            measured["decode_steps"] = steps
+            measured["decode_tok_s"] = batch * steps / max(finished - starts[1], 1e-9)
+        self.hybrid.plan.measured = measured
 
     def _check_context(self, args, kwargs) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)

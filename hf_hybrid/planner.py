@@ -247,6 +247,9 @@ class HybridPlan:
     token_assignment: str = "adaptive"  # the executor's policy, which the predictions assume
     predicted: dict[str, float] = field(default_factory=dict)
     unit_times: dict[str, dict[str, float]] = field(default_factory=dict)
+    # what the last generate call really did (set by the model after each call; empty before the first):
+    # prompt_tokens, batch, prefill_tok_s, decode_tok_s, decode_steps -- to set beside the predictions
+    measured: dict[str, float] = field(default_factory=dict)
 
     # -- queries
     def home(self, name: str) -> str:
@@ -303,6 +306,7 @@ class HybridPlan:
             },
             "token_assignment": self.token_assignment,
             "predicted": {k: (v if math.isfinite(v) else None) for k, v in self.predicted.items()},
+            "measured": dict(self.measured),
             "profile": self.profile.to_dict(),
         }
 
@@ -346,6 +350,13 @@ class HybridPlan:
                     else " (everything resident: no PCIe/CPU bound)"
                 )
                 lines.append(f"predicted {what}: {p[f'{phase}_tok_s']:.{digits}f} tok/s{tail}")
+        m = self.measured
+        if m.get("prefill_tok_s"):
+            line = f"measured by the last generate: prefill ({m['prompt_tokens']:.0f} tokens x {m['batch']:.0f}) "
+            line += f"{m['prefill_tok_s']:.1f} tok/s"
+            if m.get("decode_tok_s"):
+                line += f", decode {m['decode_tok_s']:.2f} tok/s over {m['decode_steps']:.0f} steps"
+            lines.append(line)
         return "\n".join(lines)
 
     __repr__ = __str__

@@ -80,6 +80,17 @@ def test_greedy(tiny):
     _uses_every_home(hybrid)
 
 
+def test_plan_shows_what_the_last_generate_measured(tiny):
+    _, hybrid = tiny
+    ids = _prompt()
+    hybrid.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    m = hybrid.hybrid_plan.measured
+    assert (m["batch"], m["prompt_tokens"], m["decode_steps"]) == (ids.shape[0], ids.shape[1], 5)
+    assert m["prefill_tok_s"] > 0 and m["decode_tok_s"] > 0
+    assert "measured by the last generate" in str(hybrid.hybrid_plan)
+    assert hybrid.hybrid_plan.to_dict()["measured"] == m
+
+
 def test_sampling_with_fixed_seed(tiny):
     ref, hybrid = tiny
     ids = _prompt(seed=1)
