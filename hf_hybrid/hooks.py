@@ -7,10 +7,12 @@
   their staging slot and back, and prefetch the next streamed module.
 * A CPU-resident embedding: inputs go to the CPU, the looked-up activations come back to the device.
 * On CUDA, the cuDNN backend of ``scaled_dot_product_attention`` is switched off for the model's forward
-  (see :class:`_NoCudnnAttention`).
+  (see :func:`cudnn_attention_off`).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -60,26 +62,38 @@ class _StreamHook:
         return output
 
 
-class _NoCudnnAttention:
-    """Switch off cuDNN SDPA for one forward and restore the caller's setting afterwards.
+@contextmanager
+def cudnn_attention_off():
+    """Switch off cuDNN SDPA inside the block and restore the caller's setting afterwards, also on errors.
 
     cuDNN attention builds an execution graph for every new key length, and a decode step has a new key
     length every time: on the H100 machine that was ~40 ms of host time per step (S1, torch 2.11), more
     than half of a decode step. Flash / memory-efficient attention have no per-shape setup and compute
-    the same attention. The flag is process-wide in torch, so it is set only while the model runs.
+    the same attention. The flag is process-wide in torch, so it is set only while the block runs.
     """
+    saved = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(saved)
+
+
+class _NoCudnnAttention:
+    """:func:`cudnn_attention_off` around one forward, as a pre/post hook pair."""
 
     def __init__(self):
-        self.saved: list[bool] = []
+        self.open: list = []
 
     def pre(self, module, args, kwargs):
-        self.saved.append(torch.backends.cuda.cudnn_sdp_enabled())
-        torch.backends.cuda.enable_cudnn_sdp(False)
+        block = cudnn_attention_off()
+        block.__enter__()
+        self.open.append(block)
         return args, kwargs
 
     def post(self, module, args, kwargs, output):
-        if self.saved:
-            torch.backends.cuda.enable_cudnn_sdp(self.saved.pop())
+        if self.open:
+            self.open.pop().__exit__(None, None, None)
         return output
 
 

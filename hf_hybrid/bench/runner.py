@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from ..hooks import cudnn_attention_off
 from ..system import cpu_model, meminfo
 from ..units import format_bytes, parse_bytes
 from .checkpoint import build_checkpoint, checkpoint_key, read_meta
@@ -662,26 +663,6 @@ def _reset_peak(index: int) -> None:
         _log(f"cannot reset the GPU peak-memory counter: {exc}")
 
 
-@contextlib.contextmanager
-def _without_cudnn_attention(cuda: bool):
-    """Every engine measures with cuDNN SDPA off, as hf_hybrid's forward runs.
-
-    cuDNN attention builds a graph for each new key length, i.e. every decode step: 40-60 ms of host time
-    per step on the H100 machine, which made the all-on-GPU row decode at 13 tok/s instead of ~60. The
-    baselines would lose to a cost that has nothing to do with offloading; with flash / memory-efficient
-    attention they do not.
-    """
-    if not cuda:
-        yield
-        return
-    saved = torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    try:
-        yield
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(saved)
-
-
 def run_engine(engine: str, path: Path, settings: BenchSettings, ids: torch.Tensor) -> dict:
     """Load, measure and free one engine; failures become a row with ``status`` error/skipped."""
     prompt, new_tokens = settings.counts(engine)
@@ -706,7 +687,10 @@ def run_engine(engine: str, path: Path, settings: BenchSettings, ids: torch.Tens
         device = _input_device(model, engine, settings)
         if engine == "hf_hybrid":
             model.hybrid.executor.stats.reset()  # count the measurement, not the load
-        with _without_cudnn_attention(cuda):
+        # every engine measures with cuDNN SDPA off, as hf_hybrid's forward runs: cuDNN builds a graph per
+        # key length, i.e. every decode step (40-60 ms each on the H100 machine; the all-on-GPU row decoded at
+        # 13 tok/s instead of ~60 with it), a cost that has nothing to do with offloading
+        with cudnn_attention_off() if cuda else contextlib.nullcontext():
             row.update(measure_generate(model, ids[:, :prompt].to(device), new_tokens, settings.repeats))
         if row.get("generated_tokens") != new_tokens:
             row["warning"] = f"generated {row.get('generated_tokens')} tokens instead of {new_tokens}"
