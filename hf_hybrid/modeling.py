@@ -93,8 +93,8 @@ class HybridGenerationMixin:
         generate waits for each step's token on the host, so the start of forward k + 1 marks the end of
         forward k: prefill = second start - first start, decode = the rest, without extra device syncs.
         """
-        input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or not starts:
+        input_ids = self._input_ids(args, kwargs)
+        if input_ids is None or input_ids.dim() != 2 or not starts:
             return
         batch, prompt = input_ids.shape
         prefill_s = (starts[1] if len(starts) > 1 else finished) - starts[0]
@@ -109,11 +109,17 @@ class HybridGenerationMixin:
             measured["decode_tok_s"] = batch * steps / max(finished - starts[1], 1e-9)
         self.hybrid.plan.measured = measured
 
-    def _check_context(self, args, kwargs) -> None:
+    @staticmethod
+    def _input_ids(args, kwargs):
+        """The prompt tensor of a ``generate(*args, **kwargs)`` call (``None`` when it is not a tensor)."""
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             input_ids = kwargs.get("inputs")
-        if not isinstance(input_ids, torch.Tensor):
+        return input_ids if isinstance(input_ids, torch.Tensor) else None
+
+    def _check_context(self, args, kwargs) -> None:
+        input_ids = self._input_ids(args, kwargs)
+        if input_ids is None:
             return
         prompt = input_ids.shape[-1]
         rows = input_ids.shape[0] if input_ids.dim() > 1 else 1
