@@ -371,14 +371,15 @@ def _measure_overlap(
     passes = max(2, math.ceil(plan.overlap_time / max(cpu_pass_seconds, 1e-6)))
     is_cuda = dev.type == "cuda"
     chunk = min(plan.copy_bytes, 64 * _MiB)
-    src = torch.ones(chunk, dtype=torch.uint8)
-    if is_cuda:
-        src = src.pin_memory()
-        dst = torch.empty(chunk, dtype=torch.uint8, device=dev)
-        stream = torch.cuda.Stream(device=dev)
-    else:
-        dst = torch.empty_like(src)
-    dst.copy_(src)  # warm-up (first touch / DMA mapping)
+    if copies:
+        src = torch.ones(chunk, dtype=torch.uint8)
+        if is_cuda:
+            src = src.pin_memory()
+            dst = torch.empty(chunk, dtype=torch.uint8, device=dev)
+            stream = torch.cuda.Stream(device=dev)
+        else:
+            dst = torch.empty_like(src)
+        dst.copy_(src)  # warm-up (first touch / DMA mapping)
     barrier = threading.Barrier(2)
     done = threading.Event()
     threads = _lane_threads(dev)
