@@ -10,6 +10,11 @@ thread count, on ordinary and on pinned weights, with ``F.linear`` and with oneD
 
 from __future__ import annotations
 
+# first, before torch: hf_hybrid sets OMP_WAIT_POLICY=PASSIVE, which OpenMP reads once, when torch loads it
+import hf_hybrid  # noqa: F401
+
+# isort: split
+
 import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import hf_hybrid  # noqa: F401  (sets OMP_WAIT_POLICY before torch starts its threads)
 from hf_hybrid.kernels.cpu import CpuExpertKernel, available_methods, fix_thread_count
 
 

@@ -7,6 +7,11 @@ weight-read rate, the copy lane's bytes and the feeding thread's wait time per d
 
 from __future__ import annotations
 
+# first, before torch: hf_hybrid sets OMP_WAIT_POLICY=PASSIVE, which OpenMP reads once, when torch loads it
+import hf_hybrid  # noqa: F401
+
+# isort: split
+
 import argparse
 import json
 import time

@@ -10,16 +10,18 @@ by host time (the Chrome trace is saved in ``--out-dir``).
 
 from __future__ import annotations
 
+# first, before torch: hf_hybrid sets OMP_WAIT_POLICY=PASSIVE, which OpenMP reads once, when torch loads it
+import hf_hybrid  # noqa: F401
+
+# isort: split
+
 import argparse
 import statistics
 import time
 from pathlib import Path
 
 import torch
-
-import hf_hybrid
-from hf_hybrid.bench.checkpoint import build_checkpoint
-from hf_hybrid.bench.scenarios import get_scenario
+from scenario_model import load_scenario_model
 
 
 def _sync(model) -> None:
@@ -92,16 +94,13 @@ def main() -> None:
     parser.add_argument("--out-dir", default=".")
     args = parser.parse_args()
 
-    scenario = get_scenario(args.scenario)
-    prompt = args.prompt or scenario.prompt
-    path = build_checkpoint(scenario)
-    model = hf_hybrid.HybridModelForCausalLM.from_pretrained(
-        path,
-        gpu_memory=args.gpu_memory or scenario.gpu_memory,
-        dtype=torch.bfloat16,
-        max_context=prompt + args.new_tokens + 8,
+    scenario, model, ids = load_scenario_model(
+        args.scenario,
+        new_tokens=args.new_tokens,
+        prompt=args.prompt,
+        gpu_memory=args.gpu_memory,
+        context_slack=8,
     )
-    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
     ids = ids.to(model.device)
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, do_sample=False)  # warm up kernels, buffers and threads

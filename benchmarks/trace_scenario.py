@@ -9,15 +9,18 @@ PCIe copies, GPU compute) shows which lane bounds each layer.
 
 from __future__ import annotations
 
+# first, before torch: hf_hybrid sets OMP_WAIT_POLICY=PASSIVE, which OpenMP reads once, when torch loads it
+import hf_hybrid  # noqa: F401
+
+# isort: split
+
 import argparse
 from pathlib import Path
 
 import torch
+from scenario_model import load_scenario_model
 
-import hf_hybrid
-from hf_hybrid.bench.checkpoint import build_checkpoint
 from hf_hybrid.bench.runner import _lane_stats
-from hf_hybrid.bench.scenarios import get_scenario
 
 
 def main() -> None:
@@ -31,18 +34,14 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    scenario = get_scenario(args.scenario)
-    prompt = args.prompt or scenario.prompt
-    path = build_checkpoint(scenario, skew=args.skew)
-    model = hf_hybrid.HybridModelForCausalLM.from_pretrained(
-        path,
-        gpu_memory=args.gpu_memory or scenario.gpu_memory,
-        dtype=torch.bfloat16,
-        max_context=prompt + args.new_tokens,
+    _, model, input_ids = load_scenario_model(
+        args.scenario,
+        new_tokens=args.new_tokens,
+        prompt=args.prompt,
+        gpu_memory=args.gpu_memory,
+        skew=args.skew,
     )
     print(model.hybrid_plan)
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=generator)
     executor = model.hybrid.executor
     for mode in args.modes.split(","):
         executor.token_assignment = mode

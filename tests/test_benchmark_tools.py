@@ -51,3 +51,17 @@ def test_cpu_lane_memory_probe_prints_a_rate_per_method(tmp_path):
         "--hidden", "64", "--inter", "128", "--experts", "2", "--seconds", "0.05",
     )  # fmt: skip
     assert "| ordinary | linear |" in out
+
+
+def test_scripts_import_hf_hybrid_before_torch():
+    # OpenMP reads OMP_WAIT_POLICY once, when torch loads it: hf_hybrid can only make it passive if it is
+    # imported first (the traces and probes of 2026-11-25 ran with spinning threads for want of this)
+    import ast
+
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        tree = ast.parse(script.read_text())
+        imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = [n.names[0].name if isinstance(n, ast.Import) else n.module for n in imports]
+        names = [n for n in names if n != "__future__"]
+        if "torch" in names:
+            assert names[0] == "hf_hybrid", script.name
