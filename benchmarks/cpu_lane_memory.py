@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hf_hybrid.kernels.cpu import CpuExpertKernel, available_methods, fix_thread_count
+from hf_hybrid.kernels.cpu import CpuExpertKernel, available_methods
+from hf_hybrid.lanes import fix_thread_count
 
 
 def _experts(count: int, hidden: int, inter: int, pin: bool):

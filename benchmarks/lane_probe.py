@@ -93,8 +93,8 @@ def main() -> None:
             kernels[j % len(kernels)](x)
         return n * kernels[0].weight_bytes / (time.perf_counter() - t)
 
-    ex.worker.submit(spin, 3).result()
-    rate = ex.worker.submit(spin).result()
+    ex.cpu_lane.run(lambda: spin(3))
+    rate = ex.cpu_lane.run(spin)
     print(
         f"CPU kernel in the CPU lane thread ({kernels[0].method_for(1)}, {len(kernels)} units): {rate / 1e9:.1f} GB/s"
     )

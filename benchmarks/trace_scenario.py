@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from scenario_model import load_scenario_model
 
-from hf_hybrid.bench.runner import _lane_stats
+from hf_hybrid.bench.timing import lane_stats as _lane_stats
 
 
 def main() -> None:

@@ -21,9 +21,31 @@ from .errors import (
     UnsupportedModelError,
     WeightsNotFoundError,
 )
-from .modeling import HybridModelForCausalLM
-from .planner import HybridPlan, Workload
-from .profile import HardwareProfile
+
+# The heavy names (torch, transformers) are imported on first use, so ``import hf_hybrid.planner`` and the
+# command line's ``--help`` stay cheap.
+_LAZY = {
+    "HybridModelForCausalLM": ".modeling",
+    "HybridPlan": ".planner",
+    "Workload": ".planner",
+    "HardwareProfile": ".profile",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hf_hybrid' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __version__ = "0.1.0"
 

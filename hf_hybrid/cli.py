@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging as std_logging
 import math
-import os
 import re
 import sys
 import time
@@ -176,11 +175,6 @@ def _add_model_options(p: argparse.ArgumentParser, *, plan: bool = False) -> Non
     _add_verbose(p, default=argparse.SUPPRESS)
 
 
-def _looks_like_local_path(name: str) -> bool:
-    """Whether ``name`` is meant as a directory rather than an ``owner/name`` hub id (as the loader decides)."""
-    return name.startswith((".", "/", "~")) or os.sep in name.replace("/", "", 1) or name.count("/") != 1
-
-
 def _model_path(args, *, need_weights: bool = True) -> str:
     """The checkpoint the command runs on: ``args.model`` checked, or the embedded default model.
 
@@ -199,7 +193,9 @@ def _model_path(args, *, need_weights: bool = True) -> str:
             return str(path)
         if path.exists():
             raise UsageError(f"{path} is a file; pass the directory that holds config.json")
-        if _looks_like_local_path(args.model):
+        from .loading import looks_like_path
+
+        if looks_like_path(args.model):
             raise UsageError(
                 f"no such directory: {path} (pass a checkpoint directory or a hub id like 'owner/name')"
             )
@@ -218,11 +214,9 @@ def _model_path(args, *, need_weights: bool = True) -> str:
 
 
 def _resolve_device(args) -> str:
-    import torch
+    from .devices import default_device_name
 
-    if args.device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return args.device
+    return args.device if args.device is not None else default_device_name()
 
 
 def _is_cpu(device: str) -> bool:
@@ -260,9 +254,25 @@ def _quiet_fit_warning(noted: bool):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
+def _options(args, device: str, **extra) -> dict:
+    """The :class:`~hf_hybrid.options.HybridOptions` the model options of ``args`` stand for."""
+    import torch
+
+    from .options import HybridOptions
+
+    options = HybridOptions(
+        gpu_memory=args.gpu_memory,
+        device=device,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        max_context=args.max_context,
+        max_batch_size=args.max_batch_size,
+        trust_remote_code=args.trust_remote_code,
+    ).with_(**extra)
+    return {name: getattr(options, name) for name in HybridOptions.names()}
+
+
 # ----------------------------------------------------------------------------------------- commands
 def _generate(args) -> int:
-    import torch
     from transformers import AutoTokenizer
 
     from .modeling import HybridModelForCausalLM
@@ -284,14 +294,7 @@ def _generate(args) -> int:
     noted = _is_cpu(device) and args.gpu_memory is None
     with _quiet_fit_warning(noted):
         model = HybridModelForCausalLM.from_pretrained(
-            path,
-            gpu_memory=args.gpu_memory,
-            device=device,
-            dtype=getattr(torch, args.dtype) if args.dtype else None,
-            max_context=args.max_context,
-            max_batch_size=args.max_batch_size,
-            trust_remote_code=args.trust_remote_code,
-            progress=sys.stderr.isatty(),
+            path, **_options(args, device, progress=sys.stderr.isatty())
         )
     if noted:
         _cpu_note(model.hybrid_plan, "is")
@@ -376,7 +379,7 @@ def _plan(args) -> int:
     path = _model_path(args, need_weights=False)
     device = _resolve_device(args)
     if device.startswith("cuda") and torch.cuda.is_available():
-        from .modeling import resolve_device
+        from .devices import resolve_device
 
         resolve_device(device)  # a cuda:N this machine lacks is an error, as for generate
     elif device.startswith("cuda"):
@@ -389,14 +392,14 @@ def _plan(args) -> int:
             raise UsageError(f"--profile {args.profile} measures this machine's GPU, and it has none")
     plan = HybridModelForCausalLM.plan(
         path,
-        gpu_memory=args.gpu_memory,
-        device=device,
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
-        trust_remote_code=args.trust_remote_code,
-        max_context=args.max_context,
-        max_batch_size=args.max_batch_size,
-        workload=Workload(min(args.prompt_tokens, args.max_context), args.new_tokens, args.max_batch_size),
-        profile=args.profile,
+        **_options(
+            args,
+            device,
+            workload=Workload(
+                min(args.prompt_tokens, args.max_context), args.new_tokens, args.max_batch_size
+            ),
+            profile=args.profile,
+        ),
     )
     if _is_cpu(device) and args.gpu_memory is None:
         _cpu_note(plan, "would be")
@@ -511,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=_plan)
 
-    for module in ("hf_hybrid.profile", "hf_hybrid.bench"):
+    for module in ("hf_hybrid.measure", "hf_hybrid.bench"):
         try:
             add_cli = getattr(__import__(module, fromlist=["add_cli"]), "add_cli", None)
         except ImportError:

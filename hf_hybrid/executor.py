@@ -1,280 +1,42 @@
-"""The only place that touches streams, events, pinned buffers and the CPU worker.
+"""One layer step across the three lanes, as named stages.
 
-Three lanes run at once:
+:meth:`Executor.run_group` computes a layer's gated-MLP units (the experts of a MoE layer or the row
+slices of a dense MLP) for its tokens:
 
-* the **copy lane**: a side CUDA stream copying pinned host weights into a ring of device staging slots
-  (:class:`StagingRing`); this is where weights cross PCIe;
-* the **GPU lane**: the model's own (current) stream computing resident units and arrived streamed units;
-* the **CPU lane**: one worker thread computing CPU units with the host weights in place.
+1. **route**: which tokens go to which unit (host-side index lists);
+2. **assign**: which host units run on the CPU lane, which are streamed to the GPU, which are split
+   between the two (the policy is :func:`hf_hybrid.planner.assign_tokens`; this is where a token is
+   assigned to a lane);
+3. **submit CPU**: the CPU lane's job starts first, so it runs while the rest is issued;
+4. **stream**: streamed units are copied into staging slots (:mod:`hf_hybrid.staging`: where a weight
+   crosses PCIe) and computed on the GPU lane;
+5. **resident**: resident units on the GPU lane;
+6. **join**: the CPU lane's fp32 partial sums are added to the GPU's, rounded once to the model dtype.
 
-Events order them: the GPU lane waits for a slot's copy event, the copy lane waits for a slot's "free"
-event before overwriting it, and the CPU worker sleeps on a blocking event until the activations it needs
-have arrived in pinned memory. Nothing spin-waits. With ``device="cpu"`` (the CPU standing in for the
-accelerator) the same code runs: copies become host memcpy into staging slots, events are no-ops, and the
-CPU worker still runs concurrently with the main thread.
+Streams, events, threads and pinned buffers belong to :mod:`hf_hybrid.lanes`; the host weight layout to
+:mod:`hf_hybrid.weights`; what the CPU lane computes to :mod:`hf_hybrid.cpu_work`.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
-from contextlib import nullcontext
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .assignment import HostWork, assign_tokens
+from .costs import SPLIT_MAX_TOKENS, cpu_lane_time, split_fraction
+from .cpu_work import HostInputs, Rows, SplitPart, split_units_job, whole_units_job
 from .errors import ExecutionError
-from .kernels.cpu import PLAIN_METHODS, CpuExpertKernel, fix_thread_count, pick_methods, plain_linear
-from .planner import (
-    SPLIT_MAX_TOKENS,
-    TOKEN_ASSIGNMENTS,
-    HostWork,
-    assign_tokens,
-    cpu_lane_time,
-    split_fraction,
-)
+from .kernels.cpu import PLAIN_METHODS, CpuExpertKernel, pick_methods
+from .lanes import CpuLane, DeviceLanes, PinnedPool, cpu_lane_threads
+from .options import TOKEN_ASSIGNMENTS
 from .profile import HardwareProfile
-from .units import CPU, GPU, STREAM, Unit
-
-ALIGN = 64  # bytes; keeps every carved tensor aligned for vector loads and oneDNN
-
-
-def align(n: int) -> int:
-    """Round ``n`` up to a multiple of :data:`ALIGN`."""
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-# ------------------------------------------------------------------------------------------- memory
-def can_pin() -> bool:
-    """Pinned host memory needs a CUDA build with a device."""
-    return torch.cuda.is_available()
-
-
-class HostArena:
-    """One pinned (when possible) host allocation carved into aligned, typed tensors.
-
-    One big allocation per layer instead of one per expert: pinning is slow per call and a contiguous
-    region per unit lets a streamed unit cross PCIe in a single copy.
-    """
-
-    def __init__(self, nbytes: int, pin: bool):
-        self.buffer = torch.empty(max(nbytes, ALIGN), dtype=torch.uint8, pin_memory=pin)
-        self.offset = 0
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        """The next ``nbytes`` bytes as a uint8 view (aligned)."""
-        start = self.offset
-        self.offset = start + align(nbytes)
-        if self.offset > self.buffer.numel():
-            raise RuntimeError("HostArena overflow: the layout was computed for fewer bytes")
-        return self.buffer[start : start + nbytes]
-
-
-def carve(region: torch.Tensor, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
-    """Typed tensors of ``shapes`` laid out back to back (aligned) inside the uint8 ``region``."""
-    out, offset = [], 0
-    elt = torch.empty((), dtype=dtype).element_size()
-    for shape in shapes:
-        numel = 1
-        for s in shape:
-            numel *= s
-        nbytes = numel * elt
-        out.append(region[offset : offset + nbytes].view(dtype).view(shape))
-        offset = align(offset + nbytes)
-    return out
-
-
-def layout_bytes(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> int:
-    """Bytes :func:`carve` needs for ``shapes``."""
-    elt = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for shape in shapes:
-        numel = 1
-        for s in shape:
-            numel *= s
-        total = align(total + numel * elt)
-    return total
-
-
-# -------------------------------------------------------------------------------------------- lanes
-class _NoEvent:
-    """Stands in for a CUDA event when the CPU stands in for the accelerator: everything is already done."""
-
-    def record(self, stream=None):
-        return None
-
-    def synchronize(self):
-        return None
-
-
-class DeviceLanes:
-    """Streams and events of the accelerator, or synchronous stand-ins on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.is_cuda = device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
-        self.tracer = None  # a hf_hybrid.trace.Tracer while a trace is recorded
-
-    def span(self, lane: str, name: str, stream=None):
-        """A trace span of device work (a no-op unless a trace is being recorded)."""
-        if self.tracer is None:
-            return nullcontext()
-        return self.tracer.device_span(lane, name, stream)
-
-    def host_span(self, lane: str, name: str):
-        """A trace span of host work (a no-op unless a trace is being recorded)."""
-        if self.tracer is None:
-            return nullcontext()
-        return self.tracer.host_span(lane, name)
-
-    def event(self):
-        """A fresh event; blocking so a host wait sleeps instead of spinning."""
-        return torch.cuda.Event(blocking=True) if self.is_cuda else _NoEvent()
-
-    def compute_stream(self):
-        """The stream the model computes on (the current one)."""
-        return torch.cuda.current_stream(self.device) if self.is_cuda else None
-
-    def copy_into(self, dst: torch.Tensor, src: torch.Tensor, wait_for=None, label: str = "copy"):
-        """Copy ``src`` (pinned host) into ``dst`` (device) on the copy lane; returns the arrival event."""
-        if not self.is_cuda:
-            with self.span("PCIe copy", label):
-                dst.copy_(src)
-            return _NoEvent()
-        with torch.cuda.stream(self.copy_stream):
-            if wait_for is not None:
-                self.copy_stream.wait_event(wait_for)
-            with self.span("PCIe copy", label, self.copy_stream):
-                dst.copy_(src, non_blocking=True)
-            ev = torch.cuda.Event(blocking=True)
-            ev.record(self.copy_stream)
-        return ev
-
-    def wait(self, event) -> None:
-        """Make the GPU lane wait for ``event`` (no host blocking)."""
-        if self.is_cuda and event is not None:
-            self.compute_stream().wait_event(event)
-
-    def record(self):
-        """An event marking 'everything issued so far on the GPU lane'."""
-        ev = self.event()
-        if self.is_cuda:
-            ev.record(self.compute_stream())
-        return ev
-
-
-# ------------------------------------------------------------------------------------------ staging
-@dataclass
-class _Slot:
-    buffer: torch.Tensor
-    tag: object = None
-    ready: object = None  # copy finished
-    free: object = None  # last reader finished
-
-
-def _label(tag: object) -> str:
-    if isinstance(tag, tuple) and len(tag) == 2:
-        return f"L{tag[0]} unit {tag[1]}"
-    return str(tag)
-
-
-class StagingRing:
-    """Reusable device slots for streamed weights, least recently used first.
-
-    A slot keeps its weights after use, so a unit requested again before its slot is reused (experts
-    the next decode steps still route to) costs no copy.
-    """
-
-    #: room for the alignment padding between a unit's tensors (the planner counts weight bytes only)
-    PADDING = ALIGN * 32
-
-    def __init__(self, lanes: DeviceLanes, slot_bytes: int, slots: int):
-        self.lanes = lanes
-        slot_bytes = align(slot_bytes) + self.PADDING
-        self.slot_bytes = slot_bytes
-        self.slots = [
-            _Slot(torch.empty(slot_bytes, dtype=torch.uint8, device=lanes.device)) for _ in range(slots)
-        ]
-        self.lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(slots))
-        self.by_tag: dict[object, int] = {}
-        self.hits = 0
-        self.misses = 0
-        self.bytes_copied = 0
-
-    def fetch(
-        self, tag: object, host_region: torch.Tensor | list[torch.Tensor]
-    ) -> tuple[torch.Tensor, object, bool]:
-        """Make ``host_region`` available on the device; returns (slot bytes view, ready event, was cached).
-
-        A list of regions is laid out back to back at aligned offsets (as :func:`carve` reads them), one
-        copy each: how a row range of an expert that is not contiguous on the host crosses PCIe.
-        """
-        parts = host_region if isinstance(host_region, list) else [host_region]
-        total = sum(align(p.numel()) for p in parts[:-1]) + parts[-1].numel()
-        if total > self.slot_bytes:
-            raise ExecutionError(f"staging slot of {self.slot_bytes} B is too small for {tag} ({total} B)")
-        index = self.by_tag.get(tag)
-        if index is not None:
-            self.lru.move_to_end(index)
-            self.hits += 1
-            slot = self.slots[index]
-            return slot.buffer[:total], slot.ready, True
-        index = next(iter(self.lru))
-        self.lru.move_to_end(index)
-        slot = self.slots[index]
-        if slot.tag is not None:
-            self.by_tag.pop(slot.tag, None)
-        view = slot.buffer[:total]
-        offset = 0
-        for part in parts:
-            # every part waits for the slot's last reader; the copy stream keeps them in order
-            slot.ready = self.lanes.copy_into(
-                view[offset : offset + part.numel()], part, wait_for=slot.free, label=_label(tag)
-            )
-            offset = align(offset + part.numel())
-        slot.tag = tag
-        self.by_tag[tag] = index
-        self.misses += 1
-        self.bytes_copied += sum(p.numel() for p in parts)
-        return view, slot.ready, False
-
-    def release(self, tag: object) -> None:
-        """Mark the slot holding ``tag`` as read by everything issued so far on the GPU lane."""
-        index = self.by_tag.get(tag)
-        if index is not None:
-            self.slots[index].free = self.lanes.record()
-
-    def forget(self) -> None:
-        """Drop all cached tags (e.g. after a failed step, when slot contents may be partial)."""
-        self.by_tag.clear()
-        for slot in self.slots:
-            slot.tag = None
-
-
-# ---------------------------------------------------------------------------------- expert groups
-@dataclass
-class ExpertGroup:
-    """The gated-MLP units of one layer: the experts of a MoE layer, or the row slices of a dense MLP.
-
-    ``device_weights[i]`` holds (gate_up, down) of resident units; ``host_regions[i]`` the pinned bytes of
-    host units and ``host_weights[i]`` typed views of them.
-    """
-
-    layer: int
-    units: list[Unit]
-    homes: list[str]
-    act_fn: object
-    dtype: torch.dtype
-    routed: bool  # MoE (tokens routed with weights) or dense (every token to every slice, weight 1)
-    device_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    host_regions: dict[int, torch.Tensor] = field(default_factory=dict)
-    host_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    cpu_kernels: dict[int, CpuExpertKernel] = field(default_factory=dict)
-    shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+from .staging import StagingRing
+from .units import CPU, GPU, STREAM
+from .weights import ExpertGroup, carve, rehome_unit
 
 
 @dataclass
@@ -299,8 +61,56 @@ class StepStats:
             setattr(self, name, type(getattr(self, name))())
 
 
+@dataclass
+class Routing:
+    """Stage 1's result: per unit, how many tokens it gets and which (sorted by unit)."""
+
+    counts: list[int]
+    order: torch.Tensor | None = None  # flat (token, k) positions sorted by unit
+    token_of: torch.Tensor | None = None  # the token of each sorted position
+    starts: list[int] | None = None  # unit i's positions are order[starts[i]:starts[i+1]]
+
+    def rows(self, i: int) -> Rows:
+        """(token ids, flat positions into the routing weights) of unit ``i``; None for a dense group."""
+        if self.order is None:
+            return None
+        return self.token_of[self.starts[i] : self.starts[i + 1]], self.order[
+            self.starts[i] : self.starts[i + 1]
+        ]
+
+
+@dataclass
+class Assignment:
+    """Stage 2's result: the lane of every unit with tokens in this step."""
+
+    resident: list[int] = field(default_factory=list)
+    streamed: list[int] = field(default_factory=list)
+    on_cpu: list[int] = field(default_factory=list)
+    split: dict[int, int] = field(default_factory=dict)  # unit -> intermediate rows [0, r) on the CPU lane
+    regime: str = "small"  # "small" (decode-like, few tokens per unit) or "large" (prefill-like)
+
+
+@dataclass
+class DeviceBatch:
+    """What the GPU lane needs to compute one unit: the inputs, routing and the fp32 accumulator."""
+
+    hidden: torch.Tensor
+    acc: torch.Tensor
+    routing: Routing
+    flat_weights: torch.Tensor | None
+    device_rows: torch.Tensor | None = None
+    device_tokens: torch.Tensor | None = None
+
+
 class Executor:
     """Runs expert groups and streamed modules of one model across the CPU, PCIe and GPU lanes."""
+
+    #: smoothing and limits of :attr:`cpu_scales`, and the drift back toward 1 per step without CPU work
+    CPU_SCALE_WEIGHT = 0.2
+    CPU_SCALE_DECAY = 0.02
+    CPU_SCALE_RANGE = (0.25, 8.0)
+    #: jobs predicted shorter than this are dominated by fixed overheads and teach nothing about the rate
+    CPU_SCALE_MIN_JOB_S = 1e-3
 
     def __init__(
         self,
@@ -313,79 +123,61 @@ class Executor:
         cpu_threads: int | None = None,
         cpu_methods: dict[int, str] | str = "linear",
     ):
+        if token_assignment not in TOKEN_ASSIGNMENTS:
+            raise ValueError(f"token_assignment must be one of {', '.join(TOKEN_ASSIGNMENTS)}")
         self.device = device
         self.profile = profile
         self.lanes = DeviceLanes(device)
+        self.cpu_lane = CpuLane(cpu_lane_threads(self.lanes.is_cuda, cpu_threads))
+        self.pinned_pool = PinnedPool(pin=self.lanes.is_cuda)
         self.expert_ring = StagingRing(self.lanes, *expert_slots) if expert_slots else None
         self.module_ring = StagingRing(self.lanes, *module_slots) if module_slots else None
-        if token_assignment not in TOKEN_ASSIGNMENTS:
-            raise ValueError(f"token_assignment must be one of {', '.join(TOKEN_ASSIGNMENTS)}")
         self.token_assignment = token_assignment
-        self.cpu_threads = cpu_threads
         self.cpu_methods: dict[int, str] | str = cpu_methods
         self.plain_cpu_methods = plain_methods(profile) if cpu_methods != "linear" else "linear"
-        self._worker: ThreadPoolExecutor | None = None
-        self._pinned: dict[tuple, torch.Tensor] = {}
         self.stats = StepStats()
         self.fault_injector = None  # tests: a callable(lane: str) that may raise
-        self.closed = False
-        # routing statistics, recorded while ``record_routing`` is on (see ``calibrate``)
         # measured CPU-lane time / predicted, smoothed: corrects the profile's CPU rate to what this process
         # really gets (spinning OpenMP threads, a busy machine), so assignment follows the lanes' real speed.
         # One factor per regime: GEMV-like steps (decode, few tokens per expert) and GEMM-like ones (prefill)
         # miss the profile by different amounts, and a prefill must not teach decode to avoid the CPU.
         self.cpu_scales = {"small": 1.0, "large": 1.0}
         self.groups: dict[int, ExpertGroup] = {}  # by layer, set when the hooks attach (for prefetching)
+        # routing statistics, recorded while ``record_routing`` is on (see ``calibrate``)
         self.record_routing = False
         self.routed_counts: dict[tuple[int, int], int] = {}
         self.routed_tokens: dict[int, int] = {}
 
     # ------------------------------------------------------------------ resources
     @property
-    def worker(self) -> ThreadPoolExecutor:
-        """The CPU lane: one thread whose torch ops use the intra-op thread pool."""
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_hybrid-cpu-lane")
-            # torch's intra-op thread count is per calling thread under OpenMP: set it in the worker. With a
-            # GPU, one core is left to the thread that feeds it (its spinning OpenMP team would otherwise
-            # compete with the CPU lane's threads).
-            threads = self.cpu_threads or max(1, torch.get_num_threads() - (1 if self.lanes.is_cuda else 0))
-            self._worker.submit(fix_thread_count, threads).result()
-        return self._worker
-
-    @property
     def cpu_scale(self) -> float:
         """The learned CPU-rate correction of decode-sized steps (see :attr:`cpu_scales`)."""
         return self.cpu_scales["small"]
 
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`: the model must be loaded again to run."""
+        return self.cpu_lane.closed
+
     def pinned(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A reusable pinned host buffer of at least ``shape`` (per-step buffers are reused, not re-made)."""
-        numel = 1
-        for s in shape:
-            numel *= s
-        buf = self._pinned.get((key, dtype))
-        if buf is None or buf.numel() < numel:
-            # a plain tensor even when the first call runs under inference_mode: an inference tensor could
-            # not be written by a later call made under no_grad (calibrate, a user's loop)
-            with torch.inference_mode(False):
-                buf = torch.empty(max(numel, 1), dtype=dtype, pin_memory=can_pin() and self.lanes.is_cuda)
-            self._pinned[(key, dtype)] = buf
-        return buf[:numel].view(shape)
+        """A reusable pinned host buffer of at least ``shape``."""
+        return self.pinned_pool.get(key, shape, dtype)
 
     def close(self) -> None:
-        """Stop the CPU worker and drop staging and pinned buffers."""
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
-            self._worker = None
-        self._pinned.clear()
+        """Stop the CPU lane and drop staging and pinned buffers; later calls raise ``ExecutionError``."""
+        self.cpu_lane.close()
+        self.pinned_pool.clear()
         self.expert_ring = None
         self.module_ring = None
-        self.closed = True
+
+    def check_open(self) -> None:
+        """Raise a clear error when the executor was closed."""
+        if self.closed:
+            raise ExecutionError("this hybrid model was closed: load it again with from_pretrained to run it")
 
     def recover(self) -> None:
         """Bring the lanes back to a clean state after a failed or interrupted step."""
-        if self.lanes.is_cuda:
-            torch.cuda.synchronize(self.device)
+        self.lanes.synchronize()
         for ring in (self.expert_ring, self.module_ring):
             if ring is not None:
                 ring.forget()
@@ -397,6 +189,7 @@ class Executor:
     # ---------------------------------------------------------- streamed modules
     def stage_module(self, tag: object, host_region: torch.Tensor) -> torch.Tensor:
         """Bring a streamed module's pinned bytes into a module slot; the GPU lane waits for the copy."""
+        self.check_open()
         view, ready, _ = self.module_ring.fetch(tag, host_region)
         self.lanes.wait(ready)
         return view
@@ -409,7 +202,7 @@ class Executor:
         """The GPU lane has issued everything that reads ``tag``'s slot."""
         self.module_ring.release(tag)
 
-    # -------------------------------------------------------------- expert groups
+    # -------------------------------------------------------------- one layer step
     def run_group(
         self,
         group: ExpertGroup,
@@ -423,188 +216,238 @@ class Executor:
         to every slice. Resident units run on the GPU lane, host units on the CPU lane or streamed, as the
         token-assignment policy decides; the results are summed in float32 and returned in ``hidden``'s dtype.
         """
-        tokens, width = hidden.shape
-        dev = hidden.device
-        # 1. which tokens go to which unit (host-side index lists: tiny, and the policy needs the counts)
-        if group.routed:
-            k = top_k_index.shape[1]
-            flat = top_k_index.reshape(-1).to("cpu")
-            order = torch.argsort(flat, stable=True)
-            counts = torch.bincount(flat, minlength=len(group.units)).tolist()
-            starts = [0]
-            for c in counts:
-                starts.append(starts[-1] + c)
-            token_of = order // k
-            if self.record_routing:
-                self.routed_tokens[group.layer] = self.routed_tokens.get(group.layer, 0) + tokens
-                for i, c in enumerate(counts):
-                    if c:
-                        self.routed_counts[(group.layer, i)] = self.routed_counts.get((group.layer, i), 0) + c
-        else:
-            counts = [tokens] * len(group.units)
+        self.check_open()
+        routing = self._route(group, hidden.shape[0], top_k_index)
+        lanes = self._assign(group, routing)
+        batch = self._device_batch(hidden, routing, lanes, top_k_weights)
+        cpu_future = split_future = None
+        host_inputs = self._host_inputs(hidden, batch.flat_weights) if lanes.on_cpu or lanes.split else None
+        if lanes.on_cpu:
+            cpu_future = self._submit_cpu(group, lanes.on_cpu, hidden, host_inputs, routing)
+        try:
+            self._stream(group, lanes.streamed, batch)
+            if lanes.split:
+                split_future = self._submit_split(group, lanes.split, batch, host_inputs)
+            self._resident(group, lanes.resident, batch)
+        except BaseException:
+            # the step is abandoned: let the CPU lane finish before the error leaves, so no job of this
+            # step still writes the shared buffers when the next call starts
+            CpuLane.settle(cpu_future)
+            CpuLane.settle(split_future)
+            raise
+        if hidden.shape[0] > SPLIT_MAX_TOKENS:
+            self._prefetch_next(group)
+        self.stats.groups += 1
+        self._join(group, cpu_future, split_future, lanes, routing, batch.acc)
+        return batch.acc.to(hidden.dtype)
 
-        def rows(i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-            # (token ids, flat positions into top_k_weights) of unit i, from the sorted routing
-            if not group.routed:
-                return None
-            return token_of[starts[i] : starts[i + 1]], order[starts[i] : starts[i + 1]]
+    # stage 1
+    def _route(self, group: ExpertGroup, tokens: int, top_k_index: torch.Tensor | None) -> Routing:
+        if not group.routed:
+            return Routing(counts=[tokens] * len(group.units))
+        k = top_k_index.shape[1]
+        flat = top_k_index.reshape(-1).to("cpu")
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=len(group.units)).tolist()
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        if self.record_routing:
+            self.routed_tokens[group.layer] = self.routed_tokens.get(group.layer, 0) + tokens
+            for i, c in enumerate(counts):
+                if c:
+                    self.routed_counts[(group.layer, i)] = self.routed_counts.get((group.layer, i), 0) + c
+        return Routing(counts=counts, order=order, token_of=order // k, starts=starts)
 
+    # stage 2
+    def _assign(self, group: ExpertGroup, routing: Routing) -> Assignment:
+        counts = routing.counts
         active = [i for i, c in enumerate(counts) if c > 0 and i < len(group.units)]
         host = [i for i in active if group.homes[i] != GPU]
-        resident = [i for i in active if group.homes[i] == GPU]
-
-        # 2. token assignment: which host units run on the CPU, which are streamed to the GPU
-        streamed: list[int] = []
-        on_cpu: list[int] = []
-        split: dict[int, int] = {}  # unit -> intermediate rows [0, r) the CPU lane computes
-        regime = "small"
-        if host:
-            ring = self.expert_ring
-            regime = "small" if max(counts[i] for i in host) <= SPLIT_MAX_TOKENS else "large"
-            work = [
-                HostWork(
-                    group.units[i].name,
-                    counts[i],
-                    group.units[i].nbytes,
-                    group.units[i].flops_per_token,
-                    staged=ring is not None and (group.layer, i) in ring.by_tag,
-                    home=group.homes[i],
-                )
-                for i in host
-            ]
-            if self.token_assignment == "split" and ring is not None:
-                split = self._choose_splits(group, host, counts, work)
-                work = [w for i, w in zip(host, work) if i not in split]
-            gpu_busy = sum(group.units[i].nbytes for i in resident) / self.profile.gpu_mem_bw
-            mode = "adaptive" if self.token_assignment == "split" else self.token_assignment
-            names = assign_tokens(
-                work, self.profile, gpu_busy_s=gpu_busy, mode=mode, cpu_scale=self.cpu_scales[regime]
+        out = Assignment(resident=[i for i in active if group.homes[i] == GPU])
+        if not host:
+            return out
+        ring = self.expert_ring
+        out.regime = "small" if max(counts[i] for i in host) <= SPLIT_MAX_TOKENS else "large"
+        work = [
+            HostWork(
+                group.units[i].name,
+                counts[i],
+                group.units[i].nbytes,
+                group.units[i].flops_per_token,
+                staged=ring is not None and (group.layer, i) in ring.by_tag,
+                home=group.homes[i],
             )
-            if ring is None:
-                names = set()
-            streamed = [i for i in host if i not in split and group.units[i].name in names]
-            on_cpu = [i for i in host if i not in split and group.units[i].name not in names]
-            if not on_cpu and not split and mode == "adaptive":
-                # nothing ran on the CPU, so nothing corrects the factor: drift back toward the profile, so
-                # one slow measurement cannot keep the CPU lane idle for good (a real slowdown is re-learned
-                # by the next CPU job)
-                self.cpu_scales[regime] += self.CPU_SCALE_DECAY * (1.0 - self.cpu_scales[regime])
-
-        acc = torch.zeros(tokens, width, dtype=torch.float32, device=dev)
-        device_rows = (
-            order.to(dev, non_blocking=True) if group.routed and (resident or streamed or split) else None
+            for i in host
+        ]
+        if self.token_assignment == "split" and ring is not None:
+            out.split = self._choose_splits(group, host, counts, work)
+            work = [w for i, w in zip(host, work) if i not in out.split]
+        gpu_busy = sum(group.units[i].nbytes for i in out.resident) / self.profile.gpu_mem_bw
+        mode = "adaptive" if self.token_assignment == "split" else self.token_assignment
+        names = assign_tokens(
+            work, self.profile, gpu_busy_s=gpu_busy, mode=mode, cpu_scale=self.cpu_scales[out.regime]
         )
-        device_tokens = token_of.to(dev, non_blocking=True) if device_rows is not None else None
-        flat_weights = top_k_weights.reshape(-1) if group.routed else None
+        if ring is None:
+            names = set()
+        whole = [i for i in host if i not in out.split]
+        out.streamed = [i for i in whole if group.units[i].name in names]
+        out.on_cpu = [i for i in whole if group.units[i].name not in names]
+        if not out.on_cpu and not out.split and mode == "adaptive":
+            # nothing ran on the CPU, so nothing corrects the factor: drift back toward the profile, so one
+            # slow measurement cannot keep the CPU lane idle for good (a real slowdown is re-learned by the
+            # next CPU job)
+            self.cpu_scales[out.regime] += self.CPU_SCALE_DECAY * (1.0 - self.cpu_scales[out.regime])
+        return out
 
-        # 3. CPU lane first, so it starts while the GPU lane and the copies are issued
-        cpu_future: Future | None = None
-        split_future: Future | None = None
-        host_inputs = None
-        if on_cpu or split:
-            host_inputs = self._host_inputs(hidden, flat_weights)
-        if on_cpu:
-            cpu_future = self._submit_cpu(group, on_cpu, hidden, host_inputs, rows)
+    def _device_batch(self, hidden, routing: Routing, lanes: Assignment, top_k_weights) -> DeviceBatch:
+        dev = hidden.device
+        batch = DeviceBatch(
+            hidden=hidden,
+            acc=torch.zeros(hidden.shape, dtype=torch.float32, device=dev),
+            routing=routing,
+            flat_weights=top_k_weights.reshape(-1) if routing.order is not None else None,
+        )
+        if routing.order is not None and (lanes.resident or lanes.streamed or lanes.split):
+            batch.device_rows = routing.order.to(dev, non_blocking=True)
+            batch.device_tokens = routing.token_of.to(dev, non_blocking=True)
+        return batch
 
-        def on_device(i: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-            self._device_unit(
-                group,
-                i,
-                gate_up,
-                down,
-                hidden,
-                acc,
-                device_rows,
-                device_tokens,
-                flat_weights,
-                starts if group.routed else None,
-            )
+    # stage 3
+    def _host_inputs(self, hidden, flat_weights) -> HostInputs:
+        """Activations and routing weights on the host for the CPU lane, with their arrival event."""
+        if not self.lanes.is_cuda:
+            return HostInputs(hidden, flat_weights, None)
+        # activations cross PCIe in reusable pinned buffers, asynchronously on the GPU lane
+        x_host = self.pinned("x", tuple(hidden.shape), hidden.dtype)
+        x_host.copy_(hidden, non_blocking=True)
+        w_host = None
+        if flat_weights is not None:
+            w_host = self.pinned("w", tuple(flat_weights.shape), flat_weights.dtype)
+            w_host.copy_(flat_weights, non_blocking=True)
+        return HostInputs(x_host, w_host, self.lanes.record())
 
-        try:
-            # 4. streamed units: copy (copy lane) then compute (GPU lane), interleaved so slots recycle safely
-            for i in streamed:
-                self._maybe_fault("stream")
-                gate_up_shape, down_shape = group.shapes[i]
-                view, ready, cached = self.expert_ring.fetch((group.layer, i), group.host_regions[i])
-                gate_up, down = carve(view, [gate_up_shape, down_shape], group.dtype)
-                self.lanes.wait(ready)
-                with self.lanes.span("GPU", f"L{group.layer} streamed {i}"):
-                    on_device(i, gate_up, down)
-                self.expert_ring.release((group.layer, i))
-                self.stats.streamed_units += 1
-                self.stats.cached_units += int(cached)
+    def _submit_cpu(self, group, on_cpu, hidden, inputs: HostInputs, routing: Routing) -> Future:
+        kernels = [self._cpu_kernel(group, i) for i in on_cpu]
+        row_lists = [routing.rows(i) for i in on_cpu]
+        self.stats.cpu_units += len(on_cpu)
+        self.stats.cpu_tokens += sum(hidden.shape[0] if r is None else r[0].numel() for r in row_lists)
+        self.stats.cpu_bytes += sum(k.weight_bytes for k in kernels)
+        label = f"L{group.layer} cpu units {','.join(str(i) for i in on_cpu)}"
+        job = whole_units_job(
+            kernels,
+            row_lists,
+            inputs,
+            self.pinned("cpu_out", tuple(hidden.shape), torch.float32),
+            on_start=self._fault_hook("cpu"),
+            span=lambda: self.lanes.host_span("CPU lane", label),
+        )
+        return self.cpu_lane.submit(job)
 
-            # 4b. split units: the copy lane brings gate/up rows [r, I), the GPU computes their activations,
-            # which return to the CPU lane; it adds rows [0, r) and the whole down projection
-            if split:
-                halves = [
-                    (
-                        i,
-                        r,
-                        self._split_gpu_half(
-                            group, i, r, hidden, device_tokens, starts if group.routed else None
-                        ),
-                    )
-                    for i, r in split.items()
-                ]
-                split_future = self._submit_split(
-                    group, halves, hidden, host_inputs, rows, self.lanes.record()
-                )
+    # stage 4
+    def _stream(self, group: ExpertGroup, streamed: list[int], batch: DeviceBatch) -> None:
+        # copy (copy lane) then compute (GPU lane), interleaved so slots recycle safely
+        for i in streamed:
+            self._maybe_fault("stream")
+            gate_up_shape, down_shape = group.shapes[i]
+            view, ready, cached = self.expert_ring.fetch((group.layer, i), group.host_regions[i])
+            gate_up, down = carve(view, [gate_up_shape, down_shape], group.dtype)
+            self.lanes.wait(ready)
+            with self.lanes.span("GPU", f"L{group.layer} streamed {i}"):
+                self._device_unit(group, i, gate_up, down, batch)
+            self.expert_ring.release((group.layer, i))
+            self.stats.streamed_units += 1
+            self.stats.cached_units += int(cached)
 
-            # 5. resident units on the GPU lane
-            for i in resident:
-                self._maybe_fault("gpu")
-                gate_up, down = group.device_weights[i]
-                with self.lanes.span("GPU", f"L{group.layer} resident {i}"):
-                    on_device(i, gate_up, down)
-                self.stats.gpu_units += 1
-        except BaseException:
-            # the step is abandoned: let the CPU lane finish before the error leaves, so no task of this
-            # step still writes the shared buffers when the next call starts
-            for future in (cpu_future, split_future):
-                if future is not None:
-                    wait_futures([future])
-            raise
+    def _submit_split(self, group, split: dict[int, int], batch: DeviceBatch, inputs: HostInputs) -> Future:
+        """Units divided between lanes: the copy lane brings gate/up rows [r, I), the GPU computes their
+        activations, which return to the CPU lane; it adds rows [0, r) and the whole down projection."""
+        parts = []
+        for i, r in split.items():
+            gate_up, down = group.host_weights[i]
+            half = self._split_gpu_half(group, i, r, batch)
+            parts.append(SplitPart(gate_up, down, r, half, batch.routing.rows(i)))
+        self.stats.cpu_bytes += sum(p.gate_up[: p.rows_on_cpu].nbytes * 2 + p.down.nbytes for p in parts)
+        job = split_units_job(
+            parts,
+            group.act_fn,
+            self.plain_cpu_methods,
+            inputs,
+            self.lanes.record(),
+            self.pinned("split_out", tuple(batch.hidden.shape), torch.float32),
+            on_start=self._fault_hook("cpu"),
+            span=lambda: self.lanes.host_span("CPU lane", f"L{group.layer} split units"),
+        )
+        return self.cpu_lane.submit(job)
 
-        # 5b. a prefill-sized step uses nearly every expert of the next layer: start copying its streamed
-        # experts now, so the copy lane works through this layer's tail, the attention and the routing
-        if tokens > SPLIT_MAX_TOKENS and self.expert_ring is not None and self.token_assignment != "cpu":
-            self._prefetch_next(group)
+    def _split_gpu_half(self, group, i, r, batch: DeviceBatch) -> torch.Tensor:
+        """Stream gate/up rows [r, I) of unit i, compute their activations, start them towards the host."""
+        gate_up_host, _ = group.host_weights[i]
+        inter, width = gate_up_host.shape[0] // 2, gate_up_host.shape[1]
+        parts = [gate_up_host[r:inter], gate_up_host[inter + r :]]
+        tag = (group.layer, i, r)
+        view, ready, cached = self.expert_ring.fetch(tag, [p.view(torch.uint8).reshape(-1) for p in parts])
+        gate, up = carve(view, [(inter - r, width), (inter - r, width)], group.dtype)
+        self.lanes.wait(ready)
+        with self.lanes.span("GPU", f"L{group.layer} split {i} rows {r}:{inter}"):
+            x = batch.hidden
+            if group.routed:
+                starts = batch.routing.starts
+                x = x[batch.device_tokens[starts[i] : starts[i + 1]]]
+            half = group.act_fn(F.linear(x, gate)) * F.linear(x, up)
+            if self.lanes.is_cuda:
+                host_half = self.pinned(f"split{i}", tuple(half.shape), half.dtype)
+                host_half.copy_(half, non_blocking=True)
+                half = host_half
+        self.expert_ring.release(tag)
+        self.stats.split_units += 1
+        self.stats.cached_units += int(cached)
+        return half
 
-        # 6. join the CPU lane (the main thread sleeps on the future, it does not spin)
-        self.stats.groups += 1
+    # stage 5
+    def _resident(self, group: ExpertGroup, resident: list[int], batch: DeviceBatch) -> None:
+        for i in resident:
+            self._maybe_fault("gpu")
+            gate_up, down = group.device_weights[i]
+            with self.lanes.span("GPU", f"L{group.layer} resident {i}"):
+                self._device_unit(group, i, gate_up, down, batch)
+            self.stats.gpu_units += 1
+
+    def _device_unit(self, group, i, gate_up, down, batch: DeviceBatch) -> None:
+        if group.routed:
+            starts = batch.routing.starts
+            sel = batch.device_rows[starts[i] : starts[i + 1]]
+            tok = batch.device_tokens[starts[i] : starts[i + 1]]
+            x = batch.hidden[tok]
+        else:
+            x = batch.hidden
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+        y = F.linear(group.act_fn(gate) * up, down)
+        if group.routed:
+            y = y * batch.flat_weights[sel, None]
+            batch.acc.index_add_(0, tok, y.float())
+        else:
+            batch.acc += y.float()
+
+    # stage 6
+    def _join(self, group, cpu_future, split_future, lanes: Assignment, routing: Routing, acc) -> None:
+        """Add the CPU lane's partial sums (the feeding thread sleeps on the future, it does not spin)."""
         if cpu_future is not None:
             waited = time.perf_counter()
             with self.lanes.host_span("host", f"L{group.layer} wait for CPU lane"):
-                wait_futures([cpu_future])  # a Ctrl-C while the main thread sleeps here propagates as is
+                cpu_out, seconds = CpuLane.join(cpu_future, group.layer)
             self.stats.join_wait_s += time.perf_counter() - waited
-            exc = cpu_future.exception()
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise exc
-            if exc is not None:
-                raise ExecutionError(f"the CPU lane failed in layer {group.layer}: {exc!r}") from exc
-            cpu_out, seconds = cpu_future.result()
-            self._learn_cpu_rate(
-                cpu_lane_time([(group.units[i], counts[i]) for i in on_cpu], self.profile), seconds, regime
+            self.stats.cpu_lane_s += seconds
+            predicted = cpu_lane_time(
+                [(group.units[i], routing.counts[i]) for i in lanes.on_cpu], self.profile
             )
-            acc += cpu_out.to(dev, non_blocking=True)
+            self._learn_cpu_rate(predicted, seconds, lanes.regime)
+            acc += cpu_out.to(acc.device, non_blocking=True)
         if split_future is not None:
             with self.lanes.host_span("host", f"L{group.layer} wait for CPU lane (split)"):
-                wait_futures([split_future])
-            exc = split_future.exception()
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise exc
-            if exc is not None:
-                raise ExecutionError(f"the CPU lane failed in layer {group.layer}: {exc!r}") from exc
-            acc += split_future.result()[0].to(dev, non_blocking=True)
-        return acc.to(hidden.dtype)
-
-    #: smoothing and limits of :attr:`cpu_scales`, and the drift back toward 1 per step without CPU work
-    CPU_SCALE_WEIGHT = 0.2
-    CPU_SCALE_DECAY = 0.02
-    CPU_SCALE_RANGE = (0.25, 8.0)
-    #: jobs predicted shorter than this are dominated by fixed overheads and teach nothing about the rate
-    CPU_SCALE_MIN_JOB_S = 1e-3
+                split_out, seconds = CpuLane.join(split_future, group.layer)
+            self.stats.cpu_lane_s += seconds
+            acc += split_out.to(acc.device, non_blocking=True)
 
     def _learn_cpu_rate(self, predicted_s: float, measured_s: float, regime: str = "small") -> None:
         if predicted_s < self.CPU_SCALE_MIN_JOB_S or measured_s <= 0:
@@ -613,51 +456,47 @@ class Executor:
         ratio = min(hi, max(lo, measured_s / predicted_s))
         self.cpu_scales[regime] += self.CPU_SCALE_WEIGHT * (ratio - self.cpu_scales[regime])
 
-    def rehome(self, group: ExpertGroup, i: int, home: str) -> None:
-        """Move unit ``i`` of ``group`` to ``home`` (weights cross PCIe once; for re-planning).
+    def _fault_hook(self, lane: str):
+        injector = self.fault_injector
+        return None if injector is None else (lambda: injector(lane))
 
-        A unit leaving the device gets its own pinned host region; a unit arriving drops its host views
-        (the layer's host arena itself is shared, so its bytes stay allocated until the model is freed).
-        """
-        old = group.homes[i]
-        if old == home:
+    def _choose_splits(self, group, host, counts, work) -> dict[int, int]:
+        """Host units of a small step to divide between the lanes, with the CPU lane's share of rows."""
+        fraction = split_fraction(self.profile, self.cpu_scale)
+        split = {}
+        for i, w in zip(host, work):
+            inter = group.shapes[i][0][0] // 2
+            rows_on_cpu = round(fraction * inter)
+            if counts[i] <= SPLIT_MAX_TOKENS and not w.staged and 0 < rows_on_cpu < inter:
+                split[i] = rows_on_cpu
+        return split
+
+    def _prefetch_next(self, group: ExpertGroup) -> None:
+        """A prefill-sized step uses nearly every expert of the next layer: copy the next layer's first
+        stream-home units into the slots this layer no longer needs, so the copy lane works through this
+        layer's tail, the attention and the routing."""
+        if self.expert_ring is None or self.token_assignment == "cpu":
             return
-        shapes = list(group.shapes[i])
-        if old == GPU:
-            gate_up, down = group.device_weights.pop(i)
-            region = torch.empty(
-                layout_bytes(shapes, group.dtype), dtype=torch.uint8, pin_memory=self.lanes.is_cuda
-            )
-            host_gate_up, host_down = carve(region, shapes, group.dtype)
-            host_gate_up.copy_(gate_up)
-            host_down.copy_(down)
-            group.host_regions[i] = region
-            group.host_weights[i] = (host_gate_up, host_down)
-        elif home == GPU:
-            host_gate_up, host_down = group.host_weights.pop(i)
-            group.host_regions.pop(i)
-            group.device_weights[i] = (host_gate_up.to(self.device), host_down.to(self.device))
-        group.cpu_kernels.pop(i, None)
-        if self.expert_ring is not None and (group.layer, i) in self.expert_ring.by_tag:
-            self.expert_ring.by_tag.pop((group.layer, i))
-        group.homes[i] = home
+        later = [g for layer, g in self.groups.items() if layer > group.layer]
+        if not later:
+            return
+        following = min(later, key=lambda g: g.layer)
+        budget = len(self.expert_ring.slots) - 1  # leave one slot for what the next step decides
+        for i, home in enumerate(following.homes):
+            if budget == 0:
+                break
+            if home == STREAM and i in following.host_regions:
+                self.expert_ring.fetch((following.layer, i), following.host_regions[i])
+                self.stats.prefetched_units += 1
+                budget -= 1
 
-    def _device_unit(
-        self, group, i, gate_up, down, hidden, acc, device_rows, device_tokens, flat_weights, starts
-    ):
-        if group.routed:
-            sel = device_rows[starts[i] : starts[i + 1]]
-            tok = device_tokens[starts[i] : starts[i + 1]]
-            x = hidden[tok]
-        else:
-            x = hidden
-        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-        y = F.linear(group.act_fn(gate) * up, down)
-        if group.routed:
-            y = y * flat_weights[sel, None]
-            acc.index_add_(0, tok, y.float())
-        else:
-            acc += y.float()
+    # ------------------------------------------------------------------ placement changes
+    def rehome(self, group: ExpertGroup, i: int, home: str) -> None:
+        """Move unit ``i`` of ``group`` to ``home`` (weights cross PCIe once; for re-planning)."""
+        rehome_unit(group, i, home, self.device, pin=self.lanes.is_cuda)
+        group.cpu_kernels.pop(i, None)
+        if self.expert_ring is not None:
+            self.expert_ring.by_tag.pop((group.layer, i), None)
 
     def _cpu_kernel(self, group: ExpertGroup, i: int) -> CpuExpertKernel:
         kernel = group.cpu_kernels.get(i)
@@ -682,144 +521,6 @@ class Executor:
         for g, i in tqdm(todo, desc="Preparing CPU kernels", unit="unit", disable=not progress or not todo):
             extra += self._cpu_kernel(g, i).extra_bytes
         return extra
-
-    def _prefetch_next(self, group: ExpertGroup) -> None:
-        """Copy the next layer's first stream-home units into the staging slots this layer no longer needs."""
-        later = [g for layer, g in self.groups.items() if layer > group.layer]
-        if not later:
-            return
-        following = min(later, key=lambda g: g.layer)
-        budget = len(self.expert_ring.slots) - 1  # leave one slot for what the next step decides
-        for i, home in enumerate(following.homes):
-            if budget == 0:
-                break
-            if home == STREAM and i in following.host_regions:
-                self.expert_ring.fetch((following.layer, i), following.host_regions[i])
-                self.stats.prefetched_units += 1
-                budget -= 1
-
-    def _host_inputs(self, hidden, flat_weights) -> tuple:
-        """(activations, routing weights, arrival event) on the host for the CPU lane."""
-        if not self.lanes.is_cuda:
-            return hidden, flat_weights, None
-        # activations cross PCIe in reusable pinned buffers, asynchronously on the GPU lane
-        x_host = self.pinned("x", tuple(hidden.shape), hidden.dtype)
-        x_host.copy_(hidden, non_blocking=True)
-        w_host = None
-        if flat_weights is not None:
-            w_host = self.pinned("w", tuple(flat_weights.shape), flat_weights.dtype)
-            w_host.copy_(flat_weights, non_blocking=True)
-        return x_host, w_host, self.lanes.record()
-
-    def _choose_splits(self, group, host, counts, work) -> dict[int, int]:
-        """Host units of a small step to divide between the lanes, with the CPU lane's share of rows."""
-        fraction = split_fraction(self.profile, self.cpu_scale)
-        split = {}
-        for i, w in zip(host, work):
-            inter = group.shapes[i][0][0] // 2
-            rows_on_cpu = round(fraction * inter)
-            if counts[i] <= SPLIT_MAX_TOKENS and not w.staged and 0 < rows_on_cpu < inter:
-                split[i] = rows_on_cpu
-        return split
-
-    def _split_gpu_half(self, group, i, r, hidden, device_tokens, starts) -> torch.Tensor:
-        """Stream gate/up rows [r, I) of unit i, compute their activations, start them towards the host."""
-        gate_up_host, _ = group.host_weights[i]
-        inter, width = gate_up_host.shape[0] // 2, gate_up_host.shape[1]
-        parts = [gate_up_host[r:inter], gate_up_host[inter + r :]]
-        tag = (group.layer, i, r)
-        view, ready, cached = self.expert_ring.fetch(tag, [p.view(torch.uint8).reshape(-1) for p in parts])
-        gate, up = carve(view, [(inter - r, width), (inter - r, width)], group.dtype)
-        self.lanes.wait(ready)
-        with self.lanes.span("GPU", f"L{group.layer} split {i} rows {r}:{inter}"):
-            x = hidden[device_tokens[starts[i] : starts[i + 1]]] if group.routed else hidden
-            half = group.act_fn(F.linear(x, gate)) * F.linear(x, up)
-            if self.lanes.is_cuda:
-                host_half = self.pinned(f"split{i}", tuple(half.shape), half.dtype)
-                host_half.copy_(half, non_blocking=True)
-                half = host_half
-        self.expert_ring.release(tag)
-        self.stats.split_units += 1
-        self.stats.cached_units += int(cached)
-        return half
-
-    def _submit_split(self, group, halves, hidden, host_inputs, rows, halves_arrived) -> Future:
-        """The CPU lane's part of split units: rows [0, r) of gate/up, then the whole down projection."""
-        x_host, w_host, arrived = host_inputs
-        out = self.pinned("split_out", tuple(hidden.shape), torch.float32)
-        jobs = [(group.host_weights[i], r, half, rows(i)) for i, r, half in halves]
-        act, linear, methods = group.act_fn, plain_linear, self.plain_cpu_methods
-        lanes, stats, injector = self.lanes, self.stats, self.fault_injector
-        stats.cpu_bytes += sum(gu[:r].nbytes * 2 + down.nbytes for (gu, down), r, _, _ in jobs)
-
-        def split_lane():
-            if injector is not None:
-                injector("cpu")
-            if arrived is not None:
-                arrived.synchronize()
-            started = time.perf_counter()
-            with lanes.host_span("CPU lane", f"L{group.layer} split units"), torch.inference_mode():
-                out.zero_()
-                for (gate_up, down), r, half, routed_rows in jobs:
-                    inter = gate_up.shape[0] // 2
-                    xs = x_host if routed_rows is None else x_host[routed_rows[0]]
-                    mine = act(linear(xs, gate_up[:r], methods)) * linear(
-                        xs, gate_up[inter : inter + r], methods
-                    )
-                    halves_arrived.synchronize()  # the GPU's rows of the activations are in pinned memory
-                    y = linear(torch.cat([mine, half], dim=1), down, methods)
-                    if routed_rows is None:
-                        out.add_(y.float())
-                    else:
-                        tok, sel = routed_rows
-                        out.index_add_(0, tok, (y * w_host[sel, None]).float())
-            seconds = time.perf_counter() - started
-            stats.cpu_lane_s += seconds
-            return out, seconds
-
-        return self.worker.submit(split_lane)
-
-    def _submit_cpu(self, group, on_cpu, hidden, host_inputs, rows) -> Future:
-        tokens, width = hidden.shape
-        x_host, w_host, arrived = host_inputs
-        out = self.pinned("cpu_out", (tokens, width), torch.float32)
-        kernels = [self._cpu_kernel(group, i) for i in on_cpu]
-        row_lists = [rows(i) for i in on_cpu]
-        self.stats.cpu_units += len(on_cpu)
-        self.stats.cpu_tokens += sum(tokens if r is None else r[0].numel() for r in row_lists)
-        injector = self.fault_injector
-
-        stats = self.stats
-        stats.cpu_bytes += sum(k.weight_bytes for k in kernels)
-        lanes = self.lanes
-        label = f"L{group.layer} cpu units {','.join(str(i) for i in on_cpu)}"
-
-        def cpu_lane() -> torch.Tensor:
-            if injector is not None:
-                injector("cpu")
-            if arrived is not None:
-                arrived.synchronize()  # blocking event: this thread sleeps until the activations are here
-            started = time.perf_counter()
-            try:
-                with lanes.host_span("CPU lane", label):
-                    result = compute()
-                return result, time.perf_counter() - started
-            finally:
-                stats.cpu_lane_s += time.perf_counter() - started
-
-        def compute() -> torch.Tensor:
-            with torch.inference_mode():
-                out.zero_()
-                for kernel, routed_rows in zip(kernels, row_lists):
-                    if routed_rows is None:
-                        out.add_(kernel(x_host).float())
-                    else:
-                        tok, sel = routed_rows
-                        y = kernel(x_host[tok]) * w_host[sel, None]
-                        out.index_add_(0, tok, y.float())
-            return out
-
-        return self.worker.submit(cpu_lane)
 
 
 def plain_methods(profile: HardwareProfile) -> dict[int, str] | str:

@@ -16,8 +16,10 @@ from contextlib import contextmanager
 
 import torch
 
-from .executor import Executor, carve
+from .executor import Executor
+from .families import FamilyAdapter
 from .loading import LoadedModel, StreamedModule
+from .weights import carve
 
 EXPERTS_IMPLEMENTATION = "hybrid"
 
@@ -97,17 +99,20 @@ class _NoCudnnAttention:
         return output
 
 
-def attach(model: torch.nn.Module, executor: Executor, loaded: LoadedModel) -> list:
-    """Install every hook; returns the handles (``detach`` removes them)."""
+def attach(model: torch.nn.Module, executor: Executor, loaded: LoadedModel, adapter: FamilyAdapter) -> list:
+    """Install every hook (``adapter`` says where the experts and MLPs are); returns the handles (``detach``
+    removes them)."""
     register_experts_implementation()
     handles: list = []
-    layers = model.model.layers
+    # stays after detach: a model whose runtime was closed refuses to run instead of touching freed weights
+    model.register_forward_pre_hook(lambda *_: executor.check_open())
+    layers = adapter.layers(model)
     executor.groups = dict(loaded.groups)
     for i, group in loaded.groups.items():
-        mlp = layers[i].mlp
         if group.routed:
-            mlp.experts._hf_hybrid = (executor, group)
+            adapter.experts(layers[i])._hf_hybrid = (executor, group)
         else:
+            mlp = adapter.mlp(layers[i])
             mlp.forward = _dense_forward(executor, group)
             handles.append(("forward", mlp))
     if any(g.routed for g in loaded.groups.values()):

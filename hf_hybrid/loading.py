@@ -18,11 +18,11 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError, HostMemoryError, WeightsNotFoundError
-from .executor import ExpertGroup, HostArena, can_pin, carve, layout_bytes
 from .families import FamilyAdapter
 from .planner import HybridPlan
 from .system import meminfo
 from .units import CPU, GPU, STREAM, Unit, format_bytes
+from .weights import ExpertGroup, HostArena, can_pin, carve, layout_bytes
 
 WEIGHT_PATTERNS = [
     "*.safetensors",
@@ -69,7 +69,7 @@ def resolve_checkpoint(
         raise WeightsNotFoundError(
             f"{path} is a file; pass the directory that holds config.json and the shards"
         )
-    elif _looks_like_path(str(name_or_path)):
+    elif looks_like_path(str(name_or_path)):
         raise WeightsNotFoundError(
             f"no such directory: {path}. Pass a local checkpoint directory or a Hugging Face hub id like "
             f"'mistralai/Mixtral-8x7B-v0.1'."
@@ -174,7 +174,7 @@ def check_config(directory: Path) -> dict:
     return raw
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """A name that can only be a local path: hub ids are ``name`` or ``owner/name``, never more."""
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or not name.strip()
 
@@ -421,38 +421,6 @@ def _torch_load(shard: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-# ------------------------------------------------------------------------------------ unit params
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
-
-
-def unit_of_param(name: str, moe_layers: set[int]) -> str | None:
-    """The unit a module-tree parameter belongs to (None for expert / MLP-slice weights, loaded per group)."""
-    if name.startswith("model.embed_tokens."):
-        return "embed_tokens"
-    if name.startswith("lm_head."):
-        return "lm_head"
-    if name.startswith("model.norm."):
-        return "norm"
-    m = _LAYER.match(name)
-    if not m:
-        return None
-    i, rest = int(m.group(1)), m.group(2)
-    if rest.startswith("self_attn."):
-        return f"layers.{i}.attention"
-    if rest.startswith("mlp."):
-        sub = rest[4:]
-        if i in moe_layers:
-            if sub.startswith("experts."):
-                return None
-            if sub.startswith(("gate.", "router.")):
-                return f"layers.{i}.router"
-            if sub.startswith("shared_expert."):
-                return f"layers.{i}.shared_expert"
-            return f"layers.{i}.router"
-        return None  # dense MLP weights: loaded as row slices
-    return f"layers.{i}.norms"
-
-
 @dataclass
 class StreamedModule:
     """A module whose parameters live in one pinned host region and visit a device slot when it runs."""
@@ -531,14 +499,14 @@ def load_weights(
     pin = can_pin() and device.type == "cuda"
     result = LoadedModel()
     result.host_bytes = check_host_memory(plan, device)
-    base = model.model
-    moe_layers = {i for i, layer in enumerate(base.layers) if getattr(layer.mlp, "experts", None) is not None}
+    layers = adapter.layers(model)
+    moe_layers = adapter.moe_layers(model)
     model_to_ckpt = {adapter.to_model_key(k): k for k in reader.keys()}
 
     # group module-tree params by unit
     by_unit: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
     for name, param in model.named_parameters():
-        unit = unit_of_param(name, moe_layers)
+        unit = adapter.unit_of_param(name, moe_layers)
         if unit is not None:
             by_unit.setdefault(unit, []).append((name, param))
 
@@ -559,7 +527,7 @@ def load_weights(
                 _expect_shape(reader, key, tuple(param.shape))
                 tensors.append((name, reader.get(key)))
             if home == STREAM:
-                result.streamed.append(_stream_module(model, unit_name, tensors, dtype, pin))
+                result.streamed.append(_stream_module(model, adapter, unit_name, tensors, dtype, pin))
             else:
                 target = device if home == GPU else torch.device("cpu")
                 for name, value in tensors:
@@ -569,13 +537,12 @@ def load_weights(
                     result.cpu_embedding = True
             bar.update(1)
 
-        for i, layer in enumerate(base.layers):
+        names = CheckpointNames(reader, adapter, model_to_ckpt)
+        for i, layer in enumerate(layers):
             layer_units = [u for u in expert_units if u.layer == i]
             if not layer_units:
                 continue
-            group = _load_group(
-                i, layer, layer_units, plan, reader, adapter, i in moe_layers, device, dtype, pin, bar
-            )
+            group = _load_group(i, layer, layer_units, plan, names, i in moe_layers, device, dtype, pin, bar)
             result.groups[i] = group
     finally:
         bar.close()
@@ -592,7 +559,7 @@ def load_weights(
     return result
 
 
-def _stream_module(model, unit_name, tensors, dtype, pin) -> StreamedModule:
+def _stream_module(model, adapter, unit_name, tensors, dtype, pin) -> StreamedModule:
     shapes = [tuple(v.shape) for _, v in tensors]
     arena = HostArena(layout_bytes(shapes, dtype), pin)
     region = arena.take(layout_bytes(shapes, dtype))
@@ -603,30 +570,48 @@ def _stream_module(model, unit_name, tensors, dtype, pin) -> StreamedModule:
         owner, leaf = _param_owner(model, name)
         owner._parameters[leaf] = torch.nn.Parameter(view, requires_grad=False)
         params.append((owner, leaf, tuple(value.shape)))
-    return StreamedModule(unit_name, owner_root(model, unit_name), params, region, views, dtype)
+    return StreamedModule(unit_name, owner_root(model, adapter, unit_name), params, region, views, dtype)
 
 
-def owner_root(model: torch.nn.Module, unit_name: str) -> torch.nn.Module:
+def owner_root(model: torch.nn.Module, adapter: FamilyAdapter, unit_name: str) -> torch.nn.Module:
     """The module whose forward a streamed unit's hook wraps."""
     if unit_name == "lm_head":
         return model.get_output_embeddings()
     m = re.match(r"layers\.(\d+)\.(attention|shared_expert)$", unit_name)
     if not m:
         raise ValueError(f"unit {unit_name} cannot be streamed")
-    layer = model.model.layers[int(m.group(1))]
-    return layer.self_attn if m.group(2) == "attention" else layer.mlp.shared_expert
+    layer = adapter.layers(model)[int(m.group(1))]
+    return adapter.attention(layer) if m.group(2) == "attention" else adapter.shared_expert(layer)
 
 
-def _expert_keys(
-    reader: CheckpointReader, adapter: FamilyAdapter, layer: int, expert: int
-) -> tuple[str, ...] | None:
-    gate, up, down = adapter.expert_names
-    for block in ("mlp", "block_sparse_moe"):
-        prefix = f"model.layers.{layer}.{block}.experts.{expert}."
-        keys = tuple(f"{prefix}{n}.weight" for n in (gate, up, down))
-        if all(k in reader for k in keys):
-            return keys
-    return None
+@dataclass
+class CheckpointNames:
+    """The checkpoint tensors of a layer's experts or dense MLP, found by the names the family adapter
+    gives them (``model_to_ckpt`` maps :meth:`FamilyAdapter.to_model_key` of every checkpoint name back)."""
+
+    reader: CheckpointReader
+    adapter: FamilyAdapter
+    model_to_ckpt: dict[str, str]
+
+    def _find(self, keys) -> tuple[str, ...] | None:
+        found = tuple(self.model_to_ckpt.get(k) for k in keys)
+        return found if all(found) else None
+
+    def expert(self, layer: int, expert: int) -> tuple[str, ...] | None:
+        """Checkpoint names of one expert's (gate, up, down), or None when experts are not stored one by one."""
+        return self._find(self.adapter.expert_weight_keys(layer, expert))
+
+    def fused_experts(self, layer: int) -> tuple[str, ...] | None:
+        """Checkpoint names of a layer's fused (gate_up, down) expert tensors, or None."""
+        return self._find(self.adapter.fused_expert_weight_keys(layer))
+
+    def dense_mlp(self, layer: int) -> tuple[str, ...]:
+        """Checkpoint names of a dense MLP's (gate, up, down); :class:`CheckpointError` when one is missing."""
+        wanted = self.adapter.dense_mlp_weight_keys(layer)
+        for key in wanted:
+            if key not in self.model_to_ckpt:
+                raise CheckpointError(f"the checkpoint has no {key}")
+        return tuple(self.model_to_ckpt[k] for k in wanted)
 
 
 def _expect_shape(reader, key: str, expected: tuple[int, ...]) -> None:
@@ -640,75 +625,68 @@ def _expect_shape(reader, key: str, expected: tuple[int, ...]) -> None:
         )
 
 
-def _check_group_shapes(reader, adapter, layer: int, units: list[Unit], routed: bool) -> None:
+def _check_group_shapes(names: CheckpointNames, layer: int, units: list[Unit], routed: bool) -> None:
     """Check the full checkpoint tensors an expert group reads from, before any slice of them is taken
     (a row slice of a too-large dense MLP tensor would otherwise load silently)."""
+    reader = names.reader
     for u in units:
         two_r, hidden = u.tensors[0].shape
         if not routed:
             inter = max(v.rows[1] for v in units)
-            prefix = f"model.layers.{layer}.mlp."
-            for role, expected in (
-                ("gate_proj", (inter, hidden)),
-                ("up_proj", (inter, hidden)),
-                ("down_proj", (hidden, inter)),
+            for key, expected in zip(
+                names.dense_mlp(layer), ((inter, hidden), (inter, hidden), (hidden, inter))
             ):
-                if prefix + role + ".weight" not in reader:
-                    raise CheckpointError(f"the checkpoint has no {prefix}{role}.weight")
-                _expect_shape(reader, prefix + role + ".weight", expected)
+                _expect_shape(reader, key, expected)
             return
         r = two_r // 2
-        keys = _expert_keys(reader, adapter, layer, u.index)
+        keys = names.expert(layer, u.index)
         if keys is not None:
             for key, expected in zip(keys, ((r, hidden), (r, hidden), (hidden, r))):
                 _expect_shape(reader, key, expected)
             continue
-        fused = f"model.layers.{layer}.mlp.experts."
-        if fused + "gate_up_proj" in reader and fused + "down_proj" in reader:
+        fused = names.fused_experts(layer)
+        if fused is not None:
             experts = max(v.index for v in units) + 1
-            _expect_shape(reader, fused + "gate_up_proj", (experts, two_r, hidden))
-            _expect_shape(reader, fused + "down_proj", (experts, hidden, r))
+            _expect_shape(reader, fused[0], (experts, two_r, hidden))
+            _expect_shape(reader, fused[1], (experts, hidden, r))
             return
 
 
 def _read_unit(
-    reader, adapter, layer, unit: Unit, routed: bool
+    names: CheckpointNames, layer, unit: Unit, routed: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gate [r, H], up [r, H], down [H, r]) of an expert or MLP slice."""
+    reader = names.reader
     if routed:
-        keys = _expert_keys(reader, adapter, layer, unit.index)
+        keys = names.expert(layer, unit.index)
         if keys is not None:
             return tuple(reader.get(k) for k in keys)
-        fused = f"model.layers.{layer}.mlp.experts."
-        if fused + "gate_up_proj" in reader:
-            gate_up = reader.get(fused + "gate_up_proj")[unit.index]
+        fused = names.fused_experts(layer)
+        if fused is not None:
+            gate_up = reader.get(fused[0])[unit.index]
             inter = gate_up.shape[0] // 2
-            return gate_up[:inter], gate_up[inter:], reader.get(fused + "down_proj")[unit.index]
+            return gate_up[:inter], gate_up[inter:], reader.get(fused[1])[unit.index]
         raise CheckpointError(f"the checkpoint has no weights for expert {unit.index} of layer {layer}")
     lo, hi = unit.rows
-    prefix = f"model.layers.{layer}.mlp."
-    for role in ("gate_proj", "up_proj", "down_proj"):
-        if prefix + role + ".weight" not in reader:
-            raise CheckpointError(f"the checkpoint has no {prefix}{role}.weight")
+    gate, up, down = names.dense_mlp(layer)
     return (
-        reader.get(prefix + "gate_proj.weight", rows=(lo, hi)),
-        reader.get(prefix + "up_proj.weight", rows=(lo, hi)),
-        reader.get(prefix + "down_proj.weight", cols=(lo, hi)),
+        reader.get(gate, rows=(lo, hi)),
+        reader.get(up, rows=(lo, hi)),
+        reader.get(down, cols=(lo, hi)),
     )
 
 
-def _load_group(i, layer, units, plan, reader, adapter, routed, device, dtype, pin, bar) -> ExpertGroup:
-    mlp = layer.mlp
-    act_fn = mlp.experts.act_fn if routed else mlp.act_fn
+def _load_group(i, layer, units, plan, names, routed, device, dtype, pin, bar) -> ExpertGroup:
+    act_fn = names.adapter.mlp_activation(layer)
     homes = [plan.homes[u.name] for u in units]
     group = ExpertGroup(layer=i, units=units, homes=homes, act_fn=act_fn, dtype=dtype, routed=routed)
     shapes = {u.index: (u.tensors[0].shape, u.tensors[1].shape) for u in units}
     group.shapes = shapes
     host_bytes = sum(layout_bytes(list(shapes[u.index]), dtype) for u, h in zip(units, homes) if h != GPU)
-    _check_group_shapes(reader, adapter, i, units, routed)
+    _check_group_shapes(names, i, units, routed)
     arena = HostArena(host_bytes, pin) if host_bytes else None
     for u, home in zip(units, homes):
-        gate, up, down = _read_unit(reader, adapter, i, u, routed)
+        gate, up, down = _read_unit(names, i, u, routed)
         gate_up_shape, down_shape = shapes[u.index]
         if tuple(gate.shape) + tuple(up.shape) != (gate_up_shape[0] // 2, gate_up_shape[1]) * 2 or tuple(
             down.shape
@@ -734,16 +712,5 @@ def _load_group(i, layer, units, plan, reader, adapter, routed, device, dtype, p
             group.host_weights[u.index] = (gate_up, down_host)
         bar.update(1)
     # the module tree no longer owns these weights: the executor's group does
-    if routed:
-        for name in ("gate_up_proj", "down_proj"):
-            mlp.experts._parameters.pop(name, None)
-    else:
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            mlp._modules.pop(name, None)
+    names.adapter.drop_mlp_weights(layer)
     return group
-
-
-def read_config_json(directory: Path) -> dict:
-    """The raw config.json of a checkpoint directory."""
-    with open(directory / "config.json") as fh:
-        return json.load(fh)

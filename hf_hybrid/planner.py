@@ -1,396 +1,54 @@
-"""Where every unit lives, and where every expert's tokens run: the cost model, the partition and the
-token-assignment policy.
+"""Where every unit lives: the partition of a model between GPU-resident, CPU-computed and streamed homes
+under a device budget, searched against the cost model (:mod:`hf_hybrid.costs`) and the token-assignment
+policy (:mod:`hf_hybrid.assignment`). This is where placement is decided.
 
-Pure Python over :class:`~hf_hybrid.units.Unit` shapes and a :class:`~hf_hybrid.profile.HardwareProfile`;
-nothing here touches a device, so every decision can be unit-tested and printed without weights.
-
-The model of one step (prefill of T tokens, or one decode step of B tokens) per layer is three lanes that
-run at once -- the CPU lane (units computed on the CPU), the PCIe lane (units streamed into staging slots)
-and the GPU lane (resident and arrived units) -- so a layer costs the *max* of its lanes plus the
-activation round trip to the CPU, not their sum.
+Pure Python and deterministic: nothing here touches a device or the clock, and the search is bounded by a
+number of trials, so the same units, profile and budget give the same plan on any machine.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
-import random
-import time
-from dataclasses import dataclass, field
 
+from .assignment import HostWork, assign_tokens
+from .costs import (
+    SPLIT_MAX_TOKENS,
+    copy_time,
+    cpu_lane_time,
+    cpu_time,
+    gpu_time,
+    home_time,
+    split_fraction,
+    usage_probability,
+)
 from .errors import BudgetError, PlacementError
-from .profile import LANE_GEMM_TOKENS, HardwareProfile
+from .layer_costs import SAMPLED_TOKENS, layer_time, sampled_layer_time, step_layer_time
+from .options import TOKEN_ASSIGNMENTS
+from .placement import UNLIMITED, HybridPlan, StagingClass, Workload
+from .profile import HardwareProfile
 from .units import CPU, GPU, HOMES, STREAM, Unit, format_bytes
 
-#: Budgets at or above this are "unlimited" (the CPU standing in with no gpu_memory given).
-UNLIMITED = 1 << 61
-#: Fixed cost of sending activations to the CPU lane and back (launch + sync latency), seconds.
-CPU_ROUND_TRIP_S = 60e-6
-#: The token-assignment policies (see :func:`assign_tokens`; "split" also divides experts between lanes).
-TOKEN_ASSIGNMENTS = ("adaptive", "static", "cpu", "stream", "split")
-#: Token assignment "split" divides host experts only in steps of at most this many tokens (decode);
-#: bigger steps assign whole experts, where the GPU's compute advantage dominates.
-SPLIT_MAX_TOKENS = 16
-#: Serial host time of a layer step: the feeding thread runs the next attention block in Python, waits for
-#: the router's result on the host and issues the lanes, while the lanes idle.
-#: Fitted to six H100 runs of 2026-11-25 (S1 at batch 1 and 8, S3, S4; traces showed 1-4 ms between
-#: layers with every lane idle): about 1 ms per layer plus 0.9 ms per host expert used in a decode step.
-LAYER_HOST_S = 1.0e-3
-UNIT_HOST_S = 0.9e-3
+__all__ = [
+    "SPLIT_MAX_TOKENS",
+    "TOKEN_ASSIGNMENTS",
+    "UNLIMITED",
+    "HostWork",
+    "HybridPlan",
+    "StagingClass",
+    "Workload",
+    "assign_tokens",
+    "cpu_lane_time",
+    "plan",
+    "predict",
+    "split_fraction",
+]
+
 #: Staging slots per class: two for double buffering plus one so a copy can run ahead of compute.
 EXPERT_STAGING_SLOTS = 3
 MODULE_STAGING_SLOTS = 2
 
 
-@dataclass(frozen=True)
-class Workload:
-    """What the user will run: prompt length, new tokens and batch size (tokens per decode step)."""
-
-    prompt_tokens: int = 512
-    new_tokens: int = 128
-    batch: int = 1
-
-    def __post_init__(self):
-        for name in ("prompt_tokens", "new_tokens", "batch"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"Workload.{name} must be >= 1 (got {getattr(self, name)})")
-
-
-@dataclass
-class StagingClass:
-    """A ring of equal device slots that streamed units of one kind are copied into."""
-
-    name: str
-    slot_bytes: int
-    slots: int
-
-    @property
-    def nbytes(self) -> int:
-        """Device bytes the ring reserves."""
-        return self.slot_bytes * self.slots
-
-
-# ----------------------------------------------------------------------------------------------- cost model
-def usage_probability(
-    unit: Unit, routing: dict[str, float], experts_per_layer: dict[int, tuple[int, int]]
-) -> float:
-    """Probability that one token routes to ``unit`` (1 for everything that is not an expert)."""
-    if unit.kind != "expert":
-        return 1.0
-    if unit.name in routing:
-        return routing[unit.name]
-    n_experts, top_k = experts_per_layer[unit.layer]
-    return top_k / n_experts
-
-
-def gpu_time(unit: Unit, tokens: float, profile: HardwareProfile) -> float:
-    """Seconds to compute ``unit`` on ``tokens`` tokens with its weights already on the device."""
-    if tokens <= 0:
-        return 0.0
-    return max(unit.nbytes / profile.gpu_mem_bw, tokens * unit.flops_per_token / profile.gpu_flops)
-
-
-def cpu_time(unit: Unit, tokens: float, profile: HardwareProfile) -> float:
-    """Seconds for the CPU lane to compute ``unit`` on ``tokens`` tokens (weights read from DRAM).
-
-    The kernel rates were measured on the profiling thread; the CPU lane runs in its own worker thread
-    with one core fewer, which the profile measures too (:func:`lane_factor`).
-    """
-    if tokens <= 0:
-        return 0.0
-    m = max(1, round(tokens))
-    solo = max(unit.nbytes / profile.cpu_weight_bw(m), tokens * unit.flops_per_token / profile.cpu_flops(m))
-    return solo / lane_factor(profile, m)
-
-
-def lane_factor(profile: HardwareProfile, tokens: int) -> float:
-    """The CPU lane's rate in its worker thread over the profiling thread's, for a job of ``tokens``."""
-    if tokens <= SPLIT_MAX_TOKENS:
-        lane, solo = profile.cpu_lane_gemv_bw, profile.cpu_weight_bw(1)
-    else:
-        lane, solo = profile.cpu_lane_gemm_flops, profile.cpu_flops(LANE_GEMM_TOKENS)
-    if not lane or not solo:
-        return 1.0  # a profile from before these were measured
-    return max(0.05, min(1.5, lane / solo))
-
-
-def cpu_share(profile: HardwareProfile, tokens: int = 1) -> float:
-    """Fraction of its own rate the CPU lane keeps while PCIe copies run (they share DRAM and cores)."""
-    if tokens > SPLIT_MAX_TOKENS and profile.cpu_lane_gemm_flops and profile.cpu_lane_gemm_flops_during_copy:
-        return max(0.05, min(1.0, profile.cpu_lane_gemm_flops_during_copy / profile.cpu_lane_gemm_flops))
-    lane_solo = profile.cpu_weight_bw(1) * lane_factor(profile, 1)
-    return max(0.05, min(1.0, profile.cpu_gemv_bw_during_copy / lane_solo))
-
-
-def cpu_lane_time(units_and_tokens: list[tuple[Unit, int]], profile: HardwareProfile) -> float:
-    """Predicted seconds of one CPU-lane job (as :func:`assign_tokens` costs it, before any correction)."""
-    if not units_and_tokens:
-        return 0.0
-    share = cpu_share(profile, max(n for _, n in units_and_tokens))
-    return CPU_ROUND_TRIP_S + sum(cpu_time(u, n, profile) for u, n in units_and_tokens) / share
-
-
-def split_fraction(profile: HardwareProfile, cpu_scale: float = 1.0) -> float:
-    """Share of an expert's intermediate rows the CPU lane takes when one expert is split between lanes.
-
-    The CPU lane reads gate/up rows [0, r) and the whole down projection ((2f + 1) thirds of the expert),
-    the copy lane brings gate/up rows [r, I) (2(1 - f) thirds); both finish together when
-    (2f + 1) / c = 2 (1 - f) / p, with c and p the lanes' rates while both run.
-    """
-    c = profile.cpu_gemv_bw_during_copy / cpu_scale
-    p = profile.h2d_bw_during_cpu
-    return max(0.0, min(1.0, (2 * c - p) / (2 * (c + p))))
-
-
-def pcie_share(profile: HardwareProfile) -> float:
-    """Fraction of its solo rate the copy lane keeps while the CPU lane reads DRAM."""
-    return max(0.05, min(1.0, profile.h2d_bw_during_cpu / profile.h2d_bw))
-
-
-def copy_time(unit: Unit, profile: HardwareProfile) -> float:
-    """Seconds to stream ``unit``'s weights over PCIe from pinned memory."""
-    return unit.nbytes / profile.h2d_bw
-
-
-def home_time(unit: Unit, home: str, tokens: float, profile: HardwareProfile) -> float:
-    """Seconds one use of ``unit`` costs in ``home`` (ignores overlap with other units)."""
-    if home == GPU:
-        return gpu_time(unit, tokens, profile)
-    if home == CPU:
-        return cpu_time(unit, tokens, profile)
-    return copy_time(unit, profile) + gpu_time(unit, tokens, profile)
-
-
-# --------------------------------------------------------------------------------------- token assignment
-@dataclass(frozen=True)
-class HostWork:
-    """One non-resident expert (or MLP slice) with routed tokens in the current step."""
-
-    name: str
-    tokens: int
-    nbytes: int
-    flops_per_token: int
-    staged: bool = False  # its weights are still in a staging slot from an earlier step
-    home: str = CPU
-
-
-def assign_tokens(
-    work: list[HostWork],
-    profile: HardwareProfile,
-    *,
-    gpu_busy_s: float = 0.0,
-    mode: str = "adaptive",
-    cpu_scale: float = 1.0,
-) -> set[str]:
-    """Decide which host units of one layer step run on the GPU (streamed) rather than on the CPU.
-
-    ``mode="static"`` follows each unit's home. ``"adaptive"`` is a longest-processing-time greedy
-    over two lanes: biggest job first, each to the lane that would finish it earliest, where the
-    CPU lane costs :func:`cpu_time` and the GPU side costs the copy (free if ``staged``) on the PCIe lane
-    and the compute on the GPU lane. Both lanes are costed at their rates while the other one runs (they
-    share DRAM), and the first CPU job pays the activations' round trip. ``cpu_scale`` multiplies the CPU
-    costs: the executor sets it from how long its CPU lane really took against this prediction. Returns
-    the names to stream.
-    """
-    if mode not in TOKEN_ASSIGNMENTS:
-        raise ValueError(f"unknown token assignment mode {mode!r}")
-    if mode == "static":
-        return {w.name for w in work if w.home == STREAM}
-    if mode == "cpu":
-        return set()
-    if mode == "stream":
-        return {w.name for w in work}
-    streamed: set[str] = set()
-    cpu_lane = 0.0
-    pcie_lane = 0.0
-    gpu_lane = gpu_busy_s
-    costed = []
-    largest = max((w.tokens for w in work), default=1)
-    cpu_factor, pcie_factor = cpu_scale / cpu_share(profile, largest), 1.0 / pcie_share(profile)
-    for w in work:
-        unit = Unit(w.name, "expert", None, w.nbytes, w.flops_per_token, HOMES)
-        c = cpu_time(unit, w.tokens, profile) * cpu_factor
-        g = gpu_time(unit, w.tokens, profile)
-        x = 0.0 if w.staged else copy_time(unit, profile) * pcie_factor
-        costed.append((max(c, x + g), c, g, x, w.name))
-    for _, c, g, x, name in sorted(costed, reverse=True):
-        cpu_finish = (cpu_lane or CPU_ROUND_TRIP_S) + c
-        arrive = pcie_lane + x
-        gpu_finish = max(arrive, gpu_lane) + g
-        if gpu_finish < cpu_finish:
-            streamed.add(name)
-            pcie_lane = arrive
-            gpu_lane = gpu_finish
-        else:
-            cpu_lane = cpu_finish
-    return streamed
-
-
-# ------------------------------------------------------------------------------------------------ the plan
-@dataclass
-class HybridPlan:
-    """The partition: each unit's home, the device memory it costs, and what it predicts.
-
-    ``print(plan)`` shows a table; ``plan.to_dict()`` is JSON-able.
-    """
-
-    units: list[Unit]
-    homes: dict[str, str]
-    budget_bytes: int
-    kv_cache_bytes: int
-    workspace_bytes: int
-    staging: list[StagingClass]
-    profile: HardwareProfile
-    workload: Workload
-    routing: dict[str, float] = field(default_factory=dict)
-    token_assignment: str = "adaptive"  # the executor's policy, which the predictions assume
-    predicted: dict[str, float] = field(default_factory=dict)
-    unit_times: dict[str, dict[str, float]] = field(default_factory=dict)
-    # what the last generate call really did (set by the model after each call; empty before the first):
-    # prompt_tokens, batch, prefill_tok_s, decode_tok_s, decode_steps -- to set beside the predictions
-    measured: dict[str, float] = field(default_factory=dict)
-
-    # -- queries
-    def home(self, name: str) -> str:
-        """Home of the unit called ``name``."""
-        return self.homes[name]
-
-    def units_in(self, home: str) -> list[Unit]:
-        """All units whose home is ``home``."""
-        return [u for u in self.units if self.homes[u.name] == home]
-
-    @property
-    def resident_bytes(self) -> int:
-        """Weight bytes resident on the device."""
-        return sum(u.nbytes for u in self.units_in(GPU))
-
-    @property
-    def staging_bytes(self) -> int:
-        """Device bytes of all staging rings."""
-        return sum(s.nbytes for s in self.staging)
-
-    @property
-    def device_bytes(self) -> int:
-        """Everything the plan puts on the device: weights, KV cache, workspace, staging."""
-        return self.resident_bytes + self.kv_cache_bytes + self.workspace_bytes + self.staging_bytes
-
-    def to_dict(self) -> dict:
-        """JSON-able form of the plan."""
-        return {
-            "units": [
-                {
-                    "name": u.name,
-                    "kind": u.kind,
-                    "layer": u.layer,
-                    "home": self.homes[u.name],
-                    "bytes": u.nbytes,
-                    "predicted_s": self.unit_times.get(u.name, {}),
-                }
-                for u in self.units
-            ],
-            "budget": {
-                "total": self.budget_bytes,
-                "resident_weights": self.resident_bytes,
-                "kv_cache": self.kv_cache_bytes,
-                "workspace": self.workspace_bytes,
-                "staging": self.staging_bytes,
-                "free": self.budget_bytes - self.device_bytes,
-            },
-            "staging": [{"name": s.name, "slot_bytes": s.slot_bytes, "slots": s.slots} for s in self.staging],
-            "homes": {h: len(self.units_in(h)) for h in HOMES},
-            "workload": {
-                "prompt_tokens": self.workload.prompt_tokens,
-                "new_tokens": self.workload.new_tokens,
-                "batch": self.workload.batch,
-            },
-            "token_assignment": self.token_assignment,
-            "predicted": {k: (v if math.isfinite(v) else None) for k, v in self.predicted.items()},
-            "measured": dict(self.measured),
-            "profile": self.profile.to_dict(),
-        }
-
-    def to_json(self) -> str:
-        """The plan as a JSON string."""
-        return json.dumps(self.to_dict(), indent=2)
-
-    def __str__(self) -> str:
-        lines = ["hf_hybrid plan", ""]
-        lines.append(
-            f"{'unit':<28} {'kind':<13} {'home':<6} {'bytes':>10} {'prefill ms':>10} {'decode ms':>10}"
-        )
-        grouped = _group_rows(self)
-        for name, kind, home, nbytes, pre, dec in grouped:
-            lines.append(
-                f"{name:<28} {kind:<13} {home:<6} {format_bytes(nbytes):>10} {pre * 1e3:>10.3f} {dec * 1e3:>10.3f}"
-            )
-        d = self.to_dict()["budget"]
-        lines.append("")
-        unlimited = d["total"] >= UNLIMITED
-        lines.append(
-            f"device budget {'unlimited' if unlimited else format_bytes(d['total'])}: weights "
-            f"{format_bytes(d['resident_weights'])}, KV cache {format_bytes(d['kv_cache'])}, workspace "
-            f"{format_bytes(d['workspace'])}, staging {format_bytes(d['staging'])}"
-            + ("" if unlimited else f", free {format_bytes(d['free'])}")
-        )
-        counts = ", ".join(f"{h} {len(self.units_in(h))}" for h in HOMES)
-        lines.append(f"units per home: {counts}")
-        p = self.predicted
-        if p:
-            wl = self.workload
-            for phase, what, digits in (
-                ("prefill", f"prefill ({wl.prompt_tokens} tokens x {wl.batch})", 1),
-                ("decode", f"decode (batch {wl.batch})", 2),
-            ):
-                bound = p[f"{phase}_bound_tok_s"]
-                # nothing off the device means no transfer bound to compare with
-                tail = (
-                    f" (bound {bound:.{digits}f}, {100 * p[f'{phase}_fraction_of_bound']:.0f}%)"
-                    if math.isfinite(bound)
-                    else " (everything resident: no PCIe/CPU bound)"
-                )
-                lines.append(f"predicted {what}: {p[f'{phase}_tok_s']:.{digits}f} tok/s{tail}")
-        m = self.measured
-        if m.get("prefill_tok_s"):
-            line = f"measured by the last generate: prefill ({m['prompt_tokens']:.0f} tokens x {m['batch']:.0f}) "
-            line += f"{m['prefill_tok_s']:.1f} tok/s"
-            if m.get("decode_tok_s"):
-                line += f", decode {m['decode_tok_s']:.2f} tok/s over {m['decode_steps']:.0f} steps"
-            lines.append(line)
-        return "\n".join(lines)
-
-    __repr__ = __str__
-
-
-def _group_rows(plan: HybridPlan) -> list[tuple]:
-    """Table rows; runs of experts/slices of one layer with the same home are folded into one row."""
-    rows: list[tuple] = []
-    for u in plan.units:
-        home = plan.homes[u.name]
-        t = plan.unit_times.get(u.name, {})
-        pre, dec = t.get("prefill", 0.0), t.get("decode", 0.0)
-        if u.is_expert_like and rows and rows[-1][6] == (u.layer, u.kind, home):
-            name, kind, _, nbytes, p0, d0, key, first = rows[-1]
-            rows[-1] = (
-                f"layers.{u.layer}.{_plural(u)}.{first}-{u.index}",
-                kind,
-                home,
-                nbytes + u.nbytes,
-                p0 + pre,
-                d0 + dec,
-                key,
-                first,
-            )
-        else:
-            rows.append((u.name, u.kind, home, u.nbytes, pre, dec, (u.layer, u.kind, home), u.index))
-    return [r[:6] for r in rows]
-
-
-def _plural(unit: Unit) -> str:
-    return "experts" if unit.kind == "expert" else "mlp"
-
-
-# ---------------------------------------------------------------------------------------------- planning
 def resolve_forced(units: list[Unit], forced: dict[str, str] | None) -> dict[str, str]:
     """Expand ``{"layers.*.experts.1": "cpu", ...}`` (fnmatch patterns) into unit name -> home.
 
@@ -520,7 +178,7 @@ def plan(
                         and u.is_expert_like
                     ):
                         start[u.name] = lane
-            best = _local_search(make(start), forced_homes, per_layer, make, search_rounds, time_limit_s=1.0)
+            best = _local_search(make(start), forced_homes, per_layer, make, search_rounds)
             candidates.append(best)
     if not candidates:
         minimum = min(minimums)
@@ -587,8 +245,13 @@ def _greedy(
     return homes, minimum
 
 
+#: Trial placements the local search evaluates at most per start (a step budget, not a time limit, so the
+#: same inputs give the same plan on any machine): enough for S3's 2,048 experts to converge.
+SEARCH_TRIALS = 20_000
+
+
 def _local_search(
-    best: HybridPlan, forced_homes, per_layer, make, rounds: int, time_limit_s: float = 2.0
+    best: HybridPlan, forced_homes, per_layer, make, rounds: int, max_trials: int = SEARCH_TRIALS
 ) -> HybridPlan:
     """Improve ``best`` by single-unit home changes and resident/host swaps while the objective drops.
 
@@ -616,7 +279,7 @@ def _local_search(
     costs = {layer: layer_cost(layer, homes) for layer in layers}
     staging_rings = _staging_for(best.units, homes)
     staging_bytes = sum(r.nbytes for r in staging_rings)
-    deadline = time.monotonic() + time_limit_s
+    trials_left = max_trials
     fixed = best.kv_cache_bytes + best.workspace_bytes
     resident = sum(u.nbytes for u in best.units if homes[u.name] == GPU)
     by_name = {u.name: u for u in best.units}
@@ -643,8 +306,9 @@ def _local_search(
         ]
         improved = False
         for change in trials:
-            if time.monotonic() > deadline:
+            if trials_left <= 0:
                 break
+            trials_left -= 1
             if any(homes[name] == h for name, h in change.items()):
                 continue  # an earlier move this round already changed these units
             delta_resident = 0
@@ -668,7 +332,7 @@ def _local_search(
                 staging_rings = _staging_for(best.units, homes)
                 staging_bytes = sum(r.nbytes for r in staging_rings)
                 improved = True
-        if not improved or time.monotonic() > deadline:
+        if not improved or trials_left <= 0:
             break
     result = make(homes)
     predict(result, per_layer)
@@ -713,170 +377,6 @@ def _balance_host_lanes(
                 pcie_lane += s
 
 
-def layer_time(
-    layer_units: list[Unit],
-    homes: dict[str, str],
-    profile: HardwareProfile,
-    routing: dict[str, float],
-    per_layer: dict[int, tuple[int, int]],
-    tokens: int,
-    unit_times: dict[str, float] | None = None,
-    routed: dict[str, int] | None = None,
-    split: bool = False,
-) -> tuple[float, float]:
-    """Predicted (seconds, host bytes touched) of one layer's units in a step of ``tokens`` tokens.
-
-    The GPU, CPU and PCIe lanes overlap, so the layer costs the max of the lanes; host experts are split
-    between the CPU and PCIe lanes by :func:`assign_tokens`, as the executor will do at run time. Experts
-    count their expected tokens, or exactly ``routed[name]`` tokens when one routing draw is given.
-    With ``split`` (token assignment "split"), host experts of a small step are divided between the CPU
-    and copy lanes as :func:`split_fraction` says, so they cost their bytes at both lanes' shared rates.
-    """
-    gpu_lane = cpu_lane = pcie_lane = serial = host_bytes = 0.0
-    work = []
-    for u in layer_units:
-        p = usage_probability(u, routing, per_layer)
-        if routed is not None and u.kind == "expert":
-            n = routed.get(u.name, 0)
-            if n == 0:
-                continue
-            used = 1.0
-        else:
-            n = tokens * p
-            used = 1.0 - (1.0 - p) ** tokens if p < 1 else 1.0
-        home = homes[u.name]
-        if unit_times is not None:
-            unit_times[u.name] = used * home_time(u, home, max(n, 1), profile)
-        if home == GPU:
-            if u.is_expert_like:
-                gpu_lane += used * gpu_time(u, max(n, 1), profile)
-            else:
-                # attention, router, norms and shared experts run before the routed experts of their layer
-                # are known: they cannot overlap with this layer's expert lanes
-                serial += used * gpu_time(u, max(n, 1), profile)
-            continue
-        host_bytes += used * u.nbytes
-        if u.is_expert_like:
-            work.append((u, n, used))
-        else:
-            # streamed modules (attention, lm_head) were prefetched during the previous layer; their copy
-            # occupies the PCIe lane and their compute is on the layer's critical path
-            pcie_lane += copy_time(u, profile)
-            serial += gpu_time(u, max(n, 1), profile)
-    if any(u.is_expert_like for u in layer_units):
-        # the feeding thread's serial part of the step (see LAYER_HOST_S): every MLP layer pays the attention
-        # block's Python and the routing round trip; each host expert used adds its issue and hand-off
-        # (in prefill-sized steps a small expert's issue hides behind the copies: at most half its copy)
-        serial += LAYER_HOST_S
-        for u, _, used in work:
-            if u.kind == "expert":
-                small = tokens <= SPLIT_MAX_TOKENS
-                serial += used * (UNIT_HOST_S if small else min(UNIT_HOST_S, 0.5 * copy_time(u, profile)))
-    split_time = 0.0
-    if split and tokens <= SPLIT_MAX_TOKENS and work:
-        # every small-step host expert is divided so both lanes finish together (see split_fraction)
-        f = split_fraction(profile)
-        rate_cpu, rate_pcie = profile.cpu_gemv_bw_during_copy, profile.h2d_bw_during_cpu
-        cpu_bytes = sum(used * u.nbytes * (2 * f + 1) / 3 for u, _, used in work)
-        pcie_bytes = sum(used * u.nbytes * 2 * (1 - f) / 3 for u, _, used in work)
-        split_time = max(cpu_bytes / rate_cpu, pcie_bytes / rate_pcie) + CPU_ROUND_TRIP_S
-        work = []
-    if work:
-        streamed = assign_tokens(
-            [
-                HostWork(u.name, max(1, round(n)), u.nbytes, u.flops_per_token, home=homes[u.name])
-                for u, n, _ in work
-            ],
-            profile,
-            gpu_busy_s=gpu_lane,
-        )
-        for u, n, used in work:
-            if u.name in streamed:
-                pcie_lane += used * copy_time(u, profile)
-                gpu_lane += used * gpu_time(u, max(n, 1), profile)
-            else:
-                cpu_lane += used * cpu_time(u, max(n, 1), profile)
-        if len(streamed) < len(work):
-            cpu_lane += CPU_ROUND_TRIP_S
-    if cpu_lane > 0 and pcie_lane > 0:
-        # both lanes read DRAM at once: each runs at its shared rate
-        cpu_lane /= cpu_share(profile, tokens)
-        pcie_lane /= pcie_share(profile)
-    return serial + max(gpu_lane, cpu_lane, pcie_lane, split_time), host_bytes
-
-
-#: Routing draws per layer when predicting small decode steps (deterministic: seeded per layer).
-DECODE_DRAWS = 24
-_DRAWS: dict[tuple, list[dict[str, int]]] = {}
-
-
-def routing_draws(
-    experts: list[Unit], weights: list[float], top_k: int, tokens: int, draws: int = DECODE_DRAWS
-) -> list[dict[str, int]]:
-    """``draws`` sampled routings of ``tokens`` tokens (top-k without replacement, weighted), memoised.
-
-    The same draws serve every plan that is compared, so comparisons are not blurred by sampling noise.
-    """
-    key = (tuple(u.name for u in experts), tuple(weights), top_k, tokens, draws)
-    cached = _DRAWS.get(key)
-    if cached is None:
-        rng = random.Random(1000)  # the same draws for every layer: alike layers cost alike
-        cached = []
-        for _ in range(draws):
-            counts: dict[str, int] = {}
-            for _ in range(tokens):
-                pool = list(range(len(experts)))
-                w = list(weights)
-                for _ in range(min(top_k, len(pool))):
-                    pick = rng.choices(range(len(pool)), weights=w)[0]
-                    name = experts[pool[pick]].name
-                    counts[name] = counts.get(name, 0) + 1
-                    del pool[pick], w[pick]
-            cached.append(counts)
-        if len(_DRAWS) > 4096:
-            _DRAWS.clear()
-        _DRAWS[key] = cached
-    return cached
-
-
-def sampled_layer_time(
-    layer_units: list[Unit],
-    homes: dict[str, str],
-    profile: HardwareProfile,
-    routing: dict[str, float],
-    per_layer: dict[int, tuple[int, int]],
-    tokens: int,
-    split: bool = False,
-) -> float:
-    """Mean layer time over sampled routings of ``tokens`` tokens.
-
-    With one token per step the lanes see a handful of whole experts, not their expectation: the max of
-    the lanes over a draw is what a step costs, and its mean is above the max of mean lanes.
-    """
-    experts = [u for u in layer_units if u.kind == "expert"]
-    if not experts:
-        return layer_time(layer_units, homes, profile, routing, per_layer, tokens, split=split)[0]
-    _, top_k = per_layer[experts[0].layer]
-    weights = [usage_probability(u, routing, per_layer) for u in experts]
-    draws = routing_draws(experts, weights, top_k, tokens)
-    total = sum(
-        layer_time(layer_units, homes, profile, routing, per_layer, tokens, routed=c, split=split)[0]
-        for c in draws
-    )
-    return total / len(draws)
-
-
-def step_layer_time(layer_units, homes, profile, routing, per_layer, tokens, split: bool = False) -> float:
-    """The layer's predicted time in one step: sampled routings for small decode steps, else expectation."""
-    if tokens <= SAMPLED_TOKENS:
-        return sampled_layer_time(layer_units, homes, profile, routing, per_layer, tokens, split)
-    return layer_time(layer_units, homes, profile, routing, per_layer, tokens, split=split)[0]
-
-
-#: Steps of at most this many tokens are predicted from sampled routings.
-SAMPLED_TOKENS = 16
-
-
 def _by_layer(units: list[Unit]) -> dict[int | None, list[Unit]]:
     layers: dict[int | None, list[Unit]] = {}
     for u in units:
@@ -911,15 +411,18 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
         for name, t in times.items():
             result.unit_times.setdefault(name, {})[phase] = t
         totals[phase], host[phase] = total, host_bytes
-    prefill_bound_s = host["prefill"] / profile.h2d_bw
-    decode_bound_s = host["decode"] / (profile.cpu_gemv_bw_during_copy + profile.h2d_bw_during_cpu)
+    from .bounds import transfer_bounds
+
+    bounds = transfer_bounds(
+        host["prefill"], host["decode"], profile, wl.prompt_tokens, B, unbounded=math.inf
+    )
     p = result.predicted
     p["prefill_s"] = totals["prefill"]
     p["decode_step_s"] = totals["decode"]
     p["prefill_tok_s"] = T / totals["prefill"] if totals["prefill"] else math.inf
     p["decode_tok_s"] = B / totals["decode"] if totals["decode"] else math.inf
-    p["prefill_bound_tok_s"] = T / prefill_bound_s if prefill_bound_s else math.inf
-    p["decode_bound_tok_s"] = B / decode_bound_s if decode_bound_s else math.inf
+    p["prefill_bound_tok_s"] = bounds["prefill_bound_tok_s"]
+    p["decode_bound_tok_s"] = bounds["decode_bound_tok_s"]
     p["prefill_fraction_of_bound"] = p["prefill_tok_s"] / p["prefill_bound_tok_s"]
     p["decode_fraction_of_bound"] = p["decode_tok_s"] / p["decode_bound_tok_s"]
     p["end_to_end_s"] = totals["prefill"] + (wl.new_tokens - 1) * totals["decode"]

@@ -1,8 +1,8 @@
 """A timeline of the executor's lanes as a Chrome / Perfetto trace (open it in ui.perfetto.dev).
 
 Host work (the CPU lane, the feeding thread) is timed with ``perf_counter``; device work (copies on the
-copy stream, kernels on the compute stream) with CUDA events, converted to the same clock after the run
-so the lanes line up.
+copy stream, kernels on the compute stream) with timing events from :class:`hf_hybrid.lanes.DeviceLanes`,
+converted to the same clock after the run so the lanes line up.
 """
 
 from __future__ import annotations
@@ -14,27 +14,26 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 LANES = {"host": 1, "CPU lane": 2, "PCIe copy": 3, "GPU": 4}
 
 
 class Tracer:
     """Collects spans per lane; ``save(path)`` writes Chrome trace JSON."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.is_cuda = device.type == "cuda"
+    def __init__(self, lanes):
+        self.lanes = lanes
+        self.device = lanes.device
+        self.is_cuda = lanes.is_cuda
         self.host_spans: list[tuple[str, str, float, float]] = []
         self.device_spans: list[tuple[str, str, object, object]] = []
         self.lock = threading.Lock()
         self.t0 = time.perf_counter()
         self.base_event = None
         if self.is_cuda:
-            torch.cuda.synchronize(device)
-            self.base_event = torch.cuda.Event(enable_timing=True)
+            lanes.synchronize()
+            self.base_event = lanes.timing_event()
             self.base_event.record()
-            torch.cuda.synchronize(device)
+            lanes.synchronize()
             self.t0 = time.perf_counter()
 
     @contextmanager
@@ -55,8 +54,7 @@ class Tracer:
             with self.host_span(lane, name):
                 yield
             return
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
+        start, end = self.lanes.timing_event(), self.lanes.timing_event()
         start.record(stream)
         try:
             yield
@@ -75,7 +73,7 @@ class Tracer:
         for lane, name, start, end in self.host_spans:
             out.append(_span(lane, name, (start - self.t0) * 1e6, (end - start) * 1e6))
         if self.device_spans:
-            torch.cuda.synchronize(self.device)
+            self.lanes.synchronize()
             for lane, name, start, end in self.device_spans:
                 begin_ms = self.base_event.elapsed_time(start)
                 out.append(_span(lane, name, begin_ms * 1e3, start.elapsed_time(end) * 1e3))

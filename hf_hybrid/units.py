@@ -137,16 +137,15 @@ def default_mlp_slices(intermediate: int, hidden: int, elt: int) -> int:
     return max(4, min(64, -(-mlp_bytes // (64 * 1024**2))))
 
 
-def describe_units(model, dtype, mlp_slices: int | None = None) -> list[Unit]:
+def describe_units(model, adapter, dtype, mlp_slices: int | None = None) -> list[Unit]:
     """List the placeable units of a (possibly meta-device) transformers causal LM.
 
-    Structure is read off the module tree: a layer whose ``mlp`` has ``experts`` is a MoE layer
-    (router = ``mlp.gate`` or ``mlp.router``, optional ``shared_expert``), otherwise its ``mlp`` is a
-    dense gated MLP that is split into row slices.
+    Structure comes from ``adapter`` (a :class:`~hf_hybrid.families.FamilyAdapter`): a layer with experts is
+    a MoE layer (router unit = the MoE block without its experts and shared expert), otherwise its MLP is
+    a dense gated MLP that is split into row slices.
     """
     elt = dtype_size(dtype)
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    embed = base.embed_tokens
+    embed = adapter.embeddings(model)
     lm_head = model.get_output_embeddings()
     tied = lm_head is not None and lm_head.weight is embed.weight
     units: list[Unit] = []
@@ -157,24 +156,20 @@ def describe_units(model, dtype, mlp_slices: int | None = None) -> list[Unit]:
         )
     else:
         units.append(Unit("embed_tokens", "embed", None, _module_bytes(embed, elt), 0, (GPU, CPU)))
-    for i, layer in enumerate(base.layers):
-        attn = layer.self_attn
+    for i, layer in enumerate(adapter.layers(model)):
+        attn = adapter.attention(layer)
+        mlp = adapter.mlp(layer)
         attn_params = sum(p.numel() for p in attn.parameters())
         units.append(
             Unit(f"layers.{i}.attention", "attention", i, attn_params * elt, 2 * attn_params, (GPU, STREAM))
         )
-        norm_bytes = sum(
-            p.numel() * elt
-            for n, p in layer.named_parameters(recurse=True)
-            if not n.startswith(("self_attn.", "mlp."))
-        )
+        norm_bytes = _module_bytes(layer, elt) - attn_params * elt - _module_bytes(mlp, elt)
         units.append(Unit(f"layers.{i}.norms", "norm", i, norm_bytes, 0, (GPU,)))
-        mlp = layer.mlp
-        experts = getattr(mlp, "experts", None)
+        experts = adapter.experts(layer)
         if experts is not None:
             # the router unit holds everything small the MoE block needs on the GPU (incl. a shared-expert gate)
             r_bytes = _module_bytes(mlp, elt) - _module_bytes(experts, elt)
-            shared = getattr(mlp, "shared_expert", None)
+            shared = adapter.shared_expert(layer)
             if shared is not None:
                 r_bytes -= _module_bytes(shared, elt)
             units.append(Unit(f"layers.{i}.router", "router", i, r_bytes, 2 * r_bytes // elt, (GPU,)))
@@ -190,8 +185,7 @@ def describe_units(model, dtype, mlp_slices: int | None = None) -> list[Unit]:
                         (GPU, STREAM),
                     )
                 )
-            n_exp, two_i, h = experts.gate_up_proj.shape
-            inter = two_i // 2
+            n_exp, inter, h = adapter.expert_shapes(layer)
             for e in range(n_exp):
                 params = 3 * inter * h
                 units.append(
@@ -207,7 +201,7 @@ def describe_units(model, dtype, mlp_slices: int | None = None) -> list[Unit]:
                     )
                 )
         else:
-            inter = mlp.gate_proj.weight.shape[0]
+            inter = adapter.dense_mlp_projections(layer)[0].weight.shape[0]
             n_slices = mlp_slices or default_mlp_slices(inter, hidden, elt)
             for s, (lo, hi) in enumerate(slice_bounds(inter, n_slices)):
                 params = 3 * (hi - lo) * hidden
@@ -224,7 +218,7 @@ def describe_units(model, dtype, mlp_slices: int | None = None) -> list[Unit]:
                         tensors=_gated_mlp_tensors(hi - lo, hidden),
                     )
                 )
-    units.append(Unit("norm", "norm", None, _module_bytes(base.norm, elt), 0, (GPU,)))
+    units.append(Unit("norm", "norm", None, _module_bytes(adapter.final_norm(model), elt), 0, (GPU,)))
     if not tied and lm_head is not None:
         head_bytes = _module_bytes(lm_head, elt)
         units.append(Unit("lm_head", "lm_head", None, head_bytes, 2 * head_bytes // elt, (GPU, STREAM)))

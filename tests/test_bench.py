@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 from collections import namedtuple
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 import hf_hybrid.bench.checkpoint as checkpoint_mod
-import hf_hybrid.bench.runner as runner_mod
+import hf_hybrid.bench.engines as engines_mod
 from hf_hybrid.bench import (
     SCENARIOS,
     add_cli,
@@ -23,8 +25,9 @@ from hf_hybrid.bench import (
     run_bench,
     run_from_args,
 )
+from hf_hybrid.bench.bounds import compute_bounds
 from hf_hybrid.bench.checkpoint import CheckpointBuildError, checkpoint_key, read_meta
-from hf_hybrid.bench.runner import TABLE_COLUMNS, compute_bounds
+from hf_hybrid.bench.output import TABLE_COLUMNS, write_result
 from hf_hybrid.profile import default_profile
 from hf_hybrid.units import parse_bytes
 
@@ -265,7 +268,7 @@ def test_failing_engine_becomes_error_row(cache, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom: simulated out of memory")
 
-    monkeypatch.setitem(runner_mod.LOADERS, "cpu", broken)
+    monkeypatch.setitem(engines_mod.LOADERS, "cpu", broken)
     json_path = tmp_path / "err.json"
     record = run_bench(
         "tiny-dense",
@@ -419,3 +422,47 @@ def test_budget_sweep_adds_one_row_per_budget(cache, tmp_path):
     )
     with pytest.raises(ValueError, match="budgets"):
         run_bench("tiny-moe", engines="hf_hybrid", budgets="lots", cache_dir=cache, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------- results file
+
+
+def test_result_file_refuses_a_symlink_and_is_private(cache, tmp_path):
+    target = tmp_path / "elsewhere.json"
+    target.write_text("keep")
+    link = tmp_path / "bench.json"
+    link.symlink_to(target)
+    with pytest.raises(ValueError, match="symbolic link"):
+        run_bench("tiny-dense", engines="cpu", cache_dir=cache, json_path=link, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="symbolic link"):
+        write_result(link, "{}")
+    assert link.is_symlink() and target.read_text() == "keep"
+    fresh = tmp_path / "out" / "fresh.json"
+    write_result(fresh, "{}")
+    assert fresh.read_text() == "{}" and fresh.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in fresh.parent.iterdir()] == ["fresh.json"], "temp file left behind"
+
+
+def test_shared_bounds_module_is_pure_python():
+    code = (
+        "import sys, hf_hybrid.bounds; "
+        "sys.exit(sorted(m for m in ('torch', 'transformers') if m in sys.modules) != [])"
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent).returncode == 0
+
+
+def test_transfer_bounds_fall_back_on_missing_rates():
+    from types import SimpleNamespace
+
+    from hf_hybrid.bounds import host_read_bytes, transfer_bounds
+
+    # no rates during the other lane: the CPU's solo rate at the batch, and the plain h2d rate
+    profile = SimpleNamespace(h2d_bw=10.0, cpu_weight_bw=lambda tokens: 5.0 * tokens)
+    step = host_read_bytes([(10, 0.5)], 2)
+    assert step == pytest.approx(7.5)
+    bounds = transfer_bounds(20, step, profile, prompt=3, batch=2)
+    assert bounds["prefill_bound_tok_s"] == pytest.approx(6 / (20 / 10.0))
+    assert bounds["decode_bw"] == pytest.approx(20.0)
+    assert bounds["decode_bound_tok_s"] == pytest.approx(2 / (7.5 / 20.0))
+    nothing = transfer_bounds(0, 0.0, profile, prompt=3, batch=2, unbounded=float("inf"))
+    assert nothing["prefill_bound_tok_s"] == nothing["decode_bound_tok_s"] == float("inf")

@@ -114,7 +114,7 @@ def test_cuda_soak_memory_is_flat(tiny_checkpoints, capsys):
     gc.collect()
     torch.cuda.synchronize()
     allocated0 = torch.cuda.memory_allocated()
-    pinned0 = sum(b.numel() * b.element_size() for b in executor._pinned.values())
+    pinned0 = executor.pinned_pool.nbytes()
     threads0 = threading.active_count()
     torch.cuda.reset_peak_memory_stats()
     steps = calls = 0
@@ -129,7 +129,7 @@ def test_cuda_soak_memory_is_flat(tiny_checkpoints, capsys):
     gc.collect()
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_allocated()
-    pinned = sum(b.numel() * b.element_size() for b in executor._pinned.values())
+    pinned = executor.pinned_pool.nbytes()
     assert steps >= 2000 and calls == 50
     assert allocated - allocated0 < 1024**2, (allocated0, allocated)
     assert pinned == pinned0 and threading.active_count() <= threads0

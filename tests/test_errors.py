@@ -3,7 +3,6 @@ built-in a caller would catch and a message saying what was wrong and what to do
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -404,9 +403,12 @@ def test_context_length_exceeded_fails_before_work_and_model_stays_usable(tiny_c
 
 # --------------------------------------------------------------------------------------- security
 def test_trust_remote_code_defaults_to_false():
-    signature = inspect.signature(HybridModelForCausalLM.from_pretrained)
-    assert signature.parameters["trust_remote_code"].default is False
-    assert signature.parameters["allow_pickle"].default is False
+    # from_pretrained's options are HybridOptions' fields: their defaults are what a bare call gets
+    from hf_hybrid.options import HybridOptions
+
+    options, _ = HybridOptions.from_kwargs({})
+    assert options.trust_remote_code is False
+    assert options.allow_pickle is False
 
 
 _EVIL_CODE = """import pathlib

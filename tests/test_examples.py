@@ -186,7 +186,7 @@ def test_calibrate_prints_hot_experts_and_saves_frequencies(
         assert total == pytest.approx(2.0)  # top-2 routing: each token picks two experts
 
     # without model.calibrate (older hf_hybrid): hooks on mlp.experts count the same routing
-    from hf_hybrid.modeling import HybridGenerationMixin
+    from hf_hybrid.runtime import HybridGenerationMixin
 
     monkeypatch.setattr(HybridGenerationMixin, "calibrate", None, raising=False)
     assert calibrate.main([*argv, "--save", str(tmp_path / "b.json")]) == 0

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+
+import pytest
 import torch
 
-from hf_hybrid.executor import DeviceLanes, Executor, HostArena, StagingRing, carve, layout_bytes
+from hf_hybrid.executor import Executor
+from hf_hybrid.lanes import DeviceLanes
 from hf_hybrid.planner import HostWork, assign_tokens
 from hf_hybrid.profile import default_profile
+from hf_hybrid.staging import StagingRing
+from hf_hybrid.weights import HostArena, carve, layout_bytes
 
 MIB = 1024**2
 
@@ -126,3 +132,22 @@ def test_prefill_prefetches_next_layer_streamed_experts(tiny_checkpoints):
     with torch.no_grad():
         hybrid(ids[:1, :4])  # 4 tokens: decode-sized, nothing is guessed ahead
     assert ex.stats.prefetched_units == 0
+
+
+def test_a_closed_model_refuses_to_run_with_a_clear_error(tiny_checkpoints):
+    from tiny_models import load_every_lane
+
+    from hf_hybrid import ExecutionError
+
+    model = load_every_lane(tiny_checkpoints["mixtral"])
+    ids = torch.tensor([[1, 2, 3]])
+    model.generate(ids, max_new_tokens=2)
+    threads_before = {t.name for t in threading.enumerate()}
+    model.hybrid.close()
+    with pytest.raises(ExecutionError, match="closed"):
+        model(ids)
+    with pytest.raises(ExecutionError, match="closed"):
+        model.generate(ids, max_new_tokens=2)
+    # no new CPU-lane thread was started by the refused calls
+    started = {t.name for t in threading.enumerate()} - threads_before
+    assert not [name for name in started if "cpu-lane" in name]

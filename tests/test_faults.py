@@ -69,7 +69,7 @@ def model(tiny_checkpoints, reference):
 def stray_threads(model, before: set[threading.Thread]) -> list[str]:
     """Threads alive now that were not before (the model's CPU-lane worker was already running)."""
     stray = [t.name for t in threading.enumerate() if t.is_alive() and t not in before]
-    worker = model.hybrid.executor._worker
+    worker = model.hybrid.executor.cpu_lane._pool
     lanes = [t for t in (worker._threads if worker is not None else ()) if t.is_alive()]
     if len(lanes) > 1:
         stray += [t.name for t in lanes]
@@ -213,7 +213,7 @@ def rss_bytes() -> int:
 
 
 def pinned_state(executor) -> tuple[int, int]:
-    return len(executor._pinned), sum(b.numel() * b.element_size() for b in executor._pinned.values())
+    return len(executor.pinned_pool), executor.pinned_pool.nbytes()
 
 
 def test_soak_2000_decode_steps_no_growth(tiny_checkpoints):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 
 import pytest
 
-import hf_hybrid.planner as planner_module
+import hf_hybrid.layer_costs as layer_costs_module
 from hf_hybrid.errors import BudgetError, PlacementError
 from hf_hybrid.planner import HostWork, HybridPlan, Workload, assign_tokens, plan, predict
 from hf_hybrid.profile import default_profile
@@ -171,8 +173,8 @@ def test_plan_table_and_dict():
 
 def test_split_assignment_predicts_decode_at_the_shared_bound(monkeypatch):
     # the lanes alone: without the feeding thread's serial time, split reaches the shared-DRAM bound
-    monkeypatch.setattr(planner_module, "LAYER_HOST_S", 0.0)
-    monkeypatch.setattr(planner_module, "UNIT_HOST_S", 0.0)
+    monkeypatch.setattr(layer_costs_module, "LAYER_HOST_S", 0.0)
+    monkeypatch.setattr(layer_costs_module, "UNIT_HOST_S", 0.0)
     profile = default_profile("cuda")
     units = moe_units(layers=4, experts=8, expert_mib=300)
     budget = 2000 * MIB
@@ -189,7 +191,7 @@ def test_split_assignment_predicts_decode_at_the_shared_bound(monkeypatch):
 def test_cpu_costs_follow_the_lane_rates_the_profile_measured():
     import dataclasses
 
-    from hf_hybrid.planner import cpu_share, cpu_time
+    from hf_hybrid.costs import cpu_share, cpu_time
 
     base = default_profile("cuda")
     expert = moe_units(layers=1, experts=1, expert_mib=300)[-1]
@@ -213,7 +215,8 @@ def test_cpu_costs_follow_the_lane_rates_the_profile_measured():
 
 
 def test_layer_step_costs_the_feeding_threads_serial_time_per_host_expert(monkeypatch):
-    from hf_hybrid.planner import LAYER_HOST_S, UNIT_HOST_S, layer_time
+    from hf_hybrid.costs import LAYER_HOST_S, UNIT_HOST_S
+    from hf_hybrid.layer_costs import layer_time
 
     profile = default_profile("cuda")
     units = moe_units(layers=1, experts=4, expert_mib=300)
@@ -228,8 +231,39 @@ def test_layer_step_costs_the_feeding_threads_serial_time_per_host_expert(monkey
 
     charged = {n: step(on_cpu, r) for n, r in ((1, one), (2, two))}
     resident_step = step(resident, two)
-    monkeypatch.setattr(planner_module, "LAYER_HOST_S", 0.0)
-    monkeypatch.setattr(planner_module, "UNIT_HOST_S", 0.0)
+    monkeypatch.setattr(layer_costs_module, "LAYER_HOST_S", 0.0)
+    monkeypatch.setattr(layer_costs_module, "UNIT_HOST_S", 0.0)
     for n, routed in ((1, one), (2, two)):
         assert charged[n] - step(on_cpu, routed) == pytest.approx(LAYER_HOST_S + n * UNIT_HOST_S)
     assert resident_step - step(resident, two) == pytest.approx(LAYER_HOST_S)  # all resident: the layer's own
+
+
+def test_planner_imports_no_torch():
+    # the planner is pure Python: it plans in a process where torch cannot even be imported
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "import hf_hybrid.planner, hf_hybrid.profile, hf_hybrid.bounds, hf_hybrid.memory\n"
+        "from hf_hybrid.planner import plan\n"
+        "from hf_hybrid.profile import default_profile\n"
+        "from hf_hybrid.units import Unit\n"
+        "u = [Unit(f'layers.0.experts.{e}', 'expert', 0, 1 << 20, 2 << 20, ('gpu', 'cpu', 'stream'), index=e)"
+        " for e in range(4)]\n"
+        "p = plan(u, default_profile('cuda'), 3 << 20)\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "print(sorted(set(p.homes.values())))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("['")
+
+
+def test_same_inputs_give_the_same_plan():
+    # no clock, no hidden state: planning twice (and after other plans) gives identical homes
+    profile = default_profile("cuda")
+    units = moe_units(layers=6, experts=16, expert_mib=50)
+    first = plan(units, profile, 900 * MIB, workload=Workload(new_tokens=64))
+    plan(moe_units(layers=2, experts=8, expert_mib=30), profile, 200 * MIB)
+    second = plan(units, profile, 900 * MIB, workload=Workload(new_tokens=64))
+    assert first.homes == second.homes
+    assert first.predicted == second.predicted
+    assert len(set(first.homes.values())) > 1  # a mixed placement, so the search had choices to make

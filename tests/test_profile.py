@@ -10,17 +10,10 @@ import math
 import pytest
 import torch
 
-import hf_hybrid.profile as profile_mod
+import hf_hybrid.measure as profile_mod
 from hf_hybrid.kernels import METHODS
-from hf_hybrid.profile import (
-    TOKEN_COUNTS,
-    HardwareProfile,
-    add_cli,
-    default_profile,
-    format_profile,
-    load_or_measure,
-    measure,
-)
+from hf_hybrid.measure import add_cli, load_or_measure, measure
+from hf_hybrid.profile import TOKEN_COUNTS, HardwareProfile, default_profile, format_profile
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +142,7 @@ def test_plans_are_complete():
 
 
 def test_cache_name_follows_openmp_wait_policy(monkeypatch, tmp_path):
-    from hf_hybrid.profile import profile_cache_path
+    from hf_hybrid.measure import profile_cache_path
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     passive = profile_cache_path("cpu", cache_dir=tmp_path)

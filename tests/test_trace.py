@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import json
 
-import torch
-from tiny_models import placement_for
+from tiny_models import load_every_lane
 
-from hf_hybrid import HybridModelForCausalLM
 from hf_hybrid.trace import LANES
 
 
 def test_trace_has_every_lane(tiny_checkpoints, tmp_path):
-    model = HybridModelForCausalLM.from_pretrained(
-        tiny_checkpoints["mixtral"],
-        device="cpu",
-        dtype=torch.float32,
-        gpu_memory="256MiB",
-        placement=placement_for("mixtral"),
-        token_assignment="static",
-        max_context=64,
-        progress=False,
-    )
+    model = load_every_lane(tiny_checkpoints["mixtral"])
     path = model.trace(tmp_path / "trace.json", max_new_tokens=4)
     events = json.loads(path.read_text())["traceEvents"]
     spans = [e for e in events if e["ph"] == "X"]

@@ -101,3 +101,23 @@ def build(family: str, directory: Path, seed: int = 0) -> Path:
     model = AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=torch.float32)
     model.save_pretrained(directory)
     return directory
+
+
+def load_every_lane(directory: Path, family: str = "mixtral", **options):
+    """The hybrid model of ``directory`` on the CPU standing in, in float32, with every lane in use
+    (forced mixed homes, static assignment)."""
+    import torch
+
+    from hf_hybrid import HybridModelForCausalLM
+
+    settings = dict(
+        device="cpu",
+        dtype=torch.float32,
+        gpu_memory="256MiB",
+        placement=placement_for(family),
+        token_assignment="static",
+        max_context=64,
+        progress=False,
+    )
+    settings.update(options)
+    return HybridModelForCausalLM.from_pretrained(directory, **settings)

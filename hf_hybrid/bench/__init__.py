@@ -3,7 +3,7 @@
 Python API::
 
     from hf_hybrid.bench import build_checkpoint, run_bench
-    path = build_checkpoint("tiny-moe", cache_dir="/tmp/bench", skew="zipf", seed=0)
+    path = build_checkpoint("tiny-moe", skew="zipf", seed=0)  # under default_cache_dir()
     record = run_bench("S1", engines="hf_hybrid,accelerate", json_path="s1.json")
 
 CLI (through ``hf_hybrid.cli``, which calls :func:`add_cli`, or ``python -m hf_hybrid.bench``)::
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .scenarios import SCENARIOS, Scenario, default_cache_dir, get_scenario, parse_skew
+from .settings import ENGINES
 
 __all__ = [
     "SCENARIOS",
@@ -36,8 +37,6 @@ __all__ = [
     "run_bench",
     "run_from_args",
 ]
-
-ENGINE_NAMES = ("hf_hybrid", "gpu", "accelerate", "cpu")
 
 
 def build_checkpoint(
@@ -126,7 +125,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="LIST",
         help=(
-            f"comma list from {','.join(ENGINE_NAMES)} (default: all that apply -- hf_hybrid,gpu,accelerate,cpu "
+            f"comma list from {','.join(ENGINES)} (default: all that apply -- hf_hybrid,gpu,accelerate,cpu "
             "on CUDA, hf_hybrid,cpu on CPU). 'gpu' runs only when the checkpoint fits in free GPU memory"
         ),
     )
@@ -157,7 +156,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "quick", "full", "default"),
         help=(
             "hardware profile the bounds use: 'auto' = the one hf_hybrid's plan was made with (else the cached "
-            "full measurement on CUDA, default figures on CPU), 'quick'/'full' = hf_hybrid.profile.load_or_measure, "
+            "full measurement on CUDA, default figures on CPU), 'quick'/'full' = hf_hybrid.measure.load_or_measure, "
             "'default' = default_profile (default: auto)"
         ),
     )
@@ -187,9 +186,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "--variants",
         default=None,
         help=(
-            "comma-separated extra hf_hybrid rows measured on the same loaded model: token-assignment modes "
-            "(stream, static, cpu, adaptive, split) and 'calibrated' (model.calibrate on 8 random prompts, then "
-            "measured again); each adds a row 'hf_hybrid[variant]'"
+            "comma-separated extra hf_hybrid rows, each loaded again with the main row's placement: "
+            "token-assignment modes (stream, static, cpu, adaptive, split; passed as from_pretrained's "
+            "token_assignment, so the row's plan says which ran) and 'calibrated' (model.calibrate on 8 random "
+            "prompts, then measured); each adds a row 'hf_hybrid[variant]'"
         ),
     )
     parser.add_argument(

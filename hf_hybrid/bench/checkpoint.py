@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from ..families import FamilyAdapter, for_config
 from ..loading import host_memory_available
 from ..units import format_bytes
 from .scenarios import Scenario, default_cache_dir, get_scenario, make_config, parse_skew, skew_label
@@ -101,21 +102,17 @@ def _meta_model(config: Any) -> Any:
         return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
 
 
+def _adapter(model: Any) -> FamilyAdapter:
+    return for_config(model.config)
+
+
 def _layers(model: Any) -> list:
-    return list(model.model.layers)
+    return _adapter(model).layers(model)
 
 
-def _router_of(layer: Any) -> Any | None:
-    """The router module of an MoE layer (``mlp.gate`` in Mixtral/Qwen3-MoE, ``mlp.router`` in PhiMoE)."""
-    mlp = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
-    if mlp is None or getattr(mlp, "experts", None) is None:
-        return None
-    for name in ("gate", "router"):
-        module = getattr(mlp, name, None)
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-            return module
-    return None
+def _router_of(model: Any, layer: Any) -> Any | None:
+    """The router module of an MoE layer of ``model`` (None for a dense layer), as its family adapter says."""
+    return _adapter(model).router(layer)
 
 
 def byte_breakdown(model: Any, config: Any) -> dict:
@@ -125,7 +122,7 @@ def byte_breakdown(model: Any, config: Any) -> dict:
     layers = []
     for index, layer in enumerate(_layers(model)):
         entry = {"layer": index, "attention": 0, "router": 0, "experts": 0, "mlp": 0, "norms": 0}
-        router = _router_of(layer)
+        router = _router_of(model, layer)
         num_experts = int(router.weight.shape[0]) if router is not None else 0
         for name, param in layer.named_parameters():
             nbytes = param.numel() * param.element_size()
@@ -275,23 +272,24 @@ def _apply_zipf_skew(model: Any, config: Any, exponent: float, seed: int, ids: t
     j = SKEW_CHANNEL
     const = float(getattr(config, "initializer_range", 0.02)) * math.sqrt(hidden)
     model.get_input_embeddings().weight[:, j] = const
+    adapter = _adapter(model)
     routers = []
     for layer in _layers(model):
-        attn_out = layer.self_attn.o_proj
+        attn_out = adapter.attention(layer).o_proj
         attn_out.weight[j, :] = 0
         if getattr(attn_out, "bias", None) is not None:
             attn_out.bias[j] = 0
-        experts = layer.mlp.experts
+        experts = adapter.experts(layer)
         for name, param in experts.named_parameters():
             if "down" in name and param.dim() == 3:
                 param[:, j, :] = 0  # [experts, hidden, intermediate]: output row j
             elif "down" in name and param.dim() == 2 and name.endswith("bias"):
                 param[:, j] = 0
-        for name, module in layer.mlp.named_modules():
+        for name, module in adapter.mlp(layer).named_modules():
             # shared experts (other families) write into the residual stream as well
             if isinstance(module, torch.nn.Linear) and name.endswith("down_proj"):
                 module.weight[j, :] = 0
-        router = _router_of(layer)
+        router = _router_of(model, layer)
         router.weight[:, j] = 0
         routers.append(router)
 
@@ -331,7 +329,7 @@ def _apply_zipf_skew(model: Any, config: Any, exponent: float, seed: int, ids: t
 
     handles = [r.register_forward_pre_hook(make_hook(i)) for i, r in enumerate(routers)]
     try:
-        model.model(input_ids=ids, use_cache=False)
+        _adapter(model).decoder(model)(input_ids=ids, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -347,7 +345,7 @@ def measure_routing(model: Any, ids: torch.Tensor) -> dict:
     """
     config = model.config
     top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)
-    routers = [_router_of(layer) for layer in _layers(model)]
+    routers = [_router_of(model, layer) for layer in _layers(model)]
     if not top_k or not any(r is not None for r in routers):
         return {}
     probs: dict[int, torch.Tensor] = {}
@@ -362,7 +360,7 @@ def measure_routing(model: Any, ids: torch.Tensor) -> dict:
 
     handles = [r.register_forward_hook(make_hook(i)) for i, r in enumerate(routers) if r is not None]
     try:
-        model.model(input_ids=ids, use_cache=False)
+        _adapter(model).decoder(model)(input_ids=ids, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

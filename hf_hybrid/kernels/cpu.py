@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.utils import logging
 
+from ..lanes import sync_thread_count
+
 logger = logging.get_logger(__name__)
 
 METHODS = ("linear", "matmul_t", "onednn_packed")
@@ -29,7 +31,6 @@ PLAIN_METHODS = ("linear", "matmul_t")
 
 _packed_support: dict[torch.dtype, bool] = {}
 _packed_lock = threading.Lock()
-_thread_state = threading.local()
 
 
 def _onednn_packed_works(dtype: torch.dtype) -> bool:
@@ -64,40 +65,13 @@ def available_methods(dtype: torch.dtype) -> tuple[str, ...]:
     return PLAIN_METHODS
 
 
-def _sync_threads() -> None:
-    """Make a (worker) thread honour ``torch.set_num_threads``.
-
-    OpenMP/MKL thread counts are per-thread settings: a fresh worker thread that calls MKL or oneDNN
-    directly uses the OpenMP default (all cores) even if the main thread set fewer, which oversubscribes
-    cores when the main thread also computes. Re-applying torch's global count once per thread (and
-    whenever it changed) fixes that at the cost of one cheap call.
-    """
-    if getattr(_thread_state, "fixed", False):
-        return  # this thread's count was chosen explicitly (the executor's CPU lane)
-    wanted = torch.get_num_threads()
-    if getattr(_thread_state, "threads", None) != wanted:
-        torch.set_num_threads(wanted)
-        _thread_state.threads = wanted
-
-
-def fix_thread_count(threads: int) -> None:
-    """Give the calling thread ``threads`` intra-op threads for good (not re-synced to the global count).
-
-    The executor's CPU lane calls this in its worker so that the thread feeding the GPU can run with one
-    thread without shrinking the CPU lane (OpenMP thread counts are per calling thread).
-    """
-    torch.set_num_threads(threads)
-    _thread_state.threads = threads
-    _thread_state.fixed = True
-
-
 def plain_linear(x: Tensor, weight: Tensor, methods: Mapping[int, str] | str = "linear") -> Tensor:
     """``x @ weight.T`` with the plain method chosen for ``x``'s token count (no packed copy needed).
 
     For row ranges of an expert (a split between lanes), which have no packed copy of their own.
     """
     method = methods if isinstance(methods, str) else _nearest(methods, x.shape[0])
-    _sync_threads()
+    sync_thread_count()
     if method == "matmul_t":
         return x @ weight.t()
     return F.linear(x, weight)
@@ -205,7 +179,7 @@ class CpuExpertKernel:
 
     def __call__(self, x: Tensor) -> Tensor:
         """``x [n, H]`` on CPU in the weights' dtype -> ``[n, H]`` in the same dtype."""
-        _sync_threads()
+        sync_thread_count()
         n = x.shape[0]
         if n == 0:
             return x.new_empty((0, self.hidden_size))

@@ -1,0 +1,76 @@
+"""Token assignment: per layer step, which host units' tokens run on the CPU lane and which units' weights
+are streamed to the GPU. The executor applies this policy at run time; the planner uses it to predict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .costs import CPU_ROUND_TRIP_S, copy_time, cpu_share, cpu_time, gpu_time, pcie_share
+from .options import TOKEN_ASSIGNMENTS
+from .profile import HardwareProfile
+from .units import CPU, HOMES, STREAM, Unit
+
+
+@dataclass(frozen=True)
+class HostWork:
+    """One non-resident expert (or MLP slice) with routed tokens in the current step."""
+
+    name: str
+    tokens: int
+    nbytes: int
+    flops_per_token: int
+    staged: bool = False  # its weights are still in a staging slot from an earlier step
+    home: str = CPU
+
+
+def assign_tokens(
+    work: list[HostWork],
+    profile: HardwareProfile,
+    *,
+    gpu_busy_s: float = 0.0,
+    mode: str = "adaptive",
+    cpu_scale: float = 1.0,
+) -> set[str]:
+    """Decide which host units of one layer step run on the GPU (streamed) rather than on the CPU.
+
+    ``mode="static"`` follows each unit's home. ``"adaptive"`` is a longest-processing-time greedy
+    over two lanes: biggest job first, each to the lane that would finish it earliest, where the
+    CPU lane costs :func:`cpu_time` and the GPU side costs the copy (free if ``staged``) on the PCIe lane
+    and the compute on the GPU lane. Both lanes are costed at their rates while the other one runs (they
+    share DRAM), and the first CPU job pays the activations' round trip. ``cpu_scale`` multiplies the CPU
+    costs: the executor sets it from how long its CPU lane really took against this prediction. Returns
+    the names to stream.
+    """
+    if mode not in TOKEN_ASSIGNMENTS:
+        raise ValueError(f"unknown token assignment mode {mode!r}")
+    if mode == "static":
+        return {w.name for w in work if w.home == STREAM}
+    if mode == "cpu":
+        return set()
+    if mode == "stream":
+        return {w.name for w in work}
+    streamed: set[str] = set()
+    cpu_lane = 0.0
+    pcie_lane = 0.0
+    gpu_lane = gpu_busy_s
+    costed = []
+    largest = max((w.tokens for w in work), default=1)
+    cpu_factor, pcie_factor = cpu_scale / cpu_share(profile, largest), 1.0 / pcie_share(profile)
+    for w in work:
+        unit = Unit(w.name, "expert", None, w.nbytes, w.flops_per_token, HOMES)
+        c = cpu_time(unit, w.tokens, profile) * cpu_factor
+        g = gpu_time(unit, w.tokens, profile)
+        x = 0.0 if w.staged else copy_time(unit, profile) * pcie_factor
+        costed.append((max(c, x + g), c, g, x, w.name))
+    for _, c, g, x, name in sorted(costed, reverse=True):
+        cpu_finish = (cpu_lane or CPU_ROUND_TRIP_S) + c
+        arrive = pcie_lane + x
+        gpu_finish = max(arrive, gpu_lane) + g
+        if gpu_finish < cpu_finish:
+            streamed.add(name)
+            pcie_lane = arrive
+            gpu_lane = gpu_finish
+        else:
+            cpu_lane = cpu_finish
+    return streamed

@@ -1,0 +1,95 @@
+"""Timing one loaded model: prefill and full ``generate`` calls, and hf_hybrid's lane counters."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _pad_id(model: Any) -> int:
+    config = getattr(model, "config", None)
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def random_prompt(vocab: int, batch: int, length: int, seed: int) -> torch.Tensor:
+    """``batch`` x ``length`` random token ids below ``vocab``, the same for the same ``seed``."""
+    gen = torch.Generator().manual_seed(seed + 12345)
+    return torch.randint(0, vocab, (batch, length), generator=gen)
+
+
+def measure_generate(model: Any, input_ids: torch.Tensor, new_tokens: int, repeats: int = 1) -> dict:
+    """Time prefill (1 new token) and a full ``new_tokens`` generation after one warm-up call.
+
+    The warm-up runs the full prompt with 2 new tokens, so shape-dependent first-call costs (allocations,
+    kernel selection, lazy initialisation) of both the prefill and the decode path are paid before the
+    clock starts. With ``repeats`` > 1 the fastest of each timing is kept. Returns seconds and rates;
+    ``decode_tok_s`` is ``None`` when ``new_tokens`` is 1 or the decode time is below the timer's resolution.
+    """
+    batch, prompt = input_ids.shape
+    pad = _pad_id(model)
+
+    def generate(ids: torch.Tensor, count: int) -> tuple[float, torch.Tensor]:
+        mask = torch.ones_like(ids)
+        _sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=count,
+                min_new_tokens=count,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        _sync()
+        return time.perf_counter() - start, out
+
+    generate(input_ids, min(2, new_tokens))  # warm-up
+    t_prefill = t_full = math.inf
+    out = None
+    for _ in range(max(1, repeats)):
+        t_prefill = min(t_prefill, generate(input_ids, 1)[0])
+        if new_tokens > 1:
+            elapsed, out = generate(input_ids, new_tokens)
+            t_full = min(t_full, elapsed)
+    if new_tokens <= 1:
+        t_full = t_prefill
+    produced = int(out.shape[1] - prompt) if out is not None else 1
+    decode_time = t_full - t_prefill
+    decode = batch * (new_tokens - 1) / decode_time if new_tokens > 1 and decode_time > 1e-6 else None
+    return {
+        "prefill_s": t_prefill,
+        "full_s": t_full,
+        "prefill_tok_s": prompt * batch / t_prefill if t_prefill > 0 else None,
+        "decode_tok_s": decode,
+        "decode_step_s": decode_time / (new_tokens - 1) if new_tokens > 1 else None,
+        "e2e_s": t_full,
+        "generated_tokens": produced,
+    }
+
+
+def lane_stats(model: Any) -> dict | None:
+    """The executor's counters summed over the measurement calls, with the CPU lane's achieved weight rate."""
+    executor = getattr(getattr(model, "hybrid", None), "executor", None)
+    stats = getattr(executor, "stats", None)
+    if stats is None:
+        return None
+    out = {name: getattr(stats, name) for name in stats.__dataclass_fields__}
+    out["cpu_lane_GBps"] = stats.cpu_bytes / stats.cpu_lane_s / 1e9 if stats.cpu_lane_s else None
+    out["cpu_scale"] = getattr(executor, "cpu_scale", None)
+    out["cpu_scales"] = dict(getattr(executor, "cpu_scales", {}))
+    return out

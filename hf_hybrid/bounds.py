@@ -1,0 +1,86 @@
+"""Transfer bounds: the best tok/s any engine can reach when part of the weights live off the GPU.
+
+The one definition, shared by the planner's predictions and the bench's "% of bound" columns:
+
+* prefill bound (tok/s) = ``prompt * batch / (host bytes / h2d_bw)``: every weight byte kept off the GPU
+  crosses PCIe once per prefill;
+* decode bound (tok/s) = ``batch / (step bytes / (cpu_gemv_bw_during_copy + h2d_bw_during_cpu))``: each
+  decode step reads the host-side bytes its tokens need, through the CPU lane and the PCIe lane at once,
+  each at the rate it keeps while the other runs.
+
+A host item is ``(bytes, p)`` with ``p`` the probability that one token reads it (1 for attention or a
+dense MLP slice, the routing frequency for an expert). A step of ``tokens`` tokens reads it with
+probability ``1 - (1 - p) ** tokens``; the step bytes are the sum of ``bytes`` times that probability.
+
+Rates come from a hardware profile (any object with the attributes; missing ones count as 0): when
+``cpu_gemv_bw_during_copy`` is missing the CPU rate is ``profile.cpu_weight_bw(batch)``, when
+``h2d_bw_during_cpu`` is missing the PCIe share is ``h2d_bw``. A bound is "unbounded" (``None`` unless
+the caller asks for another value) when no bytes are read or the rate is missing.
+
+Pure Python: importing this module loads neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+#: One host-side item: (bytes, probability that one token reads it).
+HostItem = tuple[float, float]
+
+
+def read_probability(p: float, tokens: int) -> float:
+    """Probability that at least one of ``tokens`` tokens reads an item each token reads with prob. ``p``."""
+    return 1.0 - (1.0 - min(max(p, 0.0), 1.0)) ** tokens
+
+
+def host_read_bytes(items: Iterable[HostItem], tokens: int) -> float:
+    """Expected host-side bytes read by a step of ``tokens`` tokens (see the module doc)."""
+    return sum(nbytes * read_probability(p, tokens) for nbytes, p in items)
+
+
+def transfer_rates(profile: Any, batch: int) -> tuple[float, float]:
+    """``(prefill rate, decode rate)`` in bytes/s from ``profile``, with the fallbacks of the module doc.
+
+    The prefill rate is ``h2d_bw``; the decode rate is the CPU lane's weight-read rate during copies
+    plus the PCIe rate during CPU work.
+    """
+    h2d = float(getattr(profile, "h2d_bw", 0) or 0)
+    cpu_during = float(getattr(profile, "cpu_gemv_bw_during_copy", 0) or 0)
+    h2d_during = float(getattr(profile, "h2d_bw_during_cpu", 0) or 0)
+    if not cpu_during and hasattr(profile, "cpu_weight_bw"):
+        cpu_during = float(profile.cpu_weight_bw(batch))
+    return h2d, cpu_during + (h2d_during or h2d)
+
+
+def _tok_s(tokens: int, nbytes: float, rate: float, unbounded: Any) -> Any:
+    if nbytes <= 0 or not rate > 0:
+        return unbounded
+    seconds = nbytes / rate
+    return tokens / seconds if seconds else unbounded
+
+
+def transfer_bounds(
+    host_bytes: float,
+    step_bytes: float,
+    profile: Any,
+    prompt: int,
+    batch: int,
+    unbounded: Any = None,
+) -> dict:
+    """Prefill and decode transfer bounds in tok/s (see the module doc for the definition).
+
+    ``host_bytes``: the bytes a prefill moves off the host; ``step_bytes``: the expected host-side bytes
+    one decode step reads (:func:`host_read_bytes` of the host items at ``batch`` tokens). A bound that
+    nothing limits is ``unbounded``. Returns ``prefill_bound_tok_s``, ``decode_bound_tok_s``,
+    ``host_bytes``, ``decode_host_bytes_per_step``, ``h2d_bw`` and ``decode_bw``.
+    """
+    h2d, decode_bw = transfer_rates(profile, batch)
+    return {
+        "prefill_bound_tok_s": _tok_s(prompt * batch, host_bytes, h2d, unbounded),
+        "decode_bound_tok_s": _tok_s(batch, step_bytes, decode_bw, unbounded),
+        "host_bytes": host_bytes,
+        "decode_host_bytes_per_step": step_bytes,
+        "h2d_bw": h2d,
+        "decode_bw": decode_bw,
+    }

@@ -1,0 +1,115 @@
+"""The cost model: how long a unit takes in each home, and a layer step across the three lanes.
+
+Pure Python over :class:`~hf_hybrid.units.Unit` shapes and a :class:`~hf_hybrid.profile.HardwareProfile`.
+The model of one step (prefill of T tokens, or one decode step of B tokens) per layer is three lanes that
+run at once -- the CPU lane (units computed on the CPU), the PCIe lane (units streamed into staging slots)
+and the GPU lane (resident and arrived units) -- so a layer costs the *max* of its lanes plus the
+activation round trip to the CPU and the feeding thread's serial time, not their sum.
+"""
+
+from __future__ import annotations
+
+from .profile import LANE_GEMM_TOKENS, HardwareProfile
+from .units import CPU, GPU, Unit
+
+#: Fixed cost of sending activations to the CPU lane and back (launch + sync latency), seconds.
+CPU_ROUND_TRIP_S = 60e-6
+#: Token assignment "split" divides host experts only in steps of at most this many tokens (decode);
+#: bigger steps assign whole experts, where the GPU's compute advantage dominates.
+SPLIT_MAX_TOKENS = 16
+#: Serial host time of a layer step: the feeding thread runs the next attention block in Python, waits for
+#: the router's result on the host and issues the lanes, while the lanes idle.
+#: Fitted to six H100 runs of 2026-11-25 (S1 at batch 1 and 8, S3, S4; traces showed 1-4 ms between
+#: layers with every lane idle): about 1 ms per layer plus 0.9 ms per host expert used in a decode step.
+LAYER_HOST_S = 1.0e-3
+UNIT_HOST_S = 0.9e-3
+
+
+def usage_probability(
+    unit: Unit, routing: dict[str, float], experts_per_layer: dict[int, tuple[int, int]]
+) -> float:
+    """Probability that one token routes to ``unit`` (1 for everything that is not an expert)."""
+    if unit.kind != "expert":
+        return 1.0
+    if unit.name in routing:
+        return routing[unit.name]
+    n_experts, top_k = experts_per_layer[unit.layer]
+    return top_k / n_experts
+
+
+def gpu_time(unit: Unit, tokens: float, profile: HardwareProfile) -> float:
+    """Seconds to compute ``unit`` on ``tokens`` tokens with its weights already on the device."""
+    if tokens <= 0:
+        return 0.0
+    return max(unit.nbytes / profile.gpu_mem_bw, tokens * unit.flops_per_token / profile.gpu_flops)
+
+
+def cpu_time(unit: Unit, tokens: float, profile: HardwareProfile) -> float:
+    """Seconds for the CPU lane to compute ``unit`` on ``tokens`` tokens (weights read from DRAM).
+
+    The kernel rates were measured on the profiling thread; the CPU lane runs in its own worker thread
+    with one core fewer, which the profile measures too (:func:`lane_factor`).
+    """
+    if tokens <= 0:
+        return 0.0
+    m = max(1, round(tokens))
+    solo = max(unit.nbytes / profile.cpu_weight_bw(m), tokens * unit.flops_per_token / profile.cpu_flops(m))
+    return solo / lane_factor(profile, m)
+
+
+def lane_factor(profile: HardwareProfile, tokens: int) -> float:
+    """The CPU lane's rate in its worker thread over the profiling thread's, for a job of ``tokens``."""
+    if tokens <= SPLIT_MAX_TOKENS:
+        lane, solo = profile.cpu_lane_gemv_bw, profile.cpu_weight_bw(1)
+    else:
+        lane, solo = profile.cpu_lane_gemm_flops, profile.cpu_flops(LANE_GEMM_TOKENS)
+    if not lane or not solo:
+        return 1.0  # a profile from before these were measured
+    return max(0.05, min(1.5, lane / solo))
+
+
+def cpu_share(profile: HardwareProfile, tokens: int = 1) -> float:
+    """Fraction of its own rate the CPU lane keeps while PCIe copies run (they share DRAM and cores)."""
+    if tokens > SPLIT_MAX_TOKENS and profile.cpu_lane_gemm_flops and profile.cpu_lane_gemm_flops_during_copy:
+        return max(0.05, min(1.0, profile.cpu_lane_gemm_flops_during_copy / profile.cpu_lane_gemm_flops))
+    lane_solo = profile.cpu_weight_bw(1) * lane_factor(profile, 1)
+    return max(0.05, min(1.0, profile.cpu_gemv_bw_during_copy / lane_solo))
+
+
+def cpu_lane_time(units_and_tokens: list[tuple[Unit, int]], profile: HardwareProfile) -> float:
+    """Predicted seconds of one CPU-lane job (as :func:`assign_tokens` costs it, before any correction)."""
+    if not units_and_tokens:
+        return 0.0
+    share = cpu_share(profile, max(n for _, n in units_and_tokens))
+    return CPU_ROUND_TRIP_S + sum(cpu_time(u, n, profile) for u, n in units_and_tokens) / share
+
+
+def split_fraction(profile: HardwareProfile, cpu_scale: float = 1.0) -> float:
+    """Share of an expert's intermediate rows the CPU lane takes when one expert is split between lanes.
+
+    The CPU lane reads gate/up rows [0, r) and the whole down projection ((2f + 1) thirds of the expert),
+    the copy lane brings gate/up rows [r, I) (2(1 - f) thirds); both finish together when
+    (2f + 1) / c = 2 (1 - f) / p, with c and p the lanes' rates while both run.
+    """
+    c = profile.cpu_gemv_bw_during_copy / cpu_scale
+    p = profile.h2d_bw_during_cpu
+    return max(0.0, min(1.0, (2 * c - p) / (2 * (c + p))))
+
+
+def pcie_share(profile: HardwareProfile) -> float:
+    """Fraction of its solo rate the copy lane keeps while the CPU lane reads DRAM."""
+    return max(0.05, min(1.0, profile.h2d_bw_during_cpu / profile.h2d_bw))
+
+
+def copy_time(unit: Unit, profile: HardwareProfile) -> float:
+    """Seconds to stream ``unit``'s weights over PCIe from pinned memory."""
+    return unit.nbytes / profile.h2d_bw
+
+
+def home_time(unit: Unit, home: str, tokens: float, profile: HardwareProfile) -> float:
+    """Seconds one use of ``unit`` costs in ``home`` (ignores overlap with other units)."""
+    if home == GPU:
+        return gpu_time(unit, tokens, profile)
+    if home == CPU:
+        return cpu_time(unit, tokens, profile)
+    return copy_time(unit, profile) + gpu_time(unit, tokens, profile)

@@ -1,0 +1,110 @@
+"""What the CPU lane computes in a layer step: its units' gated MLPs on host weights, summed in fp32.
+
+Each function returns a job (a plain callable) that the executor submits to the CPU lane; the job
+sleeps until the activations it needs have arrived in pinned memory, computes, and returns
+``(fp32 partial output, seconds computing)``. Nothing here chooses which units run on the CPU (that is
+:func:`hf_hybrid.planner.assign_tokens`) or touches threads (that is :mod:`hf_hybrid.lanes`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from .kernels.cpu import CpuExpertKernel, plain_linear
+
+#: (token ids, flat positions into the routing weights) of one unit's tokens; None = every token, weight 1
+Rows = tuple[torch.Tensor, torch.Tensor] | None
+
+
+@dataclass
+class HostInputs:
+    """Activations and routing weights as the CPU lane reads them, and the event of their arrival."""
+
+    x: torch.Tensor
+    weights: torch.Tensor | None
+    arrived: object | None  # a blocking event (None: already on the host)
+
+
+def whole_units_job(
+    kernels: list[CpuExpertKernel],
+    row_lists: list[Rows],
+    inputs: HostInputs,
+    out: torch.Tensor,
+    on_start: Callable[[], None] | None = None,
+    span: Callable[[], AbstractContextManager] = nullcontext,
+) -> Callable[[], tuple[torch.Tensor, float]]:
+    """A job computing whole units: ``out = sum_i weight_i * kernel_i(x[tokens_i])`` in fp32."""
+
+    def job() -> tuple[torch.Tensor, float]:
+        if on_start is not None:
+            on_start()
+        if inputs.arrived is not None:
+            inputs.arrived.synchronize()  # blocking event: this thread sleeps until the activations are here
+        started = time.perf_counter()
+        with span(), torch.inference_mode():
+            out.zero_()
+            for kernel, rows in zip(kernels, row_lists):
+                if rows is None:
+                    out.add_(kernel(inputs.x).float())
+                else:
+                    tok, sel = rows
+                    y = kernel(inputs.x[tok]) * inputs.weights[sel, None]
+                    out.index_add_(0, tok, y.float())
+        return out, time.perf_counter() - started
+
+    return job
+
+
+@dataclass
+class SplitPart:
+    """The CPU lane's share of a unit divided between lanes: gate/up rows [0, r) and the down projection,
+    with the GPU's activations of rows [r, I) (``gpu_half``, in pinned memory once ``halves_arrived``)."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    rows_on_cpu: int
+    gpu_half: torch.Tensor
+    rows: Rows
+
+
+def split_units_job(
+    parts: list[SplitPart],
+    act_fn: Callable,
+    methods,
+    inputs: HostInputs,
+    halves_arrived,
+    out: torch.Tensor,
+    on_start: Callable[[], None] | None = None,
+    span: Callable[[], AbstractContextManager] = nullcontext,
+) -> Callable[[], tuple[torch.Tensor, float]]:
+    """A job finishing units split between lanes: rows [0, r) of gate/up, then the whole down projection."""
+
+    def job() -> tuple[torch.Tensor, float]:
+        if on_start is not None:
+            on_start()
+        if inputs.arrived is not None:
+            inputs.arrived.synchronize()
+        started = time.perf_counter()
+        with span(), torch.inference_mode():
+            out.zero_()
+            for part in parts:
+                inter, r = part.gate_up.shape[0] // 2, part.rows_on_cpu
+                xs = inputs.x if part.rows is None else inputs.x[part.rows[0]]
+                mine = act_fn(plain_linear(xs, part.gate_up[:r], methods)) * plain_linear(
+                    xs, part.gate_up[inter : inter + r], methods
+                )
+                halves_arrived.synchronize()  # the GPU's rows of the activations are in pinned memory
+                y = plain_linear(torch.cat([mine, part.gpu_half], dim=1), part.down, methods)
+                if part.rows is None:
+                    out.add_(y.float())
+                else:
+                    tok, sel = part.rows
+                    out.index_add_(0, tok, (y * inputs.weights[sel, None]).float())
+        return out, time.perf_counter() - started
+
+    return job

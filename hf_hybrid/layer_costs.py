@@ -1,0 +1,194 @@
+"""A layer step's predicted time across the three lanes, and its mean over sampled routings.
+
+The layer costs the *max* of its lanes (the host units divided between the CPU and PCIe lanes as
+:func:`hf_hybrid.assignment.assign_tokens` will divide them at run time) plus the activations' round trip
+and the feeding thread's serial time. Pure Python.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+
+from .assignment import HostWork, assign_tokens
+from .costs import (
+    CPU_ROUND_TRIP_S,
+    LAYER_HOST_S,
+    SPLIT_MAX_TOKENS,
+    UNIT_HOST_S,
+    copy_time,
+    cpu_share,
+    cpu_time,
+    gpu_time,
+    home_time,
+    pcie_share,
+    split_fraction,
+    usage_probability,
+)
+from .profile import HardwareProfile
+from .units import GPU, Unit
+
+
+def layer_time(
+    layer_units: list[Unit],
+    homes: dict[str, str],
+    profile: HardwareProfile,
+    routing: dict[str, float],
+    per_layer: dict[int, tuple[int, int]],
+    tokens: int,
+    unit_times: dict[str, float] | None = None,
+    routed: dict[str, int] | None = None,
+    split: bool = False,
+) -> tuple[float, float]:
+    """Predicted (seconds, host bytes touched) of one layer's units in a step of ``tokens`` tokens.
+
+    The GPU, CPU and PCIe lanes overlap, so the layer costs the max of the lanes; host experts are split
+    between the CPU and PCIe lanes by :func:`assign_tokens`, as the executor will do at run time. Experts
+    count their expected tokens, or exactly ``routed[name]`` tokens when one routing draw is given.
+    With ``split`` (token assignment "split"), host experts of a small step are divided between the CPU
+    and copy lanes as :func:`split_fraction` says, so they cost their bytes at both lanes' shared rates.
+    """
+    gpu_lane = cpu_lane = pcie_lane = serial = host_bytes = 0.0
+    work = []
+    for u in layer_units:
+        p = usage_probability(u, routing, per_layer)
+        if routed is not None and u.kind == "expert":
+            n = routed.get(u.name, 0)
+            if n == 0:
+                continue
+            used = 1.0
+        else:
+            n = tokens * p
+            used = 1.0 - (1.0 - p) ** tokens if p < 1 else 1.0
+        home = homes[u.name]
+        if unit_times is not None:
+            unit_times[u.name] = used * home_time(u, home, max(n, 1), profile)
+        if home == GPU:
+            if u.is_expert_like:
+                gpu_lane += used * gpu_time(u, max(n, 1), profile)
+            else:
+                # attention, router, norms and shared experts run before the routed experts of their layer
+                # are known: they cannot overlap with this layer's expert lanes
+                serial += used * gpu_time(u, max(n, 1), profile)
+            continue
+        host_bytes += used * u.nbytes
+        if u.is_expert_like:
+            work.append((u, n, used))
+        else:
+            # streamed modules (attention, lm_head) were prefetched during the previous layer; their copy
+            # occupies the PCIe lane and their compute is on the layer's critical path
+            pcie_lane += copy_time(u, profile)
+            serial += gpu_time(u, max(n, 1), profile)
+    if any(u.is_expert_like for u in layer_units):
+        # the feeding thread's serial part of the step (see LAYER_HOST_S): every MLP layer pays the attention
+        # block's Python and the routing round trip; each host expert used adds its issue and hand-off
+        # (in prefill-sized steps a small expert's issue hides behind the copies: at most half its copy)
+        serial += LAYER_HOST_S
+        for u, _, used in work:
+            if u.kind == "expert":
+                small = tokens <= SPLIT_MAX_TOKENS
+                serial += used * (UNIT_HOST_S if small else min(UNIT_HOST_S, 0.5 * copy_time(u, profile)))
+    split_time = 0.0
+    if split and tokens <= SPLIT_MAX_TOKENS and work:
+        # every small-step host expert is divided so both lanes finish together (see split_fraction)
+        f = split_fraction(profile)
+        rate_cpu, rate_pcie = profile.cpu_gemv_bw_during_copy, profile.h2d_bw_during_cpu
+        cpu_bytes = sum(used * u.nbytes * (2 * f + 1) / 3 for u, _, used in work)
+        pcie_bytes = sum(used * u.nbytes * 2 * (1 - f) / 3 for u, _, used in work)
+        split_time = max(cpu_bytes / rate_cpu, pcie_bytes / rate_pcie) + CPU_ROUND_TRIP_S
+        work = []
+    if work:
+        streamed = assign_tokens(
+            [
+                HostWork(u.name, max(1, round(n)), u.nbytes, u.flops_per_token, home=homes[u.name])
+                for u, n, _ in work
+            ],
+            profile,
+            gpu_busy_s=gpu_lane,
+        )
+        for u, n, used in work:
+            if u.name in streamed:
+                pcie_lane += used * copy_time(u, profile)
+                gpu_lane += used * gpu_time(u, max(n, 1), profile)
+            else:
+                cpu_lane += used * cpu_time(u, max(n, 1), profile)
+        if len(streamed) < len(work):
+            cpu_lane += CPU_ROUND_TRIP_S
+    if cpu_lane > 0 and pcie_lane > 0:
+        # both lanes read DRAM at once: each runs at its shared rate
+        cpu_lane /= cpu_share(profile, tokens)
+        pcie_lane /= pcie_share(profile)
+    return serial + max(gpu_lane, cpu_lane, pcie_lane, split_time), host_bytes
+
+
+#: Routing draws per layer when predicting small decode steps (deterministic: seeded per layer).
+DECODE_DRAWS = 24
+
+
+def routing_draws(
+    experts: list[Unit], weights: list[float], top_k: int, tokens: int, draws: int = DECODE_DRAWS
+) -> list[dict[str, int]]:
+    """``draws`` sampled routings of ``tokens`` tokens (top-k without replacement, weighted).
+
+    Seeded, so the same draws serve every plan that is compared and comparisons are not blurred by
+    sampling noise; memoised because the search costs the same layer shapes thousands of times.
+    """
+    return _draws(tuple(u.name for u in experts), tuple(weights), top_k, tokens, draws)
+
+
+@functools.lru_cache(maxsize=4096)
+def _draws(
+    names: tuple[str, ...], weights: tuple[float, ...], top_k: int, tokens: int, draws: int
+) -> list[dict[str, int]]:
+    rng = random.Random(1000)  # the same draws for every layer: alike layers cost alike
+    out = []
+    for _ in range(draws):
+        counts: dict[str, int] = {}
+        for _ in range(tokens):
+            pool = list(range(len(names)))
+            w = list(weights)
+            for _ in range(min(top_k, len(pool))):
+                pick = rng.choices(range(len(pool)), weights=w)[0]
+                name = names[pool[pick]]
+                counts[name] = counts.get(name, 0) + 1
+                del pool[pick], w[pick]
+        out.append(counts)
+    return out
+
+
+def sampled_layer_time(
+    layer_units: list[Unit],
+    homes: dict[str, str],
+    profile: HardwareProfile,
+    routing: dict[str, float],
+    per_layer: dict[int, tuple[int, int]],
+    tokens: int,
+    split: bool = False,
+) -> float:
+    """Mean layer time over sampled routings of ``tokens`` tokens.
+
+    With one token per step the lanes see a handful of whole experts, not their expectation: the max of
+    the lanes over a draw is what a step costs, and its mean is above the max of mean lanes.
+    """
+    experts = [u for u in layer_units if u.kind == "expert"]
+    if not experts:
+        return layer_time(layer_units, homes, profile, routing, per_layer, tokens, split=split)[0]
+    _, top_k = per_layer[experts[0].layer]
+    weights = [usage_probability(u, routing, per_layer) for u in experts]
+    draws = routing_draws(experts, weights, top_k, tokens)
+    total = sum(
+        layer_time(layer_units, homes, profile, routing, per_layer, tokens, routed=c, split=split)[0]
+        for c in draws
+    )
+    return total / len(draws)
+
+
+def step_layer_time(layer_units, homes, profile, routing, per_layer, tokens, split: bool = False) -> float:
+    """The layer's predicted time in one step: sampled routings for small decode steps, else expectation."""
+    if tokens <= SAMPLED_TOKENS:
+        return sampled_layer_time(layer_units, homes, profile, routing, per_layer, tokens, split)
+    return layer_time(layer_units, homes, profile, routing, per_layer, tokens, split=split)[0]
+
+
+#: Steps of at most this many tokens are predicted from sampled routings.
+SAMPLED_TOKENS = 16
