@@ -60,6 +60,32 @@ def whole_units_job(
     return job
 
 
+def native_units_job(
+    lane,
+    jobs: list,
+    inputs: HostInputs,
+    out: torch.Tensor,
+    on_start: Callable[[], None] | None = None,
+    span: Callable[[], AbstractContextManager] = nullcontext,
+) -> Callable[[], tuple[torch.Tensor, float]]:
+    """A job computing whole units in ONE call of the native kernel (:mod:`hf_hybrid.kernels.native`): it
+    reads every weight row once for all of a unit's tokens, on its own sleeping thread pool, GIL released.
+    Same result as :func:`whole_units_job` (torch's bf16 roundings mimicked, fp32 accumulation)."""
+
+    def job() -> tuple[torch.Tensor, float]:
+        if on_start is not None:
+            on_start()
+        if inputs.arrived is not None:
+            inputs.arrived.synchronize()
+        started = time.perf_counter()
+        with span():
+            out.zero_()
+            lane.run(inputs.x, jobs, out)
+        return out, time.perf_counter() - started
+
+    return job
+
+
 @dataclass
 class SplitPart:
     """The CPU lane's share of a unit divided between lanes: gate/up rows [0, r) and the down projection,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .assignment import HostWork, assign_tokens
 from .costs import SPLIT_MAX_TOKENS, cpu_lane_time, split_fraction
-from .cpu_work import HostInputs, Rows, SplitPart, split_units_job, whole_units_job
+from .cpu_work import HostInputs, Rows, SplitPart, native_units_job, split_units_job, whole_units_job
 from .errors import ExecutionError
 from .kernels.cpu import PLAIN_METHODS, CpuExpertKernel, pick_methods
 from .lanes import CpuLane, DeviceLanes, PinnedPool, cpu_lane_threads
@@ -54,6 +54,7 @@ class StepStats:
     groups: int = 0  # expert groups run (layer steps)
     split_units: int = 0  # units whose rows were split between the CPU lane and the copy lane
     prefetched_units: int = 0  # next-layer units copied ahead during a prefill step
+    native_units: int = 0  # CPU units computed by the native kernel (the rest by torch ops)
 
     def reset(self) -> None:
         """Zero every counter."""
@@ -122,6 +123,7 @@ class Executor:
         token_assignment: str = "adaptive",
         cpu_threads: int | None = None,
         cpu_methods: dict[int, str] | str = "linear",
+        cpu_backend: str = "auto",
     ):
         if token_assignment not in TOKEN_ASSIGNMENTS:
             raise ValueError(f"token_assignment must be one of {', '.join(TOKEN_ASSIGNMENTS)}")
@@ -135,6 +137,7 @@ class Executor:
         self.token_assignment = token_assignment
         self.cpu_methods: dict[int, str] | str = cpu_methods
         self.plain_cpu_methods = plain_methods(profile) if cpu_methods != "linear" else "linear"
+        self.native_lane = _native_lane(cpu_backend, self.cpu_lane.threads)
         self.stats = StepStats()
         self.fault_injector = None  # tests: a callable(lane: str) that may raise
         # measured CPU-lane time / predicted, smoothed: corrects the profile's CPU rate to what this process
@@ -166,6 +169,8 @@ class Executor:
     def close(self) -> None:
         """Stop the CPU lane and drop staging and pinned buffers; later calls raise ``ExecutionError``."""
         self.cpu_lane.close()
+        if self.native_lane is not None:
+            self.native_lane.close()
         self.pinned_pool.clear()
         self.expert_ring = None
         self.module_ring = None
@@ -328,17 +333,37 @@ class Executor:
         return HostInputs(x_host, w_host, self.lanes.record())
 
     def _submit_cpu(self, group, on_cpu, hidden, inputs: HostInputs, routing: Routing) -> Future:
-        kernels = [self._cpu_kernel(group, i) for i in on_cpu]
         row_lists = [routing.rows(i) for i in on_cpu]
         self.stats.cpu_units += len(on_cpu)
         self.stats.cpu_tokens += sum(hidden.shape[0] if r is None else r[0].numel() for r in row_lists)
-        self.stats.cpu_bytes += sum(k.weight_bytes for k in kernels)
         label = f"L{group.layer} cpu units {','.join(str(i) for i in on_cpu)}"
+        out = self.pinned("cpu_out", tuple(hidden.shape), torch.float32)
+        if self._native_applies(group, [routing.counts[i] for i in on_cpu]):
+            from .kernels.native import ExpertJob
+
+            jobs = []
+            for i, rows in zip(on_cpu, row_lists):
+                gate_up, down = group.host_weights[i]
+                tokens, weights = (None, None) if rows is None else (rows[0], inputs.weights[rows[1]])
+                jobs.append(ExpertJob(gate_up, down, tokens=tokens, weights=weights))
+                self.stats.native_units += 1
+                self.stats.cpu_bytes += gate_up.nbytes + down.nbytes
+            job = native_units_job(
+                self.native_lane,
+                jobs,
+                inputs,
+                out,
+                on_start=self._fault_hook("cpu"),
+                span=lambda: self.lanes.host_span("CPU lane", label + " (native)"),
+            )
+            return self.cpu_lane.submit(job)
+        kernels = [self._cpu_kernel(group, i) for i in on_cpu]
+        self.stats.cpu_bytes += sum(k.weight_bytes for k in kernels)
         job = whole_units_job(
             kernels,
             row_lists,
             inputs,
-            self.pinned("cpu_out", tuple(hidden.shape), torch.float32),
+            out,
             on_start=self._fault_hook("cpu"),
             span=lambda: self.lanes.host_span("CPU lane", label),
         )
@@ -449,6 +474,15 @@ class Executor:
             self.stats.cpu_lane_s += seconds
             acc += split_out.to(acc.device, non_blocking=True)
 
+    def _native_applies(self, group: ExpertGroup, counts: list[int]) -> bool:
+        """The native kernel runs decode-sized steps (few tokens per unit: memory-bound GEMV, where torch's
+        per-op overheads lose half the DRAM rate); bigger ones go to torch's GEMMs (oneDNN, AMX)."""
+        if self.native_lane is None or max(counts, default=0) > NATIVE_MAX_TOKENS:
+            return False
+        from .kernels.native import supports
+
+        return supports(group.dtype, group.act_fn)
+
     def _learn_cpu_rate(self, predicted_s: float, measured_s: float, regime: str = "small") -> None:
         if predicted_s < self.CPU_SCALE_MIN_JOB_S or measured_s <= 0:
             return
@@ -521,6 +555,26 @@ class Executor:
         for g, i in tqdm(todo, desc="Preparing CPU kernels", unit="unit", disable=not progress or not todo):
             extra += self._cpu_kernel(g, i).extra_bytes
         return extra
+
+
+#: Tokens per unit up to which the native kernel computes a CPU job (decode and small batches).
+NATIVE_MAX_TOKENS = 16
+
+
+def _native_lane(backend: str, threads: int):
+    """The native expert lane for ``backend`` ("auto": when it builds here; "native": required)."""
+    if backend == "torch":
+        return None
+    from .kernels import native
+
+    if not native.available():
+        if backend == "native":
+            raise ExecutionError(
+                f"cpu_backend='native' but the native CPU expert kernel is unavailable: "
+                f"{native.unavailable_reason()}. Use cpu_backend='auto' or 'torch'."
+            )
+        return None
+    return native.NativeExpertLane(threads)
 
 
 def plain_methods(profile: HardwareProfile) -> dict[int, str] | str:

@@ -141,6 +141,7 @@ class HybridModelForCausalLM:
             token_assignment=hybrid_plan.token_assignment,
             cpu_threads=options.cpu_threads,
             cpu_methods=_cpu_methods(options.cpu_kernels, hybrid_plan, loaded),
+            cpu_backend=options.cpu_backend,
         )
         executor.prepare_cpu_kernels(loaded.groups.values(), progress=options.progress)
         handles = attach(model, executor, loaded, adapter)

@@ -17,6 +17,8 @@ from typing import Any
 TOKEN_ASSIGNMENTS = ("adaptive", "static", "cpu", "stream", "split")
 PROFILE_CHOICES = ("auto", "measure", "default")
 CPU_KERNEL_CHOICES = ("auto", "linear", "matmul_t", "onednn_packed")
+#: The CPU lane's expert code: the native kernel where it builds and applies, torch ops otherwise
+CPU_BACKENDS = ("auto", "native", "torch")
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,9 @@ class HybridOptions:
     ``"cpu"``, ``"stream"``, ``"split"``), ``profile`` (a ``HardwareProfile``, ``"auto"``, ``"measure"``,
     ``"default"``), ``routing_stats`` (per-expert routing frequencies), ``mlp_slices`` (row slices per
     dense MLP), ``cpu_threads`` (the CPU lane's threads, 1..cores), ``cpu_kernels`` (CPU expert kernel
-    per token count, ``"auto"`` or a method or ``{tokens: method}``), ``attn_implementation``.
+    per token count, ``"auto"`` or a method or ``{tokens: method}``), ``cpu_backend`` (``"auto"``: the
+    native CPU expert kernel for decode-sized steps where it builds, else torch ops; ``"native"``: require
+    it; ``"torch"``: torch ops only), ``attn_implementation``.
 
     Loading: ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``trust_remote_code`` mean
     what they mean in transformers; ``allow_pickle`` allows ``.bin``/``.pt`` shards;
@@ -51,6 +55,7 @@ class HybridOptions:
     mlp_slices: int | None = None
     cpu_threads: int | None = None
     cpu_kernels: str | dict[int, str] = "auto"
+    cpu_backend: str = "auto"
     attn_implementation: str | None = "sdpa"
     trust_remote_code: bool = False
     allow_cpu_fallback: bool = False
@@ -113,6 +118,10 @@ class HybridOptions:
             raise ValueError(
                 f"cpu_kernels must be one of {', '.join(CPU_KERNEL_CHOICES)} or {{tokens: method}} "
                 f"(got {self.cpu_kernels!r})"
+            )
+        if self.cpu_backend not in CPU_BACKENDS:
+            raise ValueError(
+                f"cpu_backend must be one of {', '.join(CPU_BACKENDS)} (got {self.cpu_backend!r})"
             )
         if self.placement is not None and not isinstance(self.placement, dict):
             raise TypeError(

@@ -1,0 +1,460 @@
+"""The native CPU expert lane: agreement with torch for every variant that runs here, pool behaviour, and the
+fallback when the library cannot be built."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from hf_hybrid.kernels import native
+from hf_hybrid.kernels.native import ExpertJob, NativeExpertLane, torch_reference
+
+HAS_GCC = shutil.which("gcc") is not None
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+AVX512_RUN = X86 and native.cpu_has("avx512f", "avx512bw", "avx512vl")
+AVX512_BF16_RUN = AVX512_RUN and native.cpu_has("avx512_bf16")
+
+#: variant -> (extra compile flags, whether it runs here and differs from the native build, its isa).
+#: The native build is the AVX-512 one where the CPU has AVX-512 (with VDPBF16PS where it has AVX512_BF16),
+#: else the AVX2 one; the others cover the remaining code paths where this CPU can run them.
+VARIANTS = {
+    "native": (None, True, None),
+    "scalar": (native.SCALAR_FLAGS, True, "scalar"),
+    "avx2": (native.AVX2_FLAGS, AVX512_RUN and native.cpu_has("avx2", "fma"), "avx2"),
+    "avx512f": (("-mavx512f", "-mavx512bw", "-mavx512vl", "-mno-avx512bf16"), AVX512_BF16_RUN, "avx512f"),
+}
+
+needs_gcc = pytest.mark.skipif(not HAS_GCC, reason="gcc is not installed")
+
+
+@pytest.fixture(scope="module")
+def libraries():
+    """Every variant this CPU runs, compiled concurrently (compiles are single-threaded and take seconds)."""
+    if not HAS_GCC:
+        pytest.skip("gcc is not installed")
+    wanted = {name: flags for name, (flags, runs, _) in VARIANTS.items() if runs}
+    with ThreadPoolExecutor(len(wanted)) as pool:
+        futures = {name: pool.submit(native.load, flags) for name, flags in wanted.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def lane(request, libraries):
+    """A 3-thread pool of one variant (more threads than this machine's cores is fine: workers sleep)."""
+    name = request.param
+    _, runs, isa = VARIANTS[name]
+    if not runs:
+        pytest.skip(f"the {name} variant does not run here or is the native build")
+    library = libraries[name]
+    if isa is not None:
+        assert library.isa == isa
+    if name != "native" and library.isa == libraries["native"].isa:
+        pytest.skip(f"the {name} variant is the native build on this CPU")
+    lane = NativeExpertLane(3, library=library)
+    yield lane
+    lane.close()
+
+
+# ------------------------------------------------------------------------------------------------------
+# test data and comparisons
+
+
+def _grid(shape, scale: float, gen: torch.Generator) -> torch.Tensor:
+    """Random multiples of ``scale`` in [-8, 8] * scale: the gate and up dot products of such values are
+    exact in fp32, so torch and the kernel round the same numbers to bf16 whatever their summation order."""
+    return torch.randint(-8, 9, shape, generator=gen).float() * scale
+
+
+def _expert(hidden: int, inter: int, dtype: torch.dtype, gen: torch.Generator, pad: int = 0):
+    """(gate_up [2I, H], down [H, I]); with ``pad``, row-strided views into wider matrices."""
+    gate_up = _grid((2 * inter, hidden + pad), 1 / 64, gen).to(dtype)[:, :hidden]
+    down = _grid((hidden, inter + pad), 1 / 64, gen).to(dtype)[:, :inter]
+    return gate_up, down
+
+
+def _jobs(hidden: int, ntokens: int, dtype: torch.dtype, seed: int = 0) -> list[ExpertJob]:
+    """Jobs of several kinds and sizes: routed experts (token subsets, a repeated token, bf16 and fp32
+    routing weights), a dense slice (every token, weight 1), the CPU part of a split expert (rows and
+    partial, strided weights) and an expert with no tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    w_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+    def subset(k: int) -> torch.Tensor:
+        return torch.randint(0, ntokens, (k,), generator=gen)
+
+    jobs = []
+    gu, dn = _expert(hidden, 48, dtype, gen)
+    tok = subset(max(1, ntokens // 2))
+    jobs.append(ExpertJob(gu, dn, tokens=tok, weights=torch.rand(tok.numel(), generator=gen).to(w_dtype)))
+    gu, dn = _expert(hidden, 100, dtype, gen)
+    tok = torch.cat([subset(max(1, ntokens - 1)), torch.zeros(1, dtype=torch.int64)])  # token 0 may repeat
+    jobs.append(ExpertJob(gu, dn, tokens=tok, weights=torch.rand(tok.numel(), generator=gen)))
+    gu, dn = _expert(hidden, 64, dtype, gen)
+    jobs.append(ExpertJob(gu, dn))
+    gu, dn = _expert(hidden, 80, dtype, gen, pad=5)
+    tok = subset(ntokens)
+    jobs.append(
+        ExpertJob(gu, dn, rows=37, tokens=tok, weights=torch.rand(ntokens, generator=gen), partial=True)
+    )
+    gu, dn = _expert(hidden, 16, dtype, gen)
+    jobs.append(ExpertJob(gu, dn, tokens=torch.zeros(0, dtype=torch.int64), weights=torch.zeros(0)))
+    return jobs
+
+
+def _plain_torch(x: torch.Tensor, jobs: list[ExpertJob], out: torch.Tensor) -> torch.Tensor:
+    """The expert formula as transformers and the GPU lane compute it: fused gate_up matmul in the dtype,
+    ``F.linear(act(g) * u, down)``, times the routing weight, accumulated in fp32."""
+    act = ACT2FN["silu"]
+    for job in jobs:
+        inter = job.gate_up.shape[0] // 2
+        r = inter if job.rows is None else job.rows
+        gate_up = torch.cat([job.gate_up[:r], job.gate_up[inter : inter + r]])
+        xs = x if job.tokens is None else x[job.tokens]
+        gate, up = F.linear(xs, gate_up).chunk(2, dim=-1)
+        y = F.linear(act(gate) * up, job.down[:, :r])
+        if job.weights is not None:
+            y = y * job.weights[:, None]
+        if job.tokens is None:
+            out += y.float()
+        else:
+            out.index_add_(0, job.tokens, y.float())
+    return out
+
+
+def _ulp_bf16(v: torch.Tensor) -> torch.Tensor:
+    """The spacing of bf16 numbers at |v| (8 significant bits)."""
+    return torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(2.0**-60))) - 7)
+
+
+def _scale(x: torch.Tensor, jobs: list[ExpertJob]) -> torch.Tensor:
+    """Per element of out: the sum over jobs of |that job's term| (the size the rounding errors scale with)."""
+    total = torch.zeros(x.shape, dtype=torch.float32)
+    for job in jobs:
+        total += torch_reference(x, [job], torch.zeros(x.shape, dtype=torch.float32)).abs()
+    return total
+
+
+def _check(
+    got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, ulps: float
+) -> None:
+    """fp32: within 1e-5 of the terms' size; bf16: within ``ulps`` bf16 ulps of it."""
+    err = (got - want).abs()
+    if dtype == torch.float32:
+        bound = 1e-5 * scale + 1e-6 * scale.max()
+    else:
+        bound = ulps * _ulp_bf16(scale) + 2.0**-20 * scale.max()
+    bad = err > bound
+    assert not bad.any(), (
+        f"{int(bad.sum())} of {err.numel()} elements off, worst {float((err / bound).max()):.2f}x the bound"
+    )
+
+
+def _abs_terms(x: torch.Tensor, jobs: list[ExpertJob]) -> torch.Tensor:
+    """Per element of out: sum over jobs and intermediate rows of |w * h_i * down_ci| (fp32). Rounding g or
+    u to a neighbouring bf16 value moves h_i by at most 2^-7 |h_i|, so out moves by at most 2^-7 times
+    this, however much the terms cancel."""
+    total = torch.zeros(x.shape, dtype=torch.float32)
+    for job in jobs:
+        inter = job.gate_up.shape[0] // 2
+        r = inter if job.rows is None else job.rows
+        xs = (x if job.tokens is None else x[job.tokens]).float()
+        gu = job.gate_up.float()
+        h = F.silu(F.linear(xs, gu[:r])) * F.linear(xs, gu[inter : inter + r])
+        y = F.linear(h.abs(), job.down[:, :r].float().abs())
+        if job.weights is not None:
+            y = y * job.weights.float().abs()[:, None]
+        if job.tokens is None:
+            total += y
+        else:
+            total.index_add_(0, job.tokens, y)
+    return total
+
+
+def _run(lane: NativeExpertLane, x: torch.Tensor, jobs: list[ExpertJob]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out before, out after) for a random nonzero starting out: the kernel must add, not overwrite."""
+    before = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    out = before.clone()
+    assert lane.run(x, jobs, out) is out
+    return before, out
+
+
+# ------------------------------------------------------------------------------------------------------
+# agreement with torch
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("hidden", [40, 72, 64, 128])
+@pytest.mark.parametrize("ntokens", [1, 3, 8, 33])
+def test_matches_torch(lane, dtype, hidden, ntokens):
+    x = _grid((ntokens, hidden), 1 / 8, torch.Generator().manual_seed(hidden * 100 + ntokens)).to(dtype)
+    jobs = _jobs(hidden, ntokens, dtype, seed=hidden + ntokens)
+    before, out = _run(lane, x, jobs)
+    ref = torch_reference(x, jobs, before.clone())
+    scale = _scale(x, jobs)
+    assert (ref - before).abs().gt(0).float().mean() > 0.9  # the jobs do contribute
+    # (a) the reference with the same semantics
+    _check(out, ref, scale, dtype, ulps=2)
+    if dtype == torch.bfloat16:
+        assert torch.equal(out, ref) or (out == ref).float().mean() > 0.95
+    # (b) the plain expert formula (the split job's part is rounded to bf16 there, not in the kernel)
+    _check(out, _plain_torch(x, jobs, before.clone()), scale, dtype, ulps=2)
+
+
+def test_random_data_and_long_rows(lane):
+    """Continuous random data, rows longer than one L1 block and more tokens than one token group."""
+    gen = torch.Generator().manual_seed(3)
+    hidden, inter, ntokens = 520, 600, 70
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(ntokens, hidden, generator=gen).to(dtype)
+        gu = (torch.randn(2 * inter, hidden, generator=gen) * 0.05).to(dtype)
+        dn = (torch.randn(hidden, inter, generator=gen) * 0.05).to(dtype)
+        tok = torch.randint(0, ntokens, (40,), generator=gen)
+        jobs = [
+            ExpertJob(gu, dn),
+            ExpertJob(gu, dn, tokens=tok, weights=torch.rand(40, generator=gen).to(dtype)),
+            ExpertJob(gu, dn, rows=301, partial=True, tokens=tok[:3], weights=torch.rand(3, generator=gen)),
+        ]
+        before, out = _run(lane, x, jobs)
+        ref = torch_reference(x, jobs, before.clone())
+        assert (out != before).float().mean() > 0.99
+        if dtype == torch.float32:
+            _check(out, ref, _scale(x, jobs), dtype, ulps=0)
+            continue
+        # the summation order differs from torch's, so g and u may round to neighbouring bf16 values: where
+        # the terms of out cancel, that is more than a few ulps of the result, never more than the bound
+        err = (out - ref).abs()
+        close = err <= 2 * _ulp_bf16(_scale(x, jobs))
+        assert close.float().mean() > 0.995
+        assert (err <= 2.0**-7 * _abs_terms(x, jobs) + 2 * _ulp_bf16(_scale(x, jobs))).all()
+
+
+def test_split_parts_add_up_to_the_whole(lane):
+    """Two partial jobs over rows [0, r) and [r, I) sum, in fp32, to the whole expert's unrounded output."""
+    gen = torch.Generator().manual_seed(5)
+    hidden, inter, r = 72, 90, 31
+    x = torch.randn(4, hidden, generator=gen).bfloat16()
+    gu, dn = _expert(hidden, inter, torch.bfloat16, gen)
+    w = torch.rand(4, generator=gen)
+    tail_gu = torch.cat([gu[r:inter], gu[inter + r :]])
+    parts = [
+        ExpertJob(gu, dn, rows=r, weights=w, partial=True),
+        ExpertJob(tail_gu, dn[:, r:], weights=w, partial=True),  # columns r.. of down: row stride I
+    ]
+    out = torch.zeros(4, hidden)
+    lane.run(x, parts, out)
+    whole = torch_reference(x, [ExpertJob(gu, dn, weights=w, partial=True)], torch.zeros(4, hidden))
+    assert whole.abs().max() > 0
+    torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-5 * float(whole.abs().max()))
+
+
+def test_same_result_for_any_thread_count(libraries):
+    """Each element gets its jobs' terms in job order, so the thread count does not change a bit."""
+    x = torch.randn(5, 128).bfloat16()
+    jobs = _jobs(128, 5, torch.bfloat16, seed=11)
+    results = []
+    for threads in (1, 2, 4):
+        with NativeExpertLane(threads, library=libraries["native"]) as lane:
+            lane.configure(min_bytes_per_thread=0)  # every thread takes part, however small the work
+            out = torch.zeros(5, 128)
+            lane.run(x, jobs, out)
+            results.append(out)
+    assert results[0].abs().max() > 0
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_rows_zero_and_no_jobs_are_no_ops(libraries):
+    lane = NativeExpertLane(2, library=libraries["native"])
+    x = torch.randn(3, 40)
+    gu, dn = _expert(40, 16, torch.float32, torch.Generator().manual_seed(0))
+    out = torch.ones(3, 40)
+    lane.run(x, [], out)
+    lane.run(x, [ExpertJob(gu, dn, rows=0)], out)
+    assert torch.equal(out, torch.ones(3, 40))
+    lane.close()
+
+
+# ------------------------------------------------------------------------------------------------------
+# the pool
+
+
+def test_concurrent_calls_on_one_pool(libraries):
+    """Python threads calling run on one pool at once are serialised inside and each gets its own result."""
+    lane = NativeExpertLane(3, library=libraries["native"])
+    cases = []
+    for i in range(6):
+        x = torch.randn(4, 64, generator=torch.Generator().manual_seed(i)).bfloat16()
+        jobs = _jobs(64, 4, torch.bfloat16, seed=100 + i)
+        expected = torch.zeros(4, 64)
+        lane.run(x, jobs, expected)
+        assert expected.abs().max() > 0
+        cases.append((x, jobs, expected))
+
+    failures = []
+    start = threading.Barrier(len(cases))
+
+    def worker(case):
+        x, jobs, expected = case
+        start.wait()
+        for _ in range(25):
+            out = torch.zeros(4, 64)
+            lane.run(x, jobs, out)
+            if not torch.equal(out, expected):
+                failures.append(float((out - expected).abs().max()))
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in cases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lane.close()
+    assert not failures
+
+
+def test_close_is_idempotent_and_final(libraries):
+    lane = NativeExpertLane(2, library=libraries["native"])
+    assert lane.threads == 2 and "open" in repr(lane)
+    lane.close()
+    lane.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        lane.run(torch.zeros(1, 8), [], torch.zeros(1, 8))
+    del lane  # __del__ after close is harmless
+
+
+def test_configure_rejects_bad_values(libraries):
+    with NativeExpertLane(1, library=libraries["native"]) as lane:
+        lane.configure(barrier_spin_us=0, prefetch_bytes=512, dpbf16=False, idle_spin_us=0)
+        with pytest.raises(ValueError):
+            lane.configure(prefetch_bytes=-1)
+
+
+def _bad_calls():
+    gen = torch.Generator().manual_seed(0)
+    gu, dn = _expert(16, 8, torch.float32, gen)
+    x = torch.randn(3, 16)
+    out = torch.zeros(3, 16)
+    yield "bf16 weights, fp32 x", x, [ExpertJob(gu.bfloat16(), dn.bfloat16())], out
+    yield "fp16 x", x.half(), [ExpertJob(gu.half(), dn.half())], out
+    yield "x not contiguous", torch.randn(16, 3).t(), [ExpertJob(gu, dn)], out
+    yield "out not fp32", x, [ExpertJob(gu, dn)], out.double()
+    yield "out of another shape", x, [ExpertJob(gu, dn)], torch.zeros(2, 16)
+    yield "x on another device", x.to("meta"), [ExpertJob(gu, dn)], out
+    yield "gate_up of another width", x, [ExpertJob(gu[:, :8], dn)], out
+    yield "odd gate_up rows", x, [ExpertJob(gu[:15], dn)], out
+    yield "down transposed", x, [ExpertJob(gu, dn.t().contiguous())], out
+    yield "columns not contiguous", x, [ExpertJob(gu, torch.randn(8, 16).t())], out
+    yield "rows > I", x, [ExpertJob(gu, dn, rows=9)], out
+    yield "rows negative", x, [ExpertJob(gu, dn, rows=-1)], out
+    yield "int32 tokens", x, [ExpertJob(gu, dn, tokens=torch.tensor([0, 1], dtype=torch.int32))], out
+    yield "token out of range", x, [ExpertJob(gu, dn, tokens=torch.tensor([0, 3]))], out
+    yield "negative token", x, [ExpertJob(gu, dn, tokens=torch.tensor([-1]))], out
+    yield (
+        "weights of another length",
+        x,
+        [ExpertJob(gu, dn, tokens=torch.tensor([0]), weights=torch.ones(2))],
+        out,
+    )
+    yield "integer weights", x, [ExpertJob(gu, dn, weights=torch.ones(3, dtype=torch.int64))], out
+
+
+@pytest.mark.parametrize("case", list(_bad_calls()), ids=lambda c: c[0])
+def test_bad_inputs_raise_value_error(libraries, case):
+    _, x, jobs, out = case
+    with NativeExpertLane(1, library=libraries["native"]) as lane:
+        before = out.clone()
+        with pytest.raises(ValueError):
+            lane.run(x, jobs, out)
+        assert torch.equal(out, before)
+
+
+def test_threads_must_be_positive(libraries):
+    with pytest.raises(ValueError):
+        NativeExpertLane(0, library=libraries["native"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# build, load, fallback
+
+
+@pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    """A private build cache and no cached library or warning, before and after the test."""
+    monkeypatch.setenv("HF_HYBRID_CACHE", str(tmp_path / "cache"))
+    native._reset_for_tests()
+    yield tmp_path / "cache"
+    native._reset_for_tests()
+
+
+def _warnings(caplog) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.name == native.__name__ and r.levelno == logging.WARNING
+    ]
+
+
+def test_disabled_by_environment(fresh_state, monkeypatch, caplog):
+    monkeypatch.setenv("HF_HYBRID_NATIVE", "0")
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native.available() is False
+        assert native.available() is False
+        assert native.isa() == "unavailable"
+        assert native.supports(torch.bfloat16, ACT2FN["silu"]) is False
+    messages = _warnings(caplog)
+    assert len(messages) == 1 and "HF_HYBRID_NATIVE" in messages[0] and "torch path" in messages[0]
+    with pytest.raises(native.NativeBuildError):
+        NativeExpertLane(1)
+    assert not (fresh_state / "native").exists()  # nothing was built
+
+
+def test_failing_compiler_falls_back(fresh_state, monkeypatch, caplog):
+    monkeypatch.setenv("HF_HYBRID_CC", "/bin/false")
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native.available() is False
+        assert native.available() is False
+    messages = _warnings(caplog)
+    assert len(messages) == 1 and "/bin/false" in messages[0] and "torch path" in messages[0]
+    assert "/bin/false" in (native.unavailable_reason() or "")
+
+
+def test_missing_compiler_falls_back(fresh_state, monkeypatch, caplog):
+    monkeypatch.setenv("HF_HYBRID_CC", str(fresh_state / "no-such-cc"))
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native.available() is False
+    assert len(_warnings(caplog)) == 1
+
+
+@needs_gcc
+def test_available_builds_once_into_the_cache(fresh_state, caplog):
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native.available() is True
+    assert not _warnings(caplog)
+    assert native.isa() in ("avx512_bf16", "avx512f", "avx2", "scalar")
+    if X86 and native.cpu_has("avx2", "fma"):
+        assert native.isa() != "scalar"
+    built = sorted((fresh_state / "native").glob("libhf_hybrid_expert_lane-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert native.compile_library() == built[0] and built[0].stat().st_mtime_ns == stamp  # cached
+    assert native.supports(torch.bfloat16, ACT2FN["silu"])
+    assert native.supports(torch.float32, torch.nn.SiLU())
+    assert native.supports(torch.float32, F.silu)
+    assert not native.supports(torch.float16, ACT2FN["silu"])
+    assert not native.supports(torch.bfloat16, ACT2FN["gelu"])
+    assert not list((fresh_state / "native").glob("*.tmp"))
+
+
+@needs_gcc
+@pytest.mark.skipif(not X86, reason="AVX-512 is an x86 instruction set")
+def test_avx512_code_compiles_here():
+    """The AVX-512 paths must compile on any x86 machine with gcc (they run only where the CPU has them)."""
+    path = native.compile_library(native.AVX512_FLAGS)
+    assert path.exists() and path.stat().st_size > 0
+    assert path != native.compile_library(native.SCALAR_FLAGS)  # other flags, other library
+    if AVX512_BF16_RUN:
+        assert native.load(native.AVX512_FLAGS).isa == "avx512_bf16"
