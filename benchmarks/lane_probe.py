@@ -84,7 +84,7 @@ def main() -> None:
 
     # the CPU kernel alone in the CPU lane's thread, out of cache (rotating over every CPU-home unit)
     group = next(g for g in model.hybrid.loaded.groups.values() if "cpu" in g.homes)
-    kernels = [ex._cpu_kernel(group, i) for i, h in enumerate(group.homes) if h == "cpu"]
+    kernels = [ex.cpu_kernels.kernel(group, i) for i, h in enumerate(group.homes) if h == "cpu"]
     x = torch.randn(1, model.config.hidden_size, dtype=torch.bfloat16)
 
     def spin(n=12):

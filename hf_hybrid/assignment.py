@@ -56,7 +56,7 @@ def assign_tokens(
     gpu_lane = gpu_busy_s
     costed = []
     largest = max((w.tokens for w in work), default=1)
-    cpu_factor, pcie_factor = cpu_scale / cpu_share(profile, largest), 1.0 / pcie_share(profile)
+    cpu_factor, pcie_factor = cpu_scale / cpu_share(profile, largest), 1.0 / pcie_share(profile, largest)
     for w in work:
         unit = Unit(w.name, "expert", None, w.nbytes, w.flops_per_token, HOMES)
         c = cpu_time(unit, w.tokens, profile) * cpu_factor

@@ -5,6 +5,9 @@ hf_hybrid error, printed as one ``hf-hybrid: error: ...`` line on stderr, 130 in
 called in-process. Logging follows transformers' conventions (``transformers.utils.logging`` loggers named
 after the module); ``-v`` shows hf_hybrid's INFO messages, such as the load summary, and ``-vv`` adds
 transformers' own.
+
+Longer than most modules (about 580 lines) because two thirds of it is argparse: every option's help text
+is documentation users read with ``--help``; the command bodies themselves are short.
 """
 
 from __future__ import annotations
@@ -193,7 +196,7 @@ def _model_path(args, *, need_weights: bool = True) -> str:
             return str(path)
         if path.exists():
             raise UsageError(f"{path} is a file; pass the directory that holds config.json")
-        from .loading import looks_like_path
+        from .checkpoint import looks_like_path
 
         if looks_like_path(args.model):
             raise UsageError(

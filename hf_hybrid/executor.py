@@ -28,14 +28,15 @@ import torch.nn.functional as F
 
 from .assignment import HostWork, assign_tokens
 from .costs import SPLIT_MAX_TOKENS, cpu_lane_time, split_fraction
+from .cpu_kernels import CpuKernels
 from .cpu_work import HostInputs, Rows, SplitPart, native_units_job, split_units_job, whole_units_job
 from .errors import ExecutionError
-from .kernels.cpu import PLAIN_METHODS, CpuExpertKernel, pick_methods
+from .kernels.cpu import gated_mlp
 from .lanes import CpuLane, DeviceLanes, PinnedPool, cpu_lane_threads
 from .options import TOKEN_ASSIGNMENTS
 from .profile import HardwareProfile
 from .staging import StagingRing
-from .units import CPU, GPU, STREAM
+from .units import GPU, STREAM
 from .weights import ExpertGroup, carve, rehome_unit
 
 
@@ -55,6 +56,12 @@ class StepStats:
     split_units: int = 0  # units whose rows were split between the CPU lane and the copy lane
     prefetched_units: int = 0  # next-layer units copied ahead during a prefill step
     native_units: int = 0  # CPU units computed by the native kernel (the rest by torch ops)
+    # the feeding thread between one layer step's return and the next one's start (attention, router,
+    # routing read back: the serial host path while the expert lanes idle), and how many such gaps
+    host_gap_s: float = 0.0
+    host_gaps: int = 0
+    # the feeding thread inside run_group before it sleeps on the CPU lane (routing, assignment, issuing)
+    issue_s: float = 0.0
 
     def reset(self) -> None:
         """Zero every counter."""
@@ -112,6 +119,8 @@ class Executor:
     CPU_SCALE_RANGE = (0.25, 8.0)
     #: jobs predicted shorter than this are dominated by fixed overheads and teach nothing about the rate
     CPU_SCALE_MIN_JOB_S = 1e-3
+    #: a pause between layer steps longer than this is not one forward's host path (a new call, sampling)
+    HOST_GAP_MAX_S = 0.1
 
     def __init__(
         self,
@@ -135,9 +144,7 @@ class Executor:
         self.expert_ring = StagingRing(self.lanes, *expert_slots) if expert_slots else None
         self.module_ring = StagingRing(self.lanes, *module_slots) if module_slots else None
         self.token_assignment = token_assignment
-        self.cpu_methods: dict[int, str] | str = cpu_methods
-        self.plain_cpu_methods = plain_methods(profile) if cpu_methods != "linear" else "linear"
-        self.native_lane = _native_lane(cpu_backend, self.cpu_lane.threads)
+        self.cpu_kernels = CpuKernels(profile, cpu_methods, cpu_backend, self.cpu_lane.threads)
         self.stats = StepStats()
         self.fault_injector = None  # tests: a callable(lane: str) that may raise
         # measured CPU-lane time / predicted, smoothed: corrects the profile's CPU rate to what this process
@@ -148,6 +155,7 @@ class Executor:
         self.groups: dict[int, ExpertGroup] = {}  # by layer, set when the hooks attach (for prefetching)
         # routing statistics, recorded while ``record_routing`` is on (see ``calibrate``)
         self.record_routing = False
+        self._left_step: float | None = None  # when the last layer step returned (for host_gap_s)
         self.routed_counts: dict[tuple[int, int], int] = {}
         self.routed_tokens: dict[int, int] = {}
 
@@ -169,8 +177,7 @@ class Executor:
     def close(self) -> None:
         """Stop the CPU lane and drop staging and pinned buffers; later calls raise ``ExecutionError``."""
         self.cpu_lane.close()
-        if self.native_lane is not None:
-            self.native_lane.close()
+        self.cpu_kernels.close()
         self.pinned_pool.clear()
         self.expert_ring = None
         self.module_ring = None
@@ -222,6 +229,10 @@ class Executor:
         token-assignment policy decides; the results are summed in float32 and returned in ``hidden``'s dtype.
         """
         self.check_open()
+        entered = time.perf_counter()
+        if self._left_step is not None and entered - self._left_step < self.HOST_GAP_MAX_S:
+            self.stats.host_gap_s += entered - self._left_step
+            self.stats.host_gaps += 1
         routing = self._route(group, hidden.shape[0], top_k_index)
         lanes = self._assign(group, routing)
         batch = self._device_batch(hidden, routing, lanes, top_k_weights)
@@ -243,8 +254,11 @@ class Executor:
         if hidden.shape[0] > SPLIT_MAX_TOKENS:
             self._prefetch_next(group)
         self.stats.groups += 1
+        self.stats.issue_s += time.perf_counter() - entered
         self._join(group, cpu_future, split_future, lanes, routing, batch.acc)
-        return batch.acc.to(hidden.dtype)
+        out = batch.acc.to(hidden.dtype)
+        self._left_step = time.perf_counter()
+        return out
 
     # stage 1
     def _route(self, group: ExpertGroup, tokens: int, top_k_index: torch.Tensor | None) -> Routing:
@@ -338,7 +352,7 @@ class Executor:
         self.stats.cpu_tokens += sum(hidden.shape[0] if r is None else r[0].numel() for r in row_lists)
         label = f"L{group.layer} cpu units {','.join(str(i) for i in on_cpu)}"
         out = self.pinned("cpu_out", tuple(hidden.shape), torch.float32)
-        if self._native_applies(group, [routing.counts[i] for i in on_cpu]):
+        if self.cpu_kernels.native_applies(group, [routing.counts[i] for i in on_cpu]):
             from .kernels.native import ExpertJob
 
             jobs = []
@@ -349,7 +363,7 @@ class Executor:
                 self.stats.native_units += 1
                 self.stats.cpu_bytes += gate_up.nbytes + down.nbytes
             job = native_units_job(
-                self.native_lane,
+                self.cpu_kernels.native_lane,
                 jobs,
                 inputs,
                 out,
@@ -357,7 +371,7 @@ class Executor:
                 span=lambda: self.lanes.host_span("CPU lane", label + " (native)"),
             )
             return self.cpu_lane.submit(job)
-        kernels = [self._cpu_kernel(group, i) for i in on_cpu]
+        kernels = [self.cpu_kernels.kernel(group, i) for i in on_cpu]
         self.stats.cpu_bytes += sum(k.weight_bytes for k in kernels)
         job = whole_units_job(
             kernels,
@@ -396,7 +410,7 @@ class Executor:
         job = split_units_job(
             parts,
             group.act_fn,
-            self.plain_cpu_methods,
+            self.cpu_kernels.plain_methods,
             inputs,
             self.lanes.record(),
             self.pinned("split_out", tuple(batch.hidden.shape), torch.float32),
@@ -446,8 +460,7 @@ class Executor:
             x = batch.hidden[tok]
         else:
             x = batch.hidden
-        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-        y = F.linear(group.act_fn(gate) * up, down)
+        y = gated_mlp(x, gate_up, down, group.act_fn)
         if group.routed:
             y = y * batch.flat_weights[sel, None]
             batch.acc.index_add_(0, tok, y.float())
@@ -473,15 +486,6 @@ class Executor:
                 split_out, seconds = CpuLane.join(split_future, group.layer)
             self.stats.cpu_lane_s += seconds
             acc += split_out.to(acc.device, non_blocking=True)
-
-    def _native_applies(self, group: ExpertGroup, counts: list[int]) -> bool:
-        """The native kernel runs decode-sized steps (few tokens per unit: memory-bound GEMV, where torch's
-        per-op overheads lose half the DRAM rate); bigger ones go to torch's GEMMs (oneDNN, AMX)."""
-        if self.native_lane is None or max(counts, default=0) > NATIVE_MAX_TOKENS:
-            return False
-        from .kernels.native import supports
-
-        return supports(group.dtype, group.act_fn)
 
     def _learn_cpu_rate(self, predicted_s: float, measured_s: float, regime: str = "small") -> None:
         if predicted_s < self.CPU_SCALE_MIN_JOB_S or measured_s <= 0:
@@ -524,6 +528,10 @@ class Executor:
                 self.stats.prefetched_units += 1
                 budget -= 1
 
+    def prepare_cpu_kernels(self, groups, progress: bool = True) -> int:
+        """Build the CPU kernels (and packed copies) of every CPU-home unit now; returns their extra bytes."""
+        return self.cpu_kernels.prepare(groups, progress)
+
     # ------------------------------------------------------------------ placement changes
     def rehome(self, group: ExpertGroup, i: int, home: str) -> None:
         """Move unit ``i`` of ``group`` to ``home`` (weights cross PCIe once; for re-planning)."""
@@ -531,58 +539,3 @@ class Executor:
         group.cpu_kernels.pop(i, None)
         if self.expert_ring is not None:
             self.expert_ring.by_tag.pop((group.layer, i), None)
-
-    def _cpu_kernel(self, group: ExpertGroup, i: int) -> CpuExpertKernel:
-        kernel = group.cpu_kernels.get(i)
-        if kernel is None:
-            gate_up, down = group.host_weights[i]
-            # CPU-home units may hold a packed copy (the profile's fastest kernel per token count); units
-            # streamed by default run the fastest plain kernel when assignment sends them to the CPU
-            methods = self.cpu_methods if group.homes[i] == CPU else self.plain_cpu_methods
-            kernel = CpuExpertKernel(gate_up, down, group.act_fn, methods)
-            group.cpu_kernels[i] = kernel
-        return kernel
-
-    def prepare_cpu_kernels(self, groups, progress: bool = True) -> int:
-        """Build the kernels (and packed copies) of every CPU-home unit now, not in the first step.
-
-        Returns the extra host bytes the kernels hold.
-        """
-        from transformers.utils.logging import tqdm
-
-        todo = [(g, i) for g in groups for i, h in enumerate(g.homes) if h == CPU]
-        extra = 0
-        for g, i in tqdm(todo, desc="Preparing CPU kernels", unit="unit", disable=not progress or not todo):
-            extra += self._cpu_kernel(g, i).extra_bytes
-        return extra
-
-
-#: Tokens per unit up to which the native kernel computes a CPU job (decode and small batches).
-NATIVE_MAX_TOKENS = 16
-
-
-def _native_lane(backend: str, threads: int):
-    """The native expert lane for ``backend`` ("auto": when it builds here; "native": required)."""
-    if backend == "torch":
-        return None
-    from .kernels import native
-
-    if not native.available():
-        if backend == "native":
-            raise ExecutionError(
-                f"cpu_backend='native' but the native CPU expert kernel is unavailable: "
-                f"{native.unavailable_reason()}. Use cpu_backend='auto' or 'torch'."
-            )
-        return None
-    return native.NativeExpertLane(threads)
-
-
-def plain_methods(profile: HardwareProfile) -> dict[int, str] | str:
-    """The fastest kernel per token count among those that need no packed copy of the weights."""
-    if not profile.cpu_method_bw:
-        return "linear"
-    plain = {
-        m: {k: v for k, v in rates.items() if k in PLAIN_METHODS}
-        for m, rates in profile.cpu_method_bw.items()
-    }
-    return pick_methods(plain)

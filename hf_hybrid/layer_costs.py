@@ -117,7 +117,7 @@ def layer_time(
     if cpu_lane > 0 and pcie_lane > 0:
         # both lanes read DRAM at once: each runs at its shared rate
         cpu_lane /= cpu_share(profile, tokens)
-        pcie_lane /= pcie_share(profile)
+        pcie_lane /= pcie_share(profile, tokens)
     return serial + max(gpu_lane, cpu_lane, pcie_lane, split_time), host_bytes
 
 

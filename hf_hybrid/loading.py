@@ -8,417 +8,23 @@ the model.
 
 from __future__ import annotations
 
-import json
-import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from transformers.utils import logging
 
-from .errors import CheckpointError, HostMemoryError, WeightsNotFoundError
+from .checkpoint import CheckpointReader, checkpoint_files
+from .errors import CheckpointError, HostMemoryError
 from .families import FamilyAdapter
 from .planner import HybridPlan
 from .system import meminfo
 from .units import CPU, GPU, STREAM, Unit, format_bytes
 from .weights import ExpertGroup, HostArena, can_pin, carve, layout_bytes
 
-WEIGHT_PATTERNS = [
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "*.json",
-    "*.model",
-    "*.txt",
-    "*.jinja",
-    "*.py",
-]
-
-
-# ------------------------------------------------------------------------------------ finding weights
-#: Pickle shards hf_hybrid reads with ``allow_pickle=True`` (``training_args.bin`` and the like are not weights).
-PICKLE_PATTERNS = ["pytorch_model*.bin", "model*.bin", "pytorch_model*.bin.index.json"]
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-# Directories :func:`resolve_checkpoint` was told ``allow_pickle=True`` for: a :class:`CheckpointReader` made
-# without an explicit ``allow_pickle`` reads pickle shards only there.
-_PICKLE_ALLOWED: set[Path] = set()
-
-
-def resolve_checkpoint(
-    name_or_path: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    allow_pickle: bool = False,
-) -> Path:
-    """A local directory holding the weights of ``name_or_path`` (downloaded if a hub id).
-
-    Checks, before anything is planned or read: the directory has a readable config.json of a supported
-    architecture (:class:`UnsupportedModelError` otherwise, listing the supported families), it holds
-    safetensors shards (or, only with ``allow_pickle=True``, ``pytorch_model*.bin`` shards), and every shard a
-    ``*.index.json`` names is present.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        directory = path
-    elif path.exists():
-        raise WeightsNotFoundError(
-            f"{path} is a file; pass the directory that holds config.json and the shards"
-        )
-    elif looks_like_path(str(name_or_path)):
-        raise WeightsNotFoundError(
-            f"no such directory: {path}. Pass a local checkpoint directory or a Hugging Face hub id like "
-            f"'mistralai/Mixtral-8x7B-v0.1'."
-        )
-    else:
-        directory = _download(str(name_or_path), revision, token, cache_dir, local_files_only, allow_pickle)
-    check_config(directory)
-    if safetensors_shards(directory):
-        _check_index(directory, SAFETENSORS_INDEX)
-        return directory
-    pickled = pickle_shards(directory)
-    if not pickled:
-        others = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        hint = f" (found {', '.join(others[:3])}, which hf_hybrid cannot read)" if others else ""
-        raise WeightsNotFoundError(
-            f"{directory} has config.json but no weights{hint}: hf_hybrid needs the *.safetensors shards (with "
-            f"{SAFETENSORS_INDEX} when sharded). Download the weights into that directory, or pass the "
-            f"directory that holds them (a checkpoint published only as pytorch_model*.bin needs "
-            f"allow_pickle=True)."
-        )
-    if not allow_pickle:
-        raise WeightsNotFoundError(
-            f"{directory} holds only pickle checkpoints ({', '.join(p.name for p in pickled[:3])}); hf_hybrid "
-            f"reads safetensors and refuses pickle files by default. Convert them (transformers: load then "
-            f"save_pretrained(safe_serialization=True)), or pass allow_pickle=True to load them with "
-            f"torch.load(weights_only=True)."
-        )
-    _check_index(directory, PICKLE_INDEX)
-    _PICKLE_ALLOWED.add(directory.resolve())
-    return directory
-
-
-def safetensors_shards(directory: Path) -> list[Path]:
-    """The ``*.safetensors`` files of ``directory``, sorted."""
-    return sorted(directory.glob("*.safetensors"))
-
-
-def pickle_shards(directory: Path) -> list[Path]:
-    """The pickle weight shards of ``directory``: those its ``pytorch_model.bin.index.json`` names, else
-    ``pytorch_model*.bin`` / ``model*.bin``."""
-    index = directory / PICKLE_INDEX
-    if index.is_file():
-        return [directory / name for name in sorted(set(_read_index(index).values()))]
-    found: set[Path] = set()
-    for pattern in ("pytorch_model*.bin", "model*.bin"):
-        found.update(directory.glob(pattern))
-    return sorted(found)
-
-
-def _read_index(index: Path) -> dict[str, str]:
-    try:
-        with open(index) as fh:
-            weight_map = json.load(fh)["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"cannot read {index.name} ({exc!r}): it should be JSON with a 'weight_map' of tensor name -> shard "
-            f"file. Download it again."
-        ) from exc
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index.name}: 'weight_map' is not a mapping of tensor name -> shard file")
-    return weight_map
-
-
-def _check_index(directory: Path, index_name: str) -> None:
-    index = directory / index_name
-    if not index.is_file():
-        return
-    missing = sorted({name for name in _read_index(index).values() if not (directory / name).is_file()})
-    if missing:
-        raise CheckpointError(
-            f"{index_name} in {directory} names {len(missing)} shard(s) that are not there "
-            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): the download is incomplete. "
-            f"Download the missing shards."
-        )
-
-
-def check_config(directory: Path) -> dict:
-    """The raw config.json of ``directory``, checked to be readable and of a supported architecture.
-
-    Runs before transformers sees the config, so an unsupported or custom-code model is refused without
-    importing anything from the checkpoint.
-    """
-    from types import SimpleNamespace
-
-    from .families import for_config
-
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise WeightsNotFoundError(
-            f"{directory} has no config.json: pass the directory of a transformers checkpoint (config.json and "
-            f"*.safetensors shards) or a hub id."
-        )
-    try:
-        with open(config_path) as fh:
-            raw = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {config_path}: {exc}. Download it again.") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{config_path} is not a JSON object")
-    if "model_type" in raw:
-        for_config(SimpleNamespace(model_type=raw["model_type"], architectures=raw.get("architectures")))
-    return raw
-
-
-def looks_like_path(name: str) -> bool:
-    """A name that can only be a local path: hub ids are ``name`` or ``owner/name``, never more."""
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or not name.strip()
-
-
-def hub_offline() -> bool:
-    """Whether the environment forbids hub traffic *now* (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``).
-
-    huggingface_hub reads ``HF_HUB_OFFLINE`` once, at import; reading it here too honours a variable set
-    afterwards, so an offline run never waits on network retries.
-    """
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-            return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        return False
-
-
-def _download(repo_id, revision, token, cache_dir, local_files_only, allow_pickle=False) -> Path:
-    """Fetch config.json first (an unsupported architecture is refused before any weight is downloaded),
-    then the safetensors shards; pickle shards only when there are none and ``allow_pickle``."""
-    if local_files_only:
-        offline = "local_files_only=True"
-    elif hub_offline():
-        offline = "HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set"
-    else:
-        offline = None
-
-    directory = _snapshot(repo_id, revision, token, cache_dir, offline, ["config.json"])
-    check_config(directory)
-    directory = _snapshot(repo_id, revision, token, cache_dir, offline, WEIGHT_PATTERNS)
-    if not safetensors_shards(directory) and allow_pickle:
-        directory = _snapshot(
-            repo_id, revision, token, cache_dir, offline, [*WEIGHT_PATTERNS, *PICKLE_PATTERNS]
-        )
-    return directory
-
-
-def _snapshot(repo_id, revision, token, cache_dir, offline: str | None, patterns: list[str]) -> Path:
-    """``snapshot_download`` with its errors turned into :class:`WeightsNotFoundError` saying what to do.
-
-    ``offline`` is why hub traffic is off (None when it is allowed).
-    """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        return Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                token=token,
-                cache_dir=cache_dir,
-                local_files_only=offline is not None,
-                allow_patterns=patterns,
-            )
-        )
-    except HFValidationError as exc:
-        raise WeightsNotFoundError(
-            f"{repo_id!r} is neither a local directory nor a valid Hugging Face hub id ('owner/name'): {exc}"
-        ) from exc
-    except GatedRepoError as exc:
-        raise WeightsNotFoundError(
-            f"{repo_id!r} is a gated model: accept its terms on https://huggingface.co/{repo_id} and pass "
-            f"token= (or log in with `hf auth login`)."
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise WeightsNotFoundError(
-            f"{repo_id!r} is neither a local directory nor a model on the Hugging Face hub (check the name, or "
-            f"pass token= for a gated/private model)"
-        ) from exc
-    except RevisionNotFoundError as exc:
-        raise WeightsNotFoundError(
-            f"{repo_id!r} has no revision {revision!r}: pass an existing branch, tag or commit."
-        ) from exc
-    except LocalEntryNotFoundError as exc:
-        if offline is not None:
-            raise WeightsNotFoundError(
-                f"{repo_id!r} is not a local directory and is not in the Hugging Face cache, and hub downloads "
-                f"are off ({offline}). Check the name, download it once while online, or pass a local "
-                f"directory."
-            ) from exc
-        raise WeightsNotFoundError(
-            f"could not fetch {repo_id!r} from the Hugging Face hub and it is not in the local cache: {exc}. "
-            f"Check the network, or pass a local directory."
-        ) from exc
-    except (HfHubHTTPError, OSError) as exc:
-        raise WeightsNotFoundError(
-            f"could not fetch {repo_id!r} from the Hugging Face hub and it is not in the local cache: {exc}. "
-            f"Check the network, or pass a local directory."
-        ) from exc
-
-
-class CheckpointReader:
-    """Lazy, memory-mapped access to every tensor of a checkpoint by name.
-
-    Reads the ``*.safetensors`` shards of ``directory``. A directory with only pickle shards
-    (``pytorch_model*.bin``) gives a :class:`PickleCheckpointReader` instead, with the same interface, when
-    pickle is allowed: ``allow_pickle=True``, or ``None`` (the default) where :func:`resolve_checkpoint` was
-    called with ``allow_pickle=True`` for that directory. Otherwise it is refused.
-    """
-
-    def __new__(cls, directory: Path, allow_pickle: bool | None = None):
-        directory = Path(directory)
-        if cls is CheckpointReader and not safetensors_shards(directory) and pickle_shards(directory):
-            allowed = directory.resolve() in _PICKLE_ALLOWED if allow_pickle is None else bool(allow_pickle)
-            if not allowed:
-                raise WeightsNotFoundError(
-                    f"{directory} holds only pickle checkpoints; pass allow_pickle=True to load them with "
-                    f"torch.load(weights_only=True), or convert them to safetensors."
-                )
-            cls = PickleCheckpointReader
-        return super().__new__(cls)
-
-    def __init__(self, directory: Path, allow_pickle: bool | None = None):
-        self.directory = Path(directory)
-        self.key_to_file: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
-        shards = safetensors_shards(self.directory)
-        if not shards:
-            raise WeightsNotFoundError(f"{self.directory} contains no *.safetensors weights")
-        for shard in shards:
-            try:
-                handle = safe_open(str(shard), framework="pt", device="cpu")
-                keys = list(handle.keys())
-            except Exception as exc:  # safetensors raises its own error types for truncated headers
-                raise CheckpointError(
-                    f"cannot read {shard.name}: {exc}. The file is truncated or corrupt: download it again."
-                ) from exc
-            self._handles[shard] = handle
-            for key in keys:
-                self.key_to_file[key] = shard
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.key_to_file
-
-    def keys(self):
-        """All tensor names."""
-        return self.key_to_file.keys()
-
-    def get(
-        self, key: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
-    ) -> torch.Tensor:
-        """The tensor ``key`` (or a row / column range of it), read from the mapped file."""
-        handle = self._handles[self.key_to_file[key]]
-        try:
-            if rows is None and cols is None:
-                return handle.get_tensor(key)
-            piece = handle.get_slice(key)
-            r = slice(*rows) if rows else slice(None)
-            c = slice(*cols) if cols else slice(None)
-            return piece[r, c]
-        except Exception as exc:
-            raise CheckpointError(
-                f"cannot read tensor {key} from {self.key_to_file[key].name}: {exc}. The shard is corrupt or "
-                f"truncated: download it again."
-            ) from exc
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        """Shape of ``key`` without reading it."""
-        return tuple(self._handles[self.key_to_file[key]].get_slice(key).get_shape())
-
-
-class PickleCheckpointReader(CheckpointReader):
-    """:class:`CheckpointReader` over ``pytorch_model*.bin`` shards (sharded with
-    ``pytorch_model.bin.index.json`` or not).
-
-    Each shard is opened with ``torch.load(map_location="cpu", weights_only=True, mmap=True)``: the restricted
-    unpickler that only rebuilds tensors (no arbitrary code), and tensors backed by the mapped file, so
-    nothing is read until it is used.
-    """
-
-    def __init__(self, directory: Path, allow_pickle: bool | None = None):
-        self.directory = Path(directory)
-        self.key_to_file = {}
-        self._tensors: dict[str, torch.Tensor] = {}
-        shards = pickle_shards(self.directory)
-        if not shards:
-            raise WeightsNotFoundError(f"{self.directory} contains no pytorch_model*.bin weights")
-        for shard in shards:
-            for key, value in _torch_load(shard).items():
-                self._tensors[key] = value
-                self.key_to_file[key] = shard
-
-    def get(
-        self, key: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
-    ) -> torch.Tensor:
-        """The tensor ``key`` (or a row / column range of it), backed by the mapped file."""
-        tensor = self._tensors[key]
-        if rows is None and cols is None:
-            return tensor
-        r = slice(*rows) if rows else slice(None)
-        c = slice(*cols) if cols else slice(None)
-        return tensor[r, c]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        """Shape of ``key``."""
-        return tuple(self._tensors[key].shape)
-
-
-def _torch_load(shard: Path) -> dict[str, torch.Tensor]:
-    """The state dict in a pickle shard, read with the weights-only unpickler (memory-mapped if possible)."""
-    import pickle
-
-    def load(mmap: bool):
-        return torch.load(shard, map_location="cpu", weights_only=True, mmap=mmap)
-
-    try:
-        try:
-            state = load(mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            state = load(mmap=False)  # the legacy (non-zip) format cannot be mapped
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{shard.name} holds objects other than tensors, which torch.load(weights_only=True) refuses to "
-            f"unpickle ({exc}). hf_hybrid never runs arbitrary pickle code: convert the checkpoint to "
-            f"safetensors in an environment you trust."
-        ) from exc
-    except Exception as exc:  # truncated zip, bad magic number, ...
-        raise CheckpointError(
-            f"cannot read {shard.name}: {exc}. The file is truncated or corrupt: download it again."
-        ) from exc
-    if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
-        state = state.get("state_dict", state)
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise CheckpointError(
-            f"{shard.name} is not a state dict (a mapping of tensor names to tensors): it is not a "
-            f"transformers checkpoint shard."
-        )
-    return state
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -479,6 +85,100 @@ def check_host_memory(plan: HybridPlan, device: torch.device | None = None) -> i
     return host_weights
 
 
+def layer_indices(keys: Iterable[str], adapter: FamilyAdapter) -> set[int]:
+    """The decoder layers that ``keys`` (checkpoint tensor names) hold tensors of."""
+    marker = "4294967295"
+    head, _, tail = adapter.layer_key(int(marker)).partition(marker)
+    pattern = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail) + r"\.")
+    return {int(m.group(1)) for key in keys if (m := pattern.match(adapter.to_model_key(key)))}
+
+
+def format_layers(layers: list[int]) -> str:
+    """Sorted layer indices as ranges: ``2-5, 9``."""
+    spans: list[list[int]] = []
+    for i in layers:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    text = [f"{a}-{b}" if b > a else str(a) for a, b in spans[:5]]
+    return ", ".join(text) + (", ..." if len(spans) > 5 else "")
+
+
+def check_layers(directory: Path, config, adapter: FamilyAdapter, *, allow_pickle: bool) -> None:
+    """Raise :class:`CheckpointError` when ``config`` has decoder layers the checkpoint has no tensors for.
+
+    Needs only tensor names (the index, or a safetensors file's header), so it runs before anything is
+    planned; a single ``pytorch_model.bin`` is left to loading, which finds the missing tensors too. A
+    checkpoint with more layers than the config is not refused here: loading reports the extra tensors.
+    """
+    expected = getattr(config, "num_hidden_layers", None)
+    keys = checkpoint_files(directory, allow_pickle=allow_pickle).keys()
+    if not isinstance(expected, int) or expected <= 0 or keys is None:
+        return
+    present = layer_indices(keys, adapter)
+    missing = sorted(set(range(expected)) - present)
+    if missing:
+        raise CheckpointError(
+            f"config.json sets num_hidden_layers={expected} but the checkpoint in {directory} has no tensors "
+            f"for layer(s) {format_layers(missing)} (it holds {len(present)} layer(s)): the weights are not "
+            f"those of this config, or the download is incomplete. Check that config.json and the weights come "
+            f"from the same checkpoint."
+        )
+
+
+def unexpected_keys(model: torch.nn.Module, adapter: FamilyAdapter, keys: Iterable[str]) -> list[str]:
+    """The checkpoint tensors (of ``keys``) no unit of ``model`` uses, sorted, as transformers counts them.
+
+    A tensor is used when its module-tree name (:meth:`FamilyAdapter.to_model_key`) is a parameter or buffer
+    of ``model`` (tied ones under each name) or one of the expert / dense MLP weights of one of its layers;
+    the model class's ``_keys_to_ignore_on_load_unexpected`` are never reported.
+    """
+    used = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    used.update(name for name, _ in model.named_buffers(remove_duplicate=False))
+    moe_layers = adapter.moe_layers(model)
+    for i, layer in enumerate(adapter.layers(model)):
+        if i not in moe_layers:
+            used.update(adapter.dense_mlp_weight_keys(i))
+            continue
+        used.update(adapter.fused_expert_weight_keys(i))
+        for expert in range(adapter.expert_shapes(layer)[0]):
+            used.update(adapter.expert_weight_keys(i, expert))
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    return sorted(
+        key
+        for key in keys
+        if adapter.to_model_key(key) not in used and not any(p.search(key) for p in ignored)
+    )
+
+
+def warn_unexpected_keys(model: torch.nn.Module, adapter: FamilyAdapter, reader: CheckpointReader) -> None:
+    """Log a warning naming (a few of) the checkpoint's :func:`unexpected_keys`, and the layers beyond the
+    config's when the checkpoint has more; transformers reports them the same way and loads the rest."""
+    extra = unexpected_keys(model, adapter, reader.keys())
+    if not extra:
+        return
+    count = len(adapter.layers(model))
+    beyond = sorted(i for i in layer_indices(extra, adapter) if i >= count)
+    layers = (
+        f" The checkpoint has layer(s) {format_layers(beyond)} beyond the num_hidden_layers={count} of the "
+        f"config: they are not loaded."
+        if beyond
+        else ""
+    )
+    logger.warning(
+        "hf_hybrid: %d tensor(s) of the checkpoint in %s are UNEXPECTED: %s has no weights by those names, so "
+        "they are not loaded (%s%s).%s This can be ignored when loading a checkpoint of another task or "
+        "architecture; it is not ok if you expect the identical architecture.",
+        len(extra),
+        reader.directory,
+        type(model).__name__,
+        ", ".join(extra[:5]),
+        ", ..." if len(extra) > 5 else "",
+        layers,
+    )
+
+
 def _param_owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     module_path, _, leaf = name.rpartition(".")
     return model.get_submodule(module_path), leaf
@@ -502,6 +202,7 @@ def load_weights(
     layers = adapter.layers(model)
     moe_layers = adapter.moe_layers(model)
     model_to_ckpt = {adapter.to_model_key(k): k for k in reader.keys()}
+    warn_unexpected_keys(model, adapter, reader)
 
     # group module-tree params by unit
     by_unit: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}

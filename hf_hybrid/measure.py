@@ -3,6 +3,9 @@ copies running, and the accelerator; and the per-machine cache of the result.
 
 The CPU lane and the copy lane are driven through :mod:`hf_hybrid.lanes`, exactly as the executor runs
 them, so the profile measures what a layer step will get.
+
+Longer than most modules (about 570 lines): each measurement is a few short functions whose comments
+record what was measured on which machine and why it is done this way; splitting them would scatter that.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from transformers.utils.logging import tqdm
 
 from .devices import default_device_name, resolve_device
 from .kernels.cpu import CpuExpertKernel, available_methods, pick_methods
+from .kernels.native import available as native_available
 from .lanes import CpuLane, DeviceLanes, cpu_lane_threads, run_with_copies, time_device, time_h2d
 from .profile import (
     LANE_GEMM_TOKENS,
@@ -270,6 +274,59 @@ def _measure_overlap(
     )
 
 
+#: Token counts the native lane is measured at (the decode-sized jobs it runs; see cpu_kernels.NATIVE_MAX_TOKENS)
+NATIVE_TOKEN_COUNTS = tuple(m for m in TOKEN_COUNTS if m <= 16)
+
+
+def _measure_native(
+    plan: _Plan, lanes: DeviceLanes, cpu_lane: CpuLane, experts, dtype: torch.dtype
+) -> tuple[dict[int, float], float | None, float | None]:
+    """The native CPU lane as the executor runs it: one call per step over all experts, from the CPU-lane
+    thread. Returns (weight-read rate per token count alone, rate at 1 token while copies run, the copies'
+    rate meanwhile); empty/None where the native kernel is unavailable."""
+    from .kernels import native
+
+    if not native.supports(dtype, F.silu):
+        return {}, None, None
+    lane = native.NativeExpertLane(cpu_lane.threads)
+    try:
+        # two experts a step (top-2), rotating over the rest so that weights come from DRAM
+        steps = [experts[i : i + 2] for i in range(0, len(experts) - 1, 2)] or [experts]
+        step_bytes = sum(gu.nbytes + d.nbytes for gu, d in steps[0])
+        rates: dict[int, float] = {}
+        for m in NATIVE_TOKEN_COUNTS:
+            x = torch.randn(m, plan.hidden).to(dtype)
+            out = torch.zeros(m, plan.hidden)
+            calls = [
+                functools.partial(lane.run, x, [native.ExpertJob(gu, d) for gu, d in step], out)
+                for step in steps
+            ]
+            seconds = cpu_lane.run(lambda calls=calls: _timed_median(calls, plan.min_time, plan.min_passes))
+            rates[m] = step_bytes / seconds
+        x = torch.randn(1, plan.hidden).to(dtype)
+        out = torch.zeros(1, plan.hidden)
+        turn = {"n": 0}
+
+        def one_pass() -> None:
+            for step in steps:
+                lane.run(x, [native.ExpertJob(gu, d) for gu, d in step], out)
+            turn["n"] += 1
+
+        passes = max(2, math.ceil(plan.overlap_time * rates[1] / (step_bytes * len(steps))))
+        per_pass, h2d = run_with_copies(
+            lanes,
+            cpu_lane,
+            warm_up=one_pass,
+            cpu_work=one_pass,
+            passes=passes,
+            chunk_bytes=min(plan.copy_bytes, 64 * _MiB),
+            copies_per_wait=plan.copies_per_wait,
+        )
+        return rates, step_bytes * len(steps) / per_pass, h2d
+    finally:
+        lane.close()
+
+
 @contextlib.contextmanager
 def _closing(cpu_lane: CpuLane):
     try:
@@ -316,7 +373,7 @@ def measure(
     plan = _make_plan(quick)
     is_cuda = dev.type == "cuda"
     methods = available_methods(dtype)
-    steps = 1 + len(methods) * len(TOKEN_COUNTS) + 2 + (1 if is_cuda else 0)
+    steps = 1 + len(methods) * len(TOKEN_COUNTS) + 3 + (1 if is_cuda else 0)
     started = time.perf_counter()
     lanes = DeviceLanes(dev)
     cpu_lane = CpuLane(cpu_lane_threads(is_cuda))
@@ -362,6 +419,12 @@ def measure(
             flops_per_pass / _measure_overlap(plan, lanes, cpu_lane, prefill_kernels, gemm_pass, m)[0]
         )
         bar.update(1)
+
+        bar.set_postfix_str("native CPU lane")
+        native_bw, native_during_copy, h2d_during_native = _measure_native(
+            plan, lanes, cpu_lane, experts, dtype
+        )
+        bar.update(1)
         del experts, kernels_by_method, decode_kernels, prefill_kernels
 
         if is_cuda:
@@ -392,6 +455,9 @@ def measure(
         cpu_lane_gemv_bw=lane_gemv,
         cpu_lane_gemm_flops=lane_gemm,
         cpu_lane_gemm_flops_during_copy=lane_gemm_copy,
+        cpu_native_bw=native_bw,
+        cpu_native_bw_during_copy=native_during_copy,
+        h2d_bw_during_native=h2d_during_native,
     )
     logger.info(
         "Measured hardware profile in %.1f s:\n%s", time.perf_counter() - started, format_profile(profile)
@@ -420,6 +486,8 @@ def _cache_name(dev: torch.device, dtype: torch.dtype, quick: bool) -> str:
         _dtype_name(dtype),
         # spinning OpenMP threads halve the CPU lane: rates measured under another policy do not apply
         f"omp-{os.environ.get('OMP_WAIT_POLICY', 'default').lower()}",
+        # the CPU lane's decode rates differ by 2x between the native kernel and torch ops
+        "native" if native_available() else "torch",
     ]
     if quick:
         parts.append("quick")  # a rough quick profile must never stand in for a full one

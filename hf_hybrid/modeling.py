@@ -15,11 +15,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging
 
 from . import families
+from .checkpoint import CheckpointReader, looks_like_path, resolve_checkpoint
 from .devices import default_device_name, resolve_device
 from .errors import BudgetError, WeightsNotFoundError
 from .executor import Executor
 from .hooks import attach, register_experts_implementation
-from .loading import CheckpointReader, LoadedModel, load_weights, looks_like_path, resolve_checkpoint
+from .loading import LoadedModel, check_layers, load_weights
 from .memory import kv_cache_bytes, workspace_bytes
 from .options import HybridOptions
 from .planner import HybridPlan, Workload, plan
@@ -35,12 +36,17 @@ DEFAULT_MARGIN = 1536 * 1024**2
 
 def resolve_dtype(dtype, config) -> torch.dtype:
     """``dtype`` as a torch dtype; ``None``/``"auto"`` takes the checkpoint's own."""
+    given, source = dtype, "dtype"
     if dtype is None or dtype == "auto":
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        given, source = dtype, "the checkpoint's config.json dtype (dtype='auto')"
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32 (got {dtype!r})")
+        raise TypeError(
+            f"{source} must be torch.bfloat16, torch.float16 or torch.float32 (got {given!r}); "
+            "pass dtype=torch.bfloat16 to load in bf16"
+        )
     return dtype
 
 
@@ -128,6 +134,7 @@ class HybridModelForCausalLM:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=options.trust_remote_code)
         _apply_config_overrides(config, overrides)
         adapter = families.for_config(config)
+        check_layers(directory, config, adapter, allow_pickle=options.allow_pickle)
         torch_dt = resolve_dtype(options.dtype, config)
         hybrid_plan, model = plan_model(config, dev, torch_dt, options)
         reader = CheckpointReader(directory, allow_pickle=options.allow_pickle)
@@ -254,7 +261,7 @@ def _cpu_methods(choice, hybrid_plan: HybridPlan, loaded: LoadedModel) -> str | 
             format_bytes(cpu_bytes),
             format_bytes(available),
         )
-        from .executor import plain_methods
+        from .cpu_kernels import plain_methods
 
         return plain_methods(profile)
     return dict(profile.cpu_kernel)

@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 64, 512)
 #: Bumped when a measurement is added, so a cached profile without it is measured again rather than
-#: planned with (2: the CPU lane's own rates).
-PROFILE_FORMAT = 2
+#: planned with (2: the CPU lane's own rates; 3: the native CPU lane's rates).
+PROFILE_FORMAT = 3
 #: Token count of the CPU lane's prefill-sized measurement (one of TOKEN_COUNTS).
 LANE_GEMM_TOKENS = 64
+#: The CPU kernels a profile may choose (``hf_hybrid.kernels.cpu.METHODS``, named here so that this module
+#: needs no torch; a test keeps the two equal).
+CPU_KERNELS = ("linear", "matmul_t", "onednn_packed")
+# tables measured at every token count: a cache missing one of them would be interpolated past its data
+_FULL_TABLES = ("cpu_gemv_bw", "cpu_gemm_flops", "cpu_kernel")
 # fields keyed by token count: JSON turns their keys into strings, from_dict turns them back
-_PER_TOKEN_KEYS = ("cpu_gemv_bw", "cpu_gemm_flops", "cpu_kernel", "cpu_method_bw")
+_PER_TOKEN_KEYS = ("cpu_gemv_bw", "cpu_gemm_flops", "cpu_kernel", "cpu_method_bw", "cpu_native_bw")
 
 
 @dataclass
@@ -54,10 +60,20 @@ class HardwareProfile:
     cpu_lane_gemv_bw: float | None = None
     cpu_lane_gemm_flops: float | None = None
     cpu_lane_gemm_flops_during_copy: float | None = None
+    # the native CPU expert lane (one C call per layer step), as the executor runs it for decode-sized jobs:
+    # its weight-read rate per token count alone, and at 1 token while copies run (with the copies' rate).
+    # Empty/None where the native kernel is not available or in profiles measured before it existed.
+    cpu_native_bw: dict[int, float] = field(default_factory=dict)
+    cpu_native_bw_during_copy: float | None = None
+    h2d_bw_during_native: float | None = None
 
     def cpu_weight_bw(self, tokens: int) -> float:
         """Interpolated CPU weight-read rate at ``tokens`` tokens."""
         return _interp(self.cpu_gemv_bw, tokens)
+
+    def native_bw(self, tokens: int) -> float:
+        """Interpolated weight-read rate of the native CPU lane at ``tokens`` tokens (0 if not measured)."""
+        return _interp(self.cpu_native_bw, tokens) if self.cpu_native_bw else 0.0
 
     def cpu_flops(self, tokens: int) -> float:
         """Interpolated CPU FLOP rate at ``tokens`` tokens."""
@@ -72,13 +88,79 @@ class HardwareProfile:
 
     @classmethod
     def from_dict(cls, data: dict) -> HardwareProfile:
-        """Inverse of :meth:`to_dict`; unknown keys are ignored so old caches still load."""
+        """Inverse of :meth:`to_dict`, checked with :meth:`validate` (``ValueError`` naming the field).
+
+        Unknown keys are ignored and missing ones take their defaults, so older saved plans still load.
+        """
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in data.items() if k in known}
         for key in _PER_TOKEN_KEYS:
             if key in kwargs:
-                kwargs[key] = {int(k): v for k, v in kwargs[key].items()}
-        return cls(**kwargs)
+                table = kwargs[key]
+                if not isinstance(table, dict):
+                    raise ValueError(f"{key} must be a table keyed by token count, not {table!r}")
+                try:
+                    kwargs[key] = {int(k): v for k, v in table.items()}
+                except ValueError:
+                    raise ValueError(f"{key} has keys that are not token counts: {sorted(table)}") from None
+        profile = cls(**kwargs)
+        profile.validate()
+        return profile
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field a planner could not use.
+
+        Rates must be positive finite numbers, the tables measured at every token count must have all of
+        ``TOKEN_COUNTS``, and CPU kernel names must be ones this version knows: a bad value otherwise
+        surfaces much later as a division by zero or a type error naming neither the profile nor a fix.
+        """
+        for f in fields(self):
+            value, name = getattr(self, f.name), f.name
+            if name in ("device", "dtype"):
+                if not isinstance(value, str) or not value:
+                    raise ValueError(f"{name} must be a non-empty string, not {value!r}")
+            elif name == "measured":
+                if not isinstance(value, bool):
+                    raise ValueError(f"measured must be true or false, not {value!r}")
+            elif name == "cpu_threads":
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"cpu_threads must be a whole number of at least 1, not {value!r}")
+            elif isinstance(value, dict) or f.default_factory is not MISSING:
+                _check_table(name, value)
+            elif value is not None or f.default is not None:
+                # a rate; optional ones (default None) are None in profiles measured before they existed
+                _check_rate(name, value)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_rate(name: str, value) -> None:
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, not {value!r}")
+
+
+def _check_table(name: str, table) -> None:
+    """Check a table keyed by token count: its keys, and its rates or CPU kernel names."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{name} must be a table keyed by token count, not {table!r}")
+    counts = sorted(table, key=str)
+    if not set(counts) <= set(TOKEN_COUNTS) or (name in _FULL_TABLES and set(counts) != set(TOKEN_COUNTS)):
+        raise ValueError(f"{name} has token counts {counts}, this version measures {list(TOKEN_COUNTS)}")
+    for m, value in table.items():
+        if name == "cpu_kernel":
+            if value not in CPU_KERNELS:
+                raise ValueError(f"{name}[{m}] is {value!r}, not one of {', '.join(CPU_KERNELS)}")
+        elif name == "cpu_method_bw":
+            if not isinstance(value, dict):
+                raise ValueError(f"{name}[{m}] must be a table keyed by CPU kernel, not {value!r}")
+            for method, rate in value.items():
+                if method not in CPU_KERNELS:
+                    raise ValueError(f"{name}[{m}] names {method!r}, not one of {', '.join(CPU_KERNELS)}")
+                _check_rate(f"{name}[{m}][{method}]", rate)
+        else:
+            _check_rate(f"{name}[{m}]", value)
 
 
 def _interp(table: dict[int, float], tokens: int) -> float:
@@ -111,16 +193,19 @@ def default_profile(device: str = "cpu") -> HardwareProfile:
 
 
 def _read_cache(path: Path) -> HardwareProfile | None:
-    """The cached profile, or None when missing, unreadable, or from an older layout."""
+    """The cached profile, or None when missing, unreadable, from an older layout or with a value a plan
+    cannot use (one warning naming the file and the field; the caller then measures again)."""
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
+        # a cache is written whole by this version: a missing field would silently take a default rate
+        missing = [f.name for f in fields(HardwareProfile) if f.name not in data]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
         profile = HardwareProfile.from_dict(data)
-        if set(profile.cpu_kernel) != set(TOKEN_COUNTS) or set(profile.cpu_gemv_bw) != set(TOKEN_COUNTS):
-            raise ValueError("token counts differ from this version's TOKEN_COUNTS")
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         logger.warning("Ignoring unusable hardware profile cache %s (%s); measuring again.", path, err)
         return None
@@ -128,28 +213,46 @@ def _read_cache(path: Path) -> HardwareProfile | None:
 
 
 def _write_cache(path: Path, profile: HardwareProfile) -> None:
-    """Write atomically (temp file + os.replace), so a crash or a concurrent run never leaves half a file."""
-    tmp = None
+    """Write the cache with :func:`write_private_file`; a failure is a warning, never an error."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "w", dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False
-        ) as f:
-            tmp = f.name
-            json.dump(profile.to_dict(), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        write_private_file(path, json.dumps(profile.to_dict(), indent=2))
     except OSError as err:
         # an unwritable cache costs a re-measurement next time, nothing more
         logger.warning("Could not write hardware profile cache %s (%s).", path, err)
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+
+
+def write_private_file(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically, readable and writable by its owner only (mode 0o600).
+
+    The text goes to a temporary file in the same directory, which then replaces ``path``
+    (``os.replace``): a crash or a concurrent writer never leaves half a file, and the name of the
+    temporary file cannot be guessed in advance. A symbolic link at ``path`` is refused with
+    ``FileExistsError`` (an ``OSError``, as for any path that cannot be written) rather than replaced:
+    whoever placed it meant the data to go elsewhere. Missing parent directories are created. Returns the
+    path.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise FileExistsError(
+            f"refusing to write {path}: it is a symbolic link (remove it, or choose another path)"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            # mkstemp creates it 0o600 already; set explicitly so the promise holds whatever creates it
+            os.fchmod(f.fileno(), 0o600)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
 
 
 def format_profile(p: HardwareProfile) -> str:
@@ -192,4 +295,14 @@ def format_profile(p: HardwareProfile) -> str:
     if p.cpu_lane_gemm_flops_during_copy:
         label = f"CPU lane during copy ({m} tokens)"
         lines.append(f"{label:<34} {p.cpu_lane_gemm_flops_during_copy / 1e12:>9.2f} TFLOP/s")
+    dram = p.dram_read_bw or math.nan
+    for tokens, rate in sorted(p.cpu_native_bw.items()):
+        label = f"native CPU lane alone ({tokens} tok)"
+        lines.append(f"{label:<34} {rate / 1e9:>9.1f} GB/s  ({100 * rate / dram:.0f}% of DRAM read)")
+    if p.cpu_native_bw_during_copy and p.h2d_bw_during_native:
+        both = p.cpu_native_bw_during_copy + p.h2d_bw_during_native
+        lines.append(
+            f"{'native CPU lane + copies at once':<34} {both / 1e9:>9.1f} GB/s  ({100 * both / dram:.0f}% of "
+            f"DRAM read: CPU {p.cpu_native_bw_during_copy / 1e9:.1f} + copy {p.h2d_bw_during_native / 1e9:.1f})"
+        )
     return "\n".join(lines)

@@ -1,13 +1,18 @@
 """What a loaded hybrid model carries: its runtime (plan, executor, hooks, lock) and the methods mixed into
-its own class -- a ``generate`` guarded against ``max_context`` and serialised per model, ``calibrate``,
-``trace`` and refusals of what a placed model cannot do (``to``, ``save_pretrained``).
+its own class -- calls (``model(...)``, ``generate``, ``calibrate``, ``trace``) guarded against
+``max_context`` and serialised per model, and refusals of what a placed model cannot do (``to``, ``half``
+and the other casts, ``save_pretrained``).
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import torch
 from transformers.utils import logging
@@ -39,12 +44,83 @@ class HybridRuntime:
     max_batch_size: int
     source: str
     lock: threading.RLock = field(default_factory=threading.RLock)
+    # calls of this model nested inside the one holding the lock (generate -> forward); changed only by the
+    # thread that holds the lock
+    _depth: int = field(default=0, init=False, repr=False)
+
+    @contextmanager
+    def serialised(self) -> Iterator[None]:
+        """Hold the model's lock for one call; when the outermost call fails, reset the lanes.
+
+        Every entry point that runs the model takes it: the staging rings' tag-to-slot maps, the pinned
+        buffers and the streamed modules' swapped parameters belong to one step at a time, and two threads
+        interleaving their steps would corrupt them for good. The lock is re-entrant, so ``generate`` (which
+        holds it) can call the model's forward (which takes it again). Failures of any kind -- an exception
+        in a lane, CUDA OOM, Ctrl-C -- release it, and the outermost call resets the executor's lanes before
+        the error propagates, so the model stays usable.
+        """
+        with self.lock:
+            outermost = self._depth == 0
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                if outermost:
+                    self.executor.recover()
+                raise
+            finally:
+                self._depth -= 1
+
+    def check_length(self, positions: int, batch: int, needs: str, fix: str) -> None:
+        """Raise :class:`ContextLengthError` when a call needs more than the KV cache was reserved for.
+
+        ``needs`` says where ``positions`` come from and ``fix`` what the caller can change.
+        """
+        if positions > self.max_context:
+            raise ContextLengthError(
+                f"this call needs {positions} positions ({needs}) but the KV cache was reserved for "
+                f"max_context={self.max_context}. {fix}, or reload with a larger max_context."
+            )
+        if batch > self.max_batch_size:
+            raise ContextLengthError(
+                f"batch of {batch} sequences exceeds max_batch_size={self.max_batch_size} the KV cache was "
+                f"reserved for; reload with max_batch_size={batch}."
+            )
 
     def close(self) -> None:
-        """Stop the CPU worker, remove hooks and release staging and pinned buffers."""
-        detach(self.handles)
-        self.handles = []
-        self.executor.close()
+        """Stop the CPU worker, remove hooks and release staging and pinned buffers.
+
+        Waits for a call running in another thread to finish: its buffers are not pulled from under it.
+        """
+        with self.lock:
+            detach(self.handles)
+            self.handles = []
+            self.executor.close()
+
+
+def _refuse_move(method: str) -> NoReturn:
+    """Raise the error every move or cast of a placed model gets (``method``: the call, or what it does);
+    nothing has changed when it is raised."""
+    call = f".{method}()" if method.isidentifier() else method
+    raise RuntimeError(
+        f"a hybrid model is placed across GPU, CPU and staging buffers; {call} would move or cast its "
+        "weights out of those homes. Call HybridModelForCausalLM.from_pretrained(..., device=..., dtype=...) "
+        "again instead."
+    )
+
+
+def _refusal(method: str):
+    """A model method ``method`` that refuses with :func:`_refuse_move`."""
+
+    def refuse(self, *args, **kwargs) -> NoReturn:
+        _refuse_move(method)
+
+    refuse.__name__ = refuse.__qualname__ = method
+    refuse.__doc__ = (
+        f"Refused: ``.{method}()`` would move or cast the weights out of their homes; load the model again "
+        "with ``from_pretrained(..., device=..., dtype=...)`` instead."
+    )
+    return refuse
 
 
 class HybridGenerationMixin:
@@ -62,6 +138,16 @@ class HybridGenerationMixin:
         """The accelerator the model computes on (inputs go here), whatever the first parameter's home."""
         return self.hybrid.executor.device
 
+    def __call__(self, *args, **kwargs):
+        """The model's forward (with its hooks), checked against ``max_context`` and serialised per model.
+
+        See :meth:`HybridRuntime.serialised`: concurrent callers wait for each other, and a failed call
+        leaves the model usable.
+        """
+        self._check_forward(args, kwargs)
+        with self.hybrid.serialised():
+            return super().__call__(*args, **kwargs)
+
     def generate(self, *args, **kwargs):
         """transformers ``generate``, checked against ``max_context`` and serialised per model.
 
@@ -69,14 +155,11 @@ class HybridGenerationMixin:
         lanes before the error propagates, so the model stays usable.
         """
         self._check_context(args, kwargs)
-        with self.hybrid.lock:
+        with self.hybrid.serialised():
             starts: list[float] = []  # host time at the start of each forward: prefill, then decode steps
             handle = self.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
             try:
                 out = super().generate(*args, **kwargs)
-            except BaseException:
-                self.hybrid.executor.recover()
-                raise
             finally:
                 handle.remove()
             self._record_throughput(args, kwargs, starts, time.perf_counter())
@@ -113,11 +196,11 @@ class HybridGenerationMixin:
         return input_ids if isinstance(input_ids, torch.Tensor) else None
 
     def _check_context(self, args, kwargs) -> None:
-        input_ids = self._input_ids(args, kwargs)
-        if input_ids is None:
+        """Refuse a ``generate`` call whose prompt (token ids or embeddings) and new tokens exceed the KV
+        cache's ``max_context``, or whose sequences exceed its ``max_batch_size``, before any work."""
+        prompt, rows = _extent(self._input_ids(args, kwargs), kwargs.get("inputs_embeds"))
+        if prompt is None:
             return
-        prompt = input_ids.shape[-1]
-        rows = input_ids.shape[0] if input_ids.dim() > 1 else 1
         gen_config = kwargs.get("generation_config") or self.generation_config
 
         def setting(name: str, default):
@@ -136,17 +219,19 @@ class HybridGenerationMixin:
             total = min(total, positions) if positions else total
         # beams and returned sequences each hold their own KV cache rows
         batch = rows * max(setting("num_beams", 1), setting("num_return_sequences", 1))
-        rt = self.hybrid
-        if total > rt.max_context:
-            raise ContextLengthError(
-                f"this call needs {total} positions (prompt {prompt} + new tokens) but the KV cache was reserved "
-                f"for max_context={rt.max_context}. Lower max_new_tokens, or reload with a larger max_context."
-            )
-        if batch > rt.max_batch_size:
-            raise ContextLengthError(
-                f"batch of {batch} sequences exceeds max_batch_size={rt.max_batch_size} the KV cache was "
-                f"reserved for; reload with max_batch_size={batch}."
-            )
+        self.hybrid.check_length(total, batch, f"prompt {prompt} + new tokens", "Lower max_new_tokens")
+
+    def _check_forward(self, args, kwargs) -> None:
+        """Refuse a forward whose cached plus new positions exceed ``max_context``, or whose rows exceed
+        ``max_batch_size``, before any work (transformers would run it, past the memory reserved)."""
+        arg = _forward_arguments(type(self), args, kwargs)
+        new, rows = _extent(arg("input_ids"), arg("inputs_embeds"))
+        if new is None:
+            return
+        # transformers 5 names the cache argument ``cache``, and still takes the older names
+        caches = (arg(name) for name in ("cache", "past_key_values", "cache_params"))
+        cached = _cached_positions(next((c for c in caches if c is not None), None))
+        self.hybrid.check_length(cached + new, rows, f"{cached} cached + {new} new", "Shorten the input")
 
     def calibrate(
         self,
@@ -175,7 +260,7 @@ class HybridGenerationMixin:
 
             tokenizer = AutoTokenizer.from_pretrained(rt.source)
         ex = rt.executor
-        with rt.lock:
+        with rt.serialised():
             ex.routed_counts.clear()
             ex.routed_tokens.clear()
             ex.record_routing = True
@@ -190,10 +275,9 @@ class HybridGenerationMixin:
                         else:
                             ids = text if text.dim() == 2 else text.unsqueeze(0)
                         ids = ids[:, : min(max_length, rt.max_context)]
-                        self(ids.to(self.device), use_cache=False)
-            except BaseException:
-                ex.recover()
-                raise
+                        # routing counts are per token: rows beyond max_batch_size run as later batches
+                        for rows in ids.split(rt.max_batch_size):
+                            self(rows.to(self.device), use_cache=False)
             finally:
                 ex.record_routing = False
             stats = {}
@@ -241,15 +325,22 @@ class HybridGenerationMixin:
         compute -- so you can see which lane bounds each layer. Open it at https://ui.perfetto.dev.
         ``input_ids`` defaults to a random prompt of the planned workload's length. Returns the path.
         """
-        from .trace import Tracer
-
         rt = self.hybrid
         if input_ids is None:
             length = min(rt.plan.workload.prompt_tokens, rt.max_context - max_new_tokens)
             generator = torch.Generator().manual_seed(0)
             input_ids = torch.randint(0, self.config.vocab_size, (1, max(1, length)), generator=generator)
         input_ids = input_ids.to(self.device)
-        lanes = rt.executor.lanes
+        # the tracer and the per-forward hooks are the model's, shared by every caller: hold the lock from
+        # attaching them until they are gone, so no other thread's steps land in (or break) this timeline
+        with rt.serialised():
+            return self._trace(path, input_ids, max_new_tokens, generate_kwargs)
+
+    def _trace(self, path, input_ids: torch.Tensor, max_new_tokens: int, generate_kwargs: dict):
+        """:meth:`trace` with the model's lock held."""
+        from .trace import Tracer
+
+        lanes = self.hybrid.executor.lanes
         tracer = Tracer(lanes)
         lanes.tracer = tracer
         steps = {"n": 0}
@@ -287,26 +378,27 @@ class HybridGenerationMixin:
             f"directory instead ({self.hybrid.source})"
         )
 
-    def to(self, *args, **kwargs):
-        """Moving a hybrid model would break its placement; reload with another device/dtype instead."""
-        raise RuntimeError(
-            "a hybrid model is placed across GPU, CPU and staging buffers; call "
-            "HybridModelForCausalLM.from_pretrained(..., device=..., dtype=...) again instead of .to()"
-        )
+    # moving or casting a placed model would break its placement: each is refused, naming the call
+    to = _refusal("to")
+    cuda = _refusal("cuda")
+    cpu = _refusal("cpu")
+    half = _refusal("half")
+    float = _refusal("float")
+    bfloat16 = _refusal("bfloat16")
+    double = _refusal("double")
+    type = _refusal("type")
 
-    def cuda(self, *args, **kwargs):
-        """See :meth:`to`."""
-        return self.to()
-
-    def cpu(self, *args, **kwargs):
-        """See :meth:`to`."""
-        return self.to()
+    def _apply(self, fn, recurse=True):
+        # every other nn.Module move or cast (xpu, to_empty, ...) goes through _apply: refused before it
+        # rebinds a parameter, which would leave the executor's views into staging slots and host arenas stale
+        _refuse_move("a move or cast")
 
 
 _SUBCLASSES: dict[type, type] = {}
 
 
 def hybrid_class(base: type) -> type:
+    """``base`` (a transformers model class) with :class:`HybridGenerationMixin` mixed in; one per base."""
     cls = _SUBCLASSES.get(base)
     if cls is None:
         cls = type(base.__name__, (HybridGenerationMixin, base), {"__module__": base.__module__})
@@ -314,4 +406,51 @@ def hybrid_class(base: type) -> type:
     return cls
 
 
-# -------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------- call arguments
+
+
+def _extent(input_ids, inputs_embeds) -> tuple[int | None, int]:
+    """(positions, rows) of a call's token ids and/or embeddings; positions is None when it has neither."""
+    positions, rows = None, 1
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() > 0:
+        positions = input_ids.shape[-1]
+        rows = input_ids.shape[0] if input_ids.dim() > 1 else 1
+    if isinstance(inputs_embeds, torch.Tensor) and inputs_embeds.dim() > 1:
+        positions = max(positions or 0, inputs_embeds.shape[-2])
+        rows = max(rows, inputs_embeds.shape[0] if inputs_embeds.dim() > 2 else 1)
+    return positions, rows
+
+
+_FORWARD_PARAMETERS: dict[type, list[str]] = {}
+
+
+def _forward_arguments(cls: type, args: tuple, kwargs: dict):
+    """A lookup ``name -> value`` of a forward call's arguments, given by keyword or by position."""
+    names = _FORWARD_PARAMETERS.get(cls)
+    if names is None:
+        names = [
+            p.name
+            for p in inspect.signature(cls.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ][1:]  # without self
+        _FORWARD_PARAMETERS[cls] = names
+
+    def arg(name: str):
+        if name in kwargs:
+            return kwargs[name]
+        index = names.index(name) if name in names else len(args)
+        return args[index] if index < len(args) else None
+
+    return arg
+
+
+def _cached_positions(past_key_values) -> int:
+    """Positions already in a forward's KV cache (a transformers ``Cache`` or the legacy tuple form)."""
+    if past_key_values is None:
+        return 0
+    if hasattr(past_key_values, "get_seq_length"):
+        return int(past_key_values.get_seq_length())
+    try:
+        return int(past_key_values[0][0].shape[-2])
+    except (TypeError, IndexError, AttributeError):
+        return 0

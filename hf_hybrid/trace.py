@@ -14,6 +14,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .profile import write_private_file
+
 LANES = {"host": 1, "CPU lane": 2, "PCIe copy": 3, "GPU": 4}
 
 
@@ -80,13 +82,12 @@ class Tracer:
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the trace; open it in https://ui.perfetto.dev or chrome://tracing."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"traceEvents": self.events(), "displayTimeUnit": "ms"}))
-        os.replace(tmp, path)
-        return path
+        """Write the trace; open it in https://ui.perfetto.dev or chrome://tracing.
+
+        The file is written atomically with mode 0o600 (a trace shows the prompt's length and the
+        machine's timings); a symbolic link at ``path`` is refused with ``FileExistsError``.
+        """
+        return write_private_file(path, json.dumps({"traceEvents": self.events(), "displayTimeUnit": "ms"}))
 
 
 def _span(lane: str, name: str, ts_us: float, dur_us: float) -> dict:

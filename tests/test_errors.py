@@ -29,7 +29,8 @@ from hf_hybrid import (
     UnsupportedModelError,
     WeightsNotFoundError,
 )
-from hf_hybrid.loading import CheckpointReader, PickleCheckpointReader, check_host_memory
+from hf_hybrid.checkpoint import CheckpointReader, PickleCheckpointReader
+from hf_hybrid.loading import check_host_memory
 from hf_hybrid.units import parse_bytes
 
 
@@ -365,6 +366,32 @@ def test_tensor_shape_not_matching_config(tiny_checkpoints, tmp_path, family, ke
     assert key in message and str(tuple(shape)) in message and str(expected) in message, message
 
 
+@pytest.mark.parametrize(
+    "family, key, pattern",
+    [
+        (
+            "mixtral",
+            "model.layers.1.self_attn.q_proj.weight",
+            r"no tensor for model.layers.1.self_attn.q_proj",
+        ),
+        (
+            "mixtral",
+            "model.layers.0.block_sparse_moe.experts.2.w1.weight",
+            r"no weights for expert 2 of layer 0",
+        ),
+        ("llama", "model.layers.1.mlp.up_proj.weight", r"no model.layers.1.mlp.up_proj.weight"),
+        ("llama", "model.norm.weight", r"no tensor for model.norm.weight"),
+    ],
+)
+def test_missing_tensor_is_an_error(tiny_checkpoints, tmp_path, family, key, pattern):
+    directory = copy_checkpoint(tiny_checkpoints[family], tmp_path / family)
+    state = load_file(directory / "model.safetensors")
+    del state[key]
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=pattern):
+        load(directory, family)
+
+
 # ----------------------------------------------------------------------------------------- device
 def test_cuda_without_cuda(tiny_checkpoints, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -456,3 +483,8 @@ def test_extra_kwargs_override_config_or_are_rejected(tiny_checkpoints, caplog):
     assert model.hybrid_plan is not None  # a loading option hf_hybrid replaces: ignored (with a warning)
     with pytest.raises(TypeError, match="unexpected keyword"):
         HybridModelForCausalLM.from_pretrained(directory, gpu_memmory="1GiB", **options)
+
+
+def test_unknown_dtype_string_is_named_in_the_error(tiny_checkpoints):
+    with pytest.raises(TypeError, match=r"got 'bfloat'"):
+        HybridModelForCausalLM.from_pretrained(tiny_checkpoints["mixtral"], device="cpu", dtype="bfloat")

@@ -151,3 +151,18 @@ def test_a_closed_model_refuses_to_run_with_a_clear_error(tiny_checkpoints):
     # no new CPU-lane thread was started by the refused calls
     started = {t.name for t in threading.enumerate()} - threads_before
     assert not [name for name in started if "cpu-lane" in name]
+
+
+def test_host_time_between_layer_steps_is_measured(tiny_checkpoints):
+    from tiny_models import load_every_lane
+
+    model = load_every_lane(tiny_checkpoints["mixtral"])
+    stats = model.hybrid.executor.stats
+    stats.reset()
+    model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    layers = model.config.num_hidden_layers
+    # every layer step but the first of each forward follows another one within the same forward
+    assert stats.groups == 3 * layers
+    assert stats.host_gaps >= 3 * (layers - 1)
+    assert stats.host_gap_s > 0 and stats.issue_s > 0
+    model.hybrid.close()

@@ -30,6 +30,8 @@ VARIANTS = {
     "scalar": (native.SCALAR_FLAGS, True, "scalar"),
     "avx2": (native.AVX2_FLAGS, AVX512_RUN and native.cpu_has("avx2", "fma"), "avx2"),
     "avx512f": (("-mavx512f", "-mavx512bw", "-mavx512vl", "-mno-avx512bf16"), AVX512_BF16_RUN, "avx512f"),
+    # the native AVX-512 BF16 build with its VDPBF16PS path switched on (off by default)
+    "native_dpbf16": (None, AVX512_BF16_RUN, "avx512_bf16"),
 }
 
 needs_gcc = pytest.mark.skipif(not HAS_GCC, reason="gcc is not installed")
@@ -40,7 +42,7 @@ def libraries():
     """Every variant this CPU runs, compiled concurrently (compiles are single-threaded and take seconds)."""
     if not HAS_GCC:
         pytest.skip("gcc is not installed")
-    wanted = {name: flags for name, (flags, runs, _) in VARIANTS.items() if runs}
+    wanted = {name: flags for name, (flags, runs, _) in VARIANTS.items() if runs and name != "native_dpbf16"}
     with ThreadPoolExecutor(len(wanted)) as pool:
         futures = {name: pool.submit(native.load, flags) for name, flags in wanted.items()}
         return {name: f.result() for name, f in futures.items()}
@@ -53,12 +55,14 @@ def lane(request, libraries):
     _, runs, isa = VARIANTS[name]
     if not runs:
         pytest.skip(f"the {name} variant does not run here or is the native build")
-    library = libraries[name]
+    library = libraries["native" if name == "native_dpbf16" else name]
     if isa is not None:
         assert library.isa == isa
-    if name != "native" and library.isa == libraries["native"].isa:
+    if name not in ("native", "native_dpbf16") and library.isa == libraries["native"].isa:
         pytest.skip(f"the {name} variant is the native build on this CPU")
     lane = NativeExpertLane(3, library=library)
+    if name == "native_dpbf16":
+        lane.configure(dpbf16=True)
     yield lane
     lane.close()
 
@@ -208,32 +212,40 @@ def test_matches_torch(lane, dtype, hidden, ntokens):
     _check(out, _plain_torch(x, jobs, before.clone()), scale, dtype, ulps=2)
 
 
-def test_random_data_and_long_rows(lane):
-    """Continuous random data, rows longer than one L1 block and more tokens than one token group."""
+def test_random_data_k_blocks_and_token_groups(lane):
+    """Continuous random data, rows split into k blocks (forced small here; 1024+ elements by default) in
+    both phases, and more tokens than one token group (64)."""
     gen = torch.Generator().manual_seed(3)
-    hidden, inter, ntokens = 520, 600, 70
-    for dtype in (torch.bfloat16, torch.float32):
-        x = torch.randn(ntokens, hidden, generator=gen).to(dtype)
-        gu = (torch.randn(2 * inter, hidden, generator=gen) * 0.05).to(dtype)
-        dn = (torch.randn(hidden, inter, generator=gen) * 0.05).to(dtype)
-        tok = torch.randint(0, ntokens, (40,), generator=gen)
-        jobs = [
-            ExpertJob(gu, dn),
-            ExpertJob(gu, dn, tokens=tok, weights=torch.rand(40, generator=gen).to(dtype)),
-            ExpertJob(gu, dn, rows=301, partial=True, tokens=tok[:3], weights=torch.rand(3, generator=gen)),
-        ]
-        before, out = _run(lane, x, jobs)
-        ref = torch_reference(x, jobs, before.clone())
-        assert (out != before).float().mean() > 0.99
-        if dtype == torch.float32:
-            _check(out, ref, _scale(x, jobs), dtype, ulps=0)
-            continue
-        # the summation order differs from torch's, so g and u may round to neighbouring bf16 values: where
-        # the terms of out cancel, that is more than a few ulps of the result, never more than the bound
-        err = (out - ref).abs()
-        close = err <= 2 * _ulp_bf16(_scale(x, jobs))
-        assert close.float().mean() > 0.995
-        assert (err <= 2.0**-7 * _abs_terms(x, jobs) + 2 * _ulp_bf16(_scale(x, jobs))).all()
+    hidden, inter, ntokens = 200, 300, 70
+    lane.configure(k_block=64)
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(ntokens, hidden, generator=gen).to(dtype)
+            gu = (torch.randn(2 * inter, hidden, generator=gen) * 0.05).to(dtype)
+            dn = (torch.randn(hidden, inter, generator=gen) * 0.05).to(dtype)
+            tok = torch.randint(0, ntokens, (40,), generator=gen)
+            jobs = [
+                ExpertJob(gu, dn),
+                ExpertJob(gu, dn, tokens=tok, weights=torch.rand(40, generator=gen).to(dtype)),
+                ExpertJob(
+                    gu, dn, rows=201, partial=True, tokens=tok[:3], weights=torch.rand(3, generator=gen)
+                ),
+            ]
+            before, out = _run(lane, x, jobs)
+            ref = torch_reference(x, jobs, before.clone())
+            assert (out != before).float().mean() > 0.99
+            if dtype == torch.float32:
+                _check(out, ref, _scale(x, jobs), dtype, ulps=0)
+                continue
+            # the summation order differs from torch's, so g and u may round to neighbouring bf16 values:
+            # where the terms of out cancel, that is more than a few ulps of the result, never more than
+            # the bound
+            err = (out - ref).abs()
+            close = err <= 2 * _ulp_bf16(_scale(x, jobs))
+            assert close.float().mean() > 0.995
+            assert (err <= 2.0**-7 * _abs_terms(x, jobs) + 2 * _ulp_bf16(_scale(x, jobs))).all()
+    finally:
+        lane.configure(k_block=0)
 
 
 def test_split_parts_add_up_to_the_whole(lane):
@@ -333,6 +345,8 @@ def test_configure_rejects_bad_values(libraries):
         lane.configure(barrier_spin_us=0, prefetch_bytes=512, dpbf16=False, idle_spin_us=0)
         with pytest.raises(ValueError):
             lane.configure(prefetch_bytes=-1)
+        with pytest.raises(ValueError):
+            lane.configure(k_block=48)  # not a multiple of 32
 
 
 def _bad_calls():

@@ -267,3 +267,25 @@ def test_same_inputs_give_the_same_plan():
     assert first.homes == second.homes
     assert first.predicted == second.predicted
     assert len(set(first.homes.values())) > 1  # a mixed placement, so the search had choices to make
+
+
+def test_decode_sized_cpu_jobs_are_costed_at_the_native_lane_rate():
+    import dataclasses
+
+    from hf_hybrid.costs import cpu_share, cpu_time, pcie_share
+
+    torch_only = default_profile("cuda")
+    with_native = dataclasses.replace(
+        torch_only,
+        cpu_native_bw={1: 120e9, 2: 110e9, 4: 100e9, 8: 70e9, 16: 50e9},
+        cpu_native_bw_during_copy=80e9,
+        h2d_bw_during_native=40e9,
+    )
+    expert = Unit("layers.0.experts.0", "expert", 0, 336 * MIB, 2 * 168 * MIB, HOMES, index=0)
+    assert cpu_time(expert, 1, with_native) == pytest.approx(336 * MIB / 120e9)
+    assert cpu_time(expert, 1, with_native) < cpu_time(expert, 1, torch_only)
+    assert cpu_share(with_native, 1) == pytest.approx(80 / 120)
+    assert pcie_share(with_native, 1) == pytest.approx(40e9 / torch_only.h2d_bw)
+    # prefill-sized jobs run on torch's GEMMs: the native rates do not apply
+    assert cpu_time(expert, 64, with_native) == cpu_time(expert, 64, torch_only)
+    assert pcie_share(with_native, 64) == pcie_share(torch_only, 64)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
+import stat
 
 import pytest
 import torch
@@ -149,3 +151,118 @@ def test_cache_name_follows_openmp_wait_policy(monkeypatch, tmp_path):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     active = profile_cache_path("cpu", cache_dir=tmp_path)
     assert passive != active and "omp-passive" in passive.name
+
+
+# ------------------------------------------------------------------------------- cache validation
+def _valid_cache() -> dict:
+    return {**default_profile("cpu").to_dict(), "measured": True}
+
+
+def _set(path: tuple, value):
+    """A change to a valid cache's JSON: ``value`` at ``path`` (``_MISSING`` deletes the key)."""
+
+    def change(data: dict) -> None:
+        *parents, last = path
+        for key in parents:
+            data = data[key]
+        if value is _MISSING:
+            del data[last]
+        else:
+            data[last] = value
+
+    return change
+
+
+_MISSING = object()
+BAD_CACHES = {
+    "zero bandwidth": (_set(("h2d_bw",), 0), "h2d_bw"),
+    "negative bandwidth": (_set(("dram_read_bw",), -1e9), "dram_read_bw"),
+    "infinite bandwidth": (_set(("gpu_mem_bw",), math.inf), "gpu_mem_bw"),
+    "nan rate": (_set(("cpu_gemm_flops", "64"), math.nan), "cpu_gemm_flops"),
+    "string rate": (_set(("cpu_gemv_bw", "1"), "fast"), "cpu_gemv_bw"),
+    "string bandwidth": (_set(("h2d_bw_during_cpu",), "8e9"), "h2d_bw_during_cpu"),
+    "bool bandwidth": (_set(("gpu_flops",), True), "gpu_flops"),
+    "zero threads": (_set(("cpu_threads",), 0), "cpu_threads"),
+    "string threads": (_set(("cpu_threads",), "4"), "cpu_threads"),
+    "unknown kernel": (_set(("cpu_kernel", "1"), "fastest"), "cpu_kernel"),
+    "unknown method": (_set(("cpu_method_bw",), {"1": {"magic": 1e9}}), "cpu_method_bw"),
+    "missing token count": (_set(("cpu_gemm_flops", "512"), _MISSING), "cpu_gemm_flops"),
+    "missing kernel token count": (_set(("cpu_kernel", "2"), _MISSING), "cpu_kernel"),
+    "token count not a number": (_set(("cpu_gemv_bw", "many"), 1e9), "cpu_gemv_bw"),
+    "table not a table": (_set(("cpu_gemv_bw",), 15e9), "cpu_gemv_bw"),
+    "missing field": (_set(("h2d_bw",), _MISSING), "h2d_bw"),
+    "negative optional rate": (_set(("cpu_lane_gemv_bw",), -5.0), "cpu_lane_gemv_bw"),
+    "measured not a bool": (_set(("measured",), "yes"), "measured"),
+    "dtype not a string": (_set(("dtype",), 16), "dtype"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CACHES))
+def test_bad_cache_values_are_measured_again_with_one_warning(tmp_path, fake_measure, caplog, case):
+    change, field_name = BAD_CACHES[case]
+    data = _valid_cache()
+    change(data)
+    path = profile_mod.profile_cache_path("cpu", torch.bfloat16, cache_dir=tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING):
+        p = load_or_measure("cpu", torch.bfloat16, cache_dir=tmp_path)
+    assert p.measured and len(fake_measure) == 1, "a bad cache was used"
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, caplog.text
+    assert str(path) in warnings[0].getMessage() and field_name in warnings[0].getMessage()
+    assert HardwareProfile.from_dict(json.loads(path.read_text())) == p  # repaired on disk
+    if case != "missing field":  # from_dict fills a missing field with its default (older saved plans)
+        with pytest.raises(ValueError, match=field_name):
+            HardwareProfile.from_dict(data)
+
+
+def test_valid_caches_load_without_a_warning(tmp_path, fake_measure, caplog, quick_profile):
+    for p in (quick_profile, default_profile("cuda"), HardwareProfile()):
+        p.validate()
+    data = _valid_cache()
+    path = profile_mod.profile_cache_path("cpu", torch.bfloat16, cache_dir=tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING):
+        p = load_or_measure("cpu", torch.bfloat16, cache_dir=tmp_path)
+    assert fake_measure == [] and p == HardwareProfile.from_dict(data)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_validate_names_the_field():
+    with pytest.raises(ValueError, match="h2d_bw"):
+        dataclasses.replace(HardwareProfile(), h2d_bw=0.0).validate()
+    with pytest.raises(ValueError, match="cpu_kernel"):
+        dataclasses.replace(HardwareProfile(), cpu_kernel={m: "nope" for m in TOKEN_COUNTS}).validate()
+
+
+def test_known_kernel_names_match_the_kernels():
+    from hf_hybrid.profile import CPU_KERNELS
+
+    assert tuple(CPU_KERNELS) == tuple(METHODS)
+
+
+# ------------------------------------------------------------------------------------ cache writes
+def test_cache_is_written_private_and_atomically(tmp_path, fake_measure):
+    load_or_measure("cpu", torch.bfloat16, cache_dir=tmp_path)
+    (path,) = tmp_path.iterdir()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.chmod(0o644)
+    load_or_measure("cpu", torch.bfloat16, cache_dir=tmp_path, refresh=True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_cache_is_not_written_through_a_symlink(tmp_path, fake_measure, caplog):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("not yours")
+    path = profile_mod.profile_cache_path("cpu", torch.bfloat16, cache_dir=tmp_path / "cache")
+    path.parent.mkdir(parents=True)
+    path.symlink_to(target)
+    with caplog.at_level(logging.WARNING):
+        p = load_or_measure("cpu", torch.bfloat16, cache_dir=tmp_path / "cache")
+    assert p.measured and len(fake_measure) == 1
+    assert path.is_symlink() and target.read_text() == "not yours"
+    assert any("symbolic link" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+    assert list(path.parent.iterdir()) == [path]

@@ -106,6 +106,15 @@ def _row_note(row: dict, settings: BenchSettings) -> str:
         parts.append("given the measured routing (--routing-stats)")
     if row.get("plan_error"):
         parts.append(f"plan unreadable: {row['plan_error']}")
+    lanes = row.get("lanes") or {}
+    if lanes.get("host_gap_ms_per_layer") is not None:
+        rate = lanes.get("cpu_lane_GBps")
+        parts.append(
+            f"host time per layer step {lanes['host_gap_ms_per_layer']:.2f} ms between steps + "
+            f"{lanes.get('issue_ms_per_layer') or 0:.2f} ms issuing"
+            + (f"; CPU lane {rate:.0f} GB/s" if rate else "")
+            + (f" ({lanes['native_units']} native units)" if lanes.get("native_units") else "")
+        )
     if row.get("gpu_peak_bytes"):
         parts.append(f"GPU peak {format_bytes(row['gpu_peak_bytes'])}")
     if row.get("load_s") is not None:

@@ -77,6 +77,14 @@ def plain_linear(x: Tensor, weight: Tensor, methods: Mapping[int, str] | str = "
     return F.linear(x, weight)
 
 
+def gated_mlp(x: Tensor, gate_up: Tensor, down: Tensor, act_fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``down(act(gate(x)) * up(x))`` with gate and up from one matmul on ``gate_up [2*I, H]``: exactly the
+    formula transformers computes, so fp32 results are bit-identical (the GPU lane and the CPU's ``linear``
+    method both use it)."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(act_fn(gate) * up, down)
+
+
 def _nearest(table: Mapping[int, str], tokens: int) -> str:
     """The entry of the smallest token count >= ``tokens``, else of the largest one."""
     keys = sorted(table)
@@ -186,8 +194,7 @@ class CpuExpertKernel:
         method = self.method_for(n)
         if method == "linear":
             # Exactly the plain formula (as transformers computes it), so fp32 results are bit-identical.
-            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-            return F.linear(self.act_fn(gate) * up, self.down)
+            return gated_mlp(x, self.gate_up, self.down, self.act_fn)
         if method == "matmul_t":
             gate, up = (x @ self.gate_up.t()).chunk(2, dim=-1)
             return (self.act_fn(gate) * up) @ self.down.t()

@@ -72,6 +72,7 @@ _OPT_PREFETCH = 2
 _OPT_DPBF16 = 3
 _OPT_MIN_BYTES = 4
 _OPT_IDLE_SPIN_US = 5
+_OPT_K_BLOCK = 6
 
 _ERR_TOKEN = 5
 
@@ -240,6 +241,8 @@ class Library:
         dll.hf_lane_destroy.argtypes = [ctypes.c_void_p]
         dll.hf_lane_threads.restype = ctypes.c_int
         dll.hf_lane_threads.argtypes = [ctypes.c_void_p]
+        dll.hf_lane_last_stats.restype = ctypes.c_int
+        dll.hf_lane_last_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_double)]
         dll.hf_lane_configure.restype = ctypes.c_int
         dll.hf_lane_configure.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
         dll.hf_lane_strerror.restype = ctypes.c_char_p
@@ -472,17 +475,21 @@ class NativeExpertLane:
         dpbf16: bool | None = None,
         min_bytes_per_thread: int | None = None,
         idle_spin_us: int | None = None,
+        k_block: int | None = None,
     ) -> None:
         """Tune the pool (benchmarks): spin before sleeping at the phase barrier (default 50 us), software
-        prefetch distance (default 0 = off), use of VDPBF16PS where compiled in (default on), weight bytes
+        prefetch distance (default 1024 bytes), use of VDPBF16PS where compiled in (default off: no gain
+        was measured at 1-8 tokens), weight bytes
         per thread below which fewer threads take part (default 256 KiB), spin after a call before a
-        worker sleeps (default 0)."""
+        worker sleeps (default 0), k block in elements (a multiple of 32; default 0 = sized so that a
+        block's activations fit in 256 KiB, at least 1024)."""
         settings = [
             (_OPT_BARRIER_SPIN_US, barrier_spin_us),
             (_OPT_PREFETCH, prefetch_bytes),
             (_OPT_DPBF16, None if dpbf16 is None else int(bool(dpbf16))),
             (_OPT_MIN_BYTES, min_bytes_per_thread),
             (_OPT_IDLE_SPIN_US, idle_spin_us),
+            (_OPT_K_BLOCK, k_block),
         ]
         handle = self._acquire()
         try:
@@ -494,6 +501,17 @@ class NativeExpertLane:
                     raise ValueError(f"bad setting {value!r}: {self.library.strerror(rc)}")
         finally:
             self._release()
+
+    def last_stats(self) -> dict[str, float]:
+        """The last call as the calling thread saw it: ``total_us``, ``phase1_us`` (gate/up, until the
+        barrier opened), ``phase2_us`` (down), ``threads`` that took part, weight ``bytes`` read."""
+        values = (ctypes.c_double * 5)()
+        handle = self._acquire()
+        try:
+            self.library.dll.hf_lane_last_stats(handle, values)
+        finally:
+            self._release()
+        return dict(zip(("total_us", "phase1_us", "phase2_us", "threads", "bytes"), values))
 
     def _acquire(self) -> int:
         with self._cond:
