@@ -20,7 +20,7 @@ import torch
 
 from hf_hybrid import HardwareProfile, HybridModelForCausalLM, Workload
 from hf_hybrid.bench import build_checkpoint
-from hf_hybrid.bench.scenarios import get_scenario
+from hf_hybrid.bench.scenarios import default_cache_dir, get_scenario
 
 
 def timed_generate(model, ids, new_tokens: int) -> tuple[float, list[float]]:
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="a HardwareProfile JSON (skips measuring)")
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=17)
-    parser.add_argument("--cache-dir", default="/tmp/hf_hybrid_bench")
+    parser.add_argument("--cache-dir", default=str(default_cache_dir()))
     args = parser.parse_args()
     scenario = get_scenario(args.scenario)
     path = build_checkpoint(args.scenario, cache_dir=args.cache_dir)

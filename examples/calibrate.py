@@ -36,6 +36,7 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_hybrid import HybridModelForCausalLM
+from hf_hybrid.devices import default_device_name
 
 TEXTS = [
     "The capital of France is Paris, and the capital of Italy is Rome.",
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     model = HybridModelForCausalLM.from_pretrained(
         args.model,
         gpu_memory=args.gpu_memory,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=args.device or default_device_name(),
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         max_context=args.max_context,
         progress=False,

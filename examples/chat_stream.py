@@ -24,6 +24,7 @@ import torch
 from transformers import AutoTokenizer, TextIteratorStreamer
 
 from hf_hybrid import HybridModelForCausalLM
+from hf_hybrid.devices import default_device_name
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     model = HybridModelForCausalLM.from_pretrained(
         args.model,
         gpu_memory=args.gpu_memory,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=args.device or default_device_name(),
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         max_context=args.max_context,
         progress=False,

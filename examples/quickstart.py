@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 
 from hf_hybrid import HybridModelForCausalLM
 from hf_hybrid.default_model import default_model_dir
+from hf_hybrid.devices import default_device_name
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     """Load, generate greedily, print the completion and the placement table."""
     args = parse_args(argv)
     path = args.model or str(default_model_dir())
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device_name()
 
     model = HybridModelForCausalLM.from_pretrained(
         path,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..devices import default_device_name
 from ..units import parse_bytes
 from .scenarios import Scenario, default_cache_dir, get_scenario, parse_skew
 
@@ -58,13 +59,6 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def default_device() -> str:
-    """``cuda`` when a CUDA device is visible, else ``cpu``."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def parse_engines(engines: str | Sequence[str] | None, device: str) -> list[str]:
     """Engine list from ``"hf_hybrid,cpu"`` or a sequence; ``None``/``"all"`` -> all that apply here."""
     if engines is None or engines == "all" or engines == ["all"]:
@@ -97,7 +91,7 @@ def resolve_settings(scenario: str | Scenario, **options: Any) -> BenchSettings:
     skew = parse_skew(options.pop("skew", None))
     if skew is not None and not sc.is_moe:
         raise ValueError(f"scenario {sc.name} is dense: --skew applies to MoE scenarios only")
-    device = options.pop("device", None) or default_device()
+    device = options.pop("device", None) or default_device_name()
     batch = int(options.pop("batch", None) or sc.batch)
     prompt = int(options.pop("prompt", None) or sc.prompt)
     new_tokens = int(options.pop("new_tokens", None) or sc.new_tokens)
