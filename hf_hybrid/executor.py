@@ -55,6 +55,7 @@ class StepStats:
     groups: int = 0  # expert groups run (layer steps)
     split_units: int = 0  # units whose rows were split between the CPU lane and the copy lane
     prefetched_units: int = 0  # next-layer units copied ahead during a prefill step
+    predicted_units: int = 0  # next-layer units copied ahead in a decode step from a routing prediction
     native_units: int = 0  # CPU units computed by the native kernel (the rest by torch ops)
     # the feeding thread between one layer step's return and the next one's start (attention, router,
     # routing read back: the serial host path while the expert lanes idle), and how many such gaps
@@ -133,6 +134,7 @@ class Executor:
         cpu_threads: int | None = None,
         cpu_methods: dict[int, str] | str = "linear",
         cpu_backend: str = "auto",
+        predict_next_layer: bool = False,
     ):
         if token_assignment not in TOKEN_ASSIGNMENTS:
             raise ValueError(f"token_assignment must be one of {', '.join(TOKEN_ASSIGNMENTS)}")
@@ -153,6 +155,10 @@ class Executor:
         # miss the profile by different amounts, and a prefill must not teach decode to avoid the CPU.
         self.cpu_scales = {"small": 1.0, "large": 1.0}
         self.groups: dict[int, ExpertGroup] = {}  # by layer, set when the hooks attach (for prefetching)
+        # router weight [experts, hidden] by MoE layer, set when the hooks attach: a decode step applies the
+        # next layer's router to its own input to predict, and start copying, the next layer's experts
+        self.router_weights: dict[int, torch.Tensor] = {}
+        self.predict_next_layer = predict_next_layer
         # routing statistics, recorded while ``record_routing`` is on (see ``calibrate``)
         self.record_routing = False
         self._left_step: float | None = None  # when the last layer step returned (for host_gap_s)
@@ -233,7 +239,8 @@ class Executor:
         if self._left_step is not None and entered - self._left_step < self.HOST_GAP_MAX_S:
             self.stats.host_gap_s += entered - self._left_step
             self.stats.host_gaps += 1
-        routing = self._route(group, hidden.shape[0], top_k_index)
+        predicting = self._next_to_predict(group, hidden.shape[0])
+        routing, predicted = self._route(group, hidden, top_k_index, predicting)
         lanes = self._assign(group, routing)
         batch = self._device_batch(hidden, routing, lanes, top_k_weights)
         cpu_future = split_future = None
@@ -242,6 +249,8 @@ class Executor:
             cpu_future = self._submit_cpu(group, lanes.on_cpu, hidden, host_inputs, routing)
         try:
             self._stream(group, lanes.streamed, batch)
+            if predicted:
+                self._prefetch_predicted(predicting, predicted, len(lanes.streamed))
             if lanes.split:
                 split_future = self._submit_split(group, lanes.split, batch, host_inputs)
             self._resident(group, lanes.resident, batch)
@@ -261,11 +270,24 @@ class Executor:
         return out
 
     # stage 1
-    def _route(self, group: ExpertGroup, tokens: int, top_k_index: torch.Tensor | None) -> Routing:
+    def _route(
+        self, group: ExpertGroup, hidden: torch.Tensor, top_k_index, predicting: ExpertGroup | None
+    ) -> tuple[Routing, list[int]]:
+        """The routing of this step on the host, and the experts predicted for the next layer (read back in
+        the same transfer, so the prediction costs no extra wait on the device)."""
+        tokens = hidden.shape[0]
         if not group.routed:
-            return Routing(counts=[tokens] * len(group.units))
+            return Routing(counts=[tokens] * len(group.units)), []
         k = top_k_index.shape[1]
-        flat = top_k_index.reshape(-1).to("cpu")
+        flat = top_k_index.reshape(-1)
+        n = flat.numel()
+        if predicting is not None:
+            # softmax keeps the order of the logits: the top-k of the logits are the router's choice
+            guess = F.linear(hidden, self.router_weights[predicting.layer]).topk(k, dim=-1).indices
+            flat = torch.cat([flat, guess.reshape(-1).to(flat.dtype)])
+        flat = flat.to("cpu")
+        predicted = sorted(set(flat[n:].tolist())) if predicting is not None else []
+        flat = flat[:n]
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=len(group.units)).tolist()
         starts = [0]
@@ -276,7 +298,43 @@ class Executor:
             for i, c in enumerate(counts):
                 if c:
                     self.routed_counts[(group.layer, i)] = self.routed_counts.get((group.layer, i), 0) + c
-        return Routing(counts=counts, order=order, token_of=order // k, starts=starts)
+        return Routing(counts=counts, order=order, token_of=order // k, starts=starts), predicted
+
+    def _next_to_predict(self, group: ExpertGroup, tokens: int) -> ExpertGroup | None:
+        """The next MoE layer's group when a decode-sized step should predict its routing: it has host units
+        that could be copied ahead, a router weight to predict with, and the copy lane may take them."""
+        if (
+            not self.predict_next_layer
+            or not group.routed
+            or tokens > SPLIT_MAX_TOKENS
+            or self.expert_ring is None
+            or self.token_assignment == "cpu"
+        ):
+            return None
+        following = self.groups.get(group.layer + 1)
+        if following is None or not following.routed or following.layer not in self.router_weights:
+            return None
+        if all(home == GPU for home in following.homes):
+            return None
+        return following
+
+    def _prefetch_predicted(self, following: ExpertGroup, predicted: list[int], streamed_now: int) -> None:
+        """Copy the next layer's predicted host experts into staging slots this step does not use, after this
+        step's own copies; a right guess makes them free to run on the GPU there (assignment sees them
+        staged), a wrong one costs only copy-lane time. Exact either way: only what is staged changes."""
+        budget = len(self.expert_ring.slots) - 1 - streamed_now  # keep a slot for the next step's choice
+        for i in predicted:
+            if budget <= 0:
+                break
+            if i >= len(following.homes) or following.homes[i] == GPU or i not in following.host_regions:
+                continue
+            if self.token_assignment == "static" and following.homes[i] != STREAM:
+                continue  # static runs CPU-home units on the CPU whatever is staged
+            if (following.layer, i) in self.expert_ring.by_tag:
+                continue
+            self.expert_ring.fetch((following.layer, i), following.host_regions[i])
+            self.stats.predicted_units += 1
+            budget -= 1
 
     # stage 2
     def _assign(self, group: ExpertGroup, routing: Routing) -> Assignment:

@@ -111,6 +111,10 @@ def attach(model: torch.nn.Module, executor: Executor, loaded: LoadedModel, adap
     for i, group in loaded.groups.items():
         if group.routed:
             adapter.experts(layers[i])._hf_hybrid = (executor, group)
+            router = adapter.router(layers[i])
+            if router is not None:
+                # the next-layer routing prediction of a decode step applies this layer's router early
+                executor.router_weights[i] = router.weight
         else:
             mlp = adapter.mlp(layers[i])
             mlp.forward = _dense_forward(executor, group)

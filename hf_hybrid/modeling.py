@@ -149,6 +149,7 @@ class HybridModelForCausalLM:
             cpu_threads=options.cpu_threads,
             cpu_methods=_cpu_methods(options.cpu_kernels, hybrid_plan, loaded),
             cpu_backend=options.cpu_backend,
+            predict_next_layer=options.predict_next_layer,
         )
         executor.prepare_cpu_kernels(loaded.groups.values(), progress=options.progress)
         handles = attach(model, executor, loaded, adapter)

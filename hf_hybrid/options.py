@@ -35,7 +35,9 @@ class HybridOptions:
     dense MLP), ``cpu_threads`` (the CPU lane's threads, 1..cores), ``cpu_kernels`` (CPU expert kernel
     per token count, ``"auto"`` or a method or ``{tokens: method}``), ``cpu_backend`` (``"auto"``: the
     native CPU expert kernel for decode-sized steps where it builds, else torch ops; ``"native"``: require
-    it; ``"torch"``: torch ops only), ``attn_implementation``.
+    it; ``"torch"``: torch ops only), ``predict_next_layer`` (decode steps apply the next layer's router to
+    their own input and start copying the predicted host experts early; exact, not yet measured on a GPU,
+    hence off), ``attn_implementation``.
 
     Loading: ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``trust_remote_code`` mean
     what they mean in transformers; ``allow_pickle`` allows ``.bin``/``.pt`` shards;
@@ -56,6 +58,7 @@ class HybridOptions:
     cpu_threads: int | None = None
     cpu_kernels: str | dict[int, str] = "auto"
     cpu_backend: str = "auto"
+    predict_next_layer: bool = False
     attn_implementation: str | None = "sdpa"
     trust_remote_code: bool = False
     allow_cpu_fallback: bool = False

@@ -166,3 +166,34 @@ def test_host_time_between_layer_steps_is_measured(tiny_checkpoints):
     assert stats.host_gaps >= 3 * (layers - 1)
     assert stats.host_gap_s > 0 and stats.issue_s > 0
     model.hybrid.close()
+
+
+def test_next_layer_prediction_stages_experts_and_changes_no_result(tiny_checkpoints):
+    from tiny_models import load_every_lane
+
+    ids = torch.tensor([[5, 9, 2, 7]])
+
+    def run(predict: bool):
+        model = load_every_lane(
+            tiny_checkpoints["mixtral"], token_assignment="stream", predict_next_layer=predict
+        )
+        model.hybrid.executor.stats.reset()
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                max_new_tokens=6,
+                min_new_tokens=6,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        stats = model.hybrid.executor.stats
+        model.hybrid.close()
+        return out, stats
+
+    with_guess, stats = run(True)
+    without, plain = run(False)
+    assert stats.predicted_units > 0 and plain.predicted_units == 0
+    assert torch.equal(with_guess.sequences, without.sequences)
+    for a, b in zip(with_guess.logits, without.logits):
+        assert torch.equal(a, b)  # only what is staged changes, never a result
