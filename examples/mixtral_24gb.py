@@ -24,11 +24,14 @@ import argparse
 import hf_hybrid  # noqa: F401
 
 # isort: split
+import os
+import sys
 import threading
 
 import torch
 
-from hf_hybrid import HybridModelForCausalLM, Workload
+from hf_hybrid import HybridError, HybridModelForCausalLM, Workload
+from hf_hybrid.hub import fetch_config
 
 MODEL = "mistralai/Mixtral-8x7B-v0.1"
 
@@ -71,8 +74,10 @@ def show_plan(args: argparse.Namespace) -> int:
     device = args.device or "cuda"
     # planning for a CUDA device on a machine without one: use the built-in figures, nothing to measure
     profile = args.profile or ("auto" if has_cuda or device == "cpu" else "default")
+    # a hub id: its config from the cache, else the hub (failing at once, saying how, without a network)
+    source = args.model if os.path.isdir(args.model) else fetch_config(args.model)
     plan = HybridModelForCausalLM.plan(
-        args.model,
+        source,
         gpu_memory=args.gpu_memory,
         device=device,
         dtype=torch.bfloat16,
@@ -133,7 +138,11 @@ def generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``--plan-only`` prints the plan; otherwise load and generate."""
     args = parse_args(argv)
-    return show_plan(args) if args.plan_only else generate(args)
+    try:
+        return show_plan(args) if args.plan_only else generate(args)
+    except HybridError as exc:  # a missing checkpoint or an unreachable hub: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ called in-process. Logging follows transformers' conventions (``transformers.uti
 after the module); ``-v`` shows hf_hybrid's INFO messages, such as the load summary, and ``-vv`` adds
 transformers' own.
 
-Longer than most modules (about 580 lines) because two thirds of it is argparse: every option's help text
-is documentation users read with ``--help``; the command bodies themselves are short.
+Longer than most modules (about 700 lines) because most of it is argparse and user-facing notes: every
+option's help text is documentation users read with ``--help``; the command bodies themselves are short.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging as std_logging
 import math
+import os
 import re
 import sys
 import time
@@ -33,6 +34,19 @@ TOKENIZER_FILES = (
     "vocab.json",
     "tiktoken.model",
 )
+#: What ``generate`` fetches from the hub besides config.json to tokenize the prompt.
+TOKENIZER_PATTERNS = (
+    "tokenizer*",
+    "vocab*",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tiktoken*",
+    "chat_template*",
+)
+#: Exit status after stdout was closed early (``hf-hybrid plan | head -1``): 128 + SIGPIPE, as the shell
+#: reports for tools the signal ends.
+BROKEN_PIPE_STATUS = 141
 
 
 class UsageError(Exception):
@@ -196,7 +210,7 @@ def _model_path(args, *, need_weights: bool = True) -> str:
             return str(path)
         if path.exists():
             raise UsageError(f"{path} is a file; pass the directory that holds config.json")
-        from .checkpoint import looks_like_path
+        from .hub import looks_like_path
 
         if looks_like_path(args.model):
             raise UsageError(
@@ -228,10 +242,17 @@ def _is_cpu(device: str) -> bool:
 
 def _suggested_budget(plan) -> str:
     """A budget that keeps about half of ``plan``'s (all-resident) weights on the device."""
-    target = plan.device_bytes - plan.resident_bytes // 2
-    if target >= 256 * 1024**2:
-        return f"{target // 1024**2}MiB"
-    return f"{target // 1024}KiB"
+    return readable_size(plan.device_bytes - plan.resident_bytes // 2)
+
+
+def readable_size(nbytes: int) -> str:
+    """``nbytes`` as a ``--gpu-memory`` value people read at a glance: whole MiB below 1 GiB, else GiB
+    with one decimal (``253730KiB`` -> ``248MiB``; one decimal below 100 MiB)."""
+    if nbytes >= 1024**3:
+        return f"{nbytes / 1024**3:.1f}GiB"
+    mib = nbytes / 1024**2
+    # a small model's budget sits within a MiB of its minimum: one decimal keeps the suggestion above it
+    return f"{mib:.0f}MiB" if mib >= 100 else f"{max(mib, 0.1):.1f}MiB"
 
 
 def _cpu_note(plan, what: str) -> None:
@@ -282,13 +303,13 @@ def _generate(args) -> int:
 
     path = _model_path(args)
     # the tokenizer first: a checkpoint without one fails before the (slower) weight load
-    local = Path(path)
+    local = Path(path) if Path(path).is_dir() else _hub_files(path, TOKENIZER_PATTERNS)
     if local.is_dir() and not any((local / name).exists() for name in TOKENIZER_FILES):
         raise UsageError(
             f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...) to encode the prompt"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:
         raise UsageError(f"cannot load a tokenizer from {path}: {_one_line(exc)}") from exc
     if args.chat and not getattr(tokenizer, "chat_template", None):
@@ -373,6 +394,17 @@ def _run_generate(args, model, tokenizer, path: str) -> int:
     return 0
 
 
+def _hub_files(repo_id: str, also: tuple[str, ...] = ()) -> Path:
+    """The cached (else downloaded) config.json of hub id ``repo_id``, plus the files matching ``also``.
+
+    transformers' own per-file downloads retry for half a minute without a network; this fails at once,
+    saying how to work offline.
+    """
+    from .hub import fetch_config
+
+    return fetch_config(repo_id, also=also)
+
+
 def _plan(args) -> int:
     import torch
 
@@ -380,7 +412,15 @@ def _plan(args) -> int:
     from .planner import Workload
 
     path = _model_path(args, need_weights=False)
+    if not Path(path).is_dir():
+        path = str(_hub_files(path))
     device = _resolve_device(args)
+    if args.device is None and _is_cpu(device):
+        print(
+            f"{PROG}: note: no GPU here, so this plans for the CPU standing in for one; to plan for a GPU "
+            "pass --device cuda --gpu-memory SIZE",
+            file=sys.stderr,
+        )
     if device.startswith("cuda") and torch.cuda.is_available():
         from .devices import resolve_device
 
@@ -406,8 +446,24 @@ def _plan(args) -> int:
     )
     if _is_cpu(device) and args.gpu_memory is None:
         _cpu_note(plan, "would be")
+    _host_memory_note(plan)
     print(json.dumps(_strict_json(plan.to_dict()), indent=2) if args.json else plan)
     return 0
+
+
+def _host_memory_note(plan) -> None:
+    """A note when the weights ``plan`` keeps off the device need more host RAM than this machine has."""
+    from .system import meminfo
+    from .units import GPU, format_bytes
+
+    host = sum(u.nbytes for u in plan.units if plan.homes[u.name] != GPU)
+    total = meminfo("MemTotal")
+    if total is not None and host > total:
+        print(
+            f"{PROG}: note: this plan keeps {format_bytes(host)} of weights in host memory, but this machine "
+            f"has {format_bytes(total)} of RAM in all",
+            file=sys.stderr,
+        )
 
 
 def _strict_json(value):
@@ -429,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run LLMs that do not fit on one GPU across GPU, CPU and PCIe at once.",
     )
     _add_verbose(parser)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.register("action", "lazy_parsers", _LazySubcommands)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", action="lazy_parsers")
 
     gen = sub.add_parser(
         "generate",
@@ -517,17 +574,60 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=_plan)
 
-    for module in ("hf_hybrid.measure", "hf_hybrid.bench"):
-        try:
-            add_cli = getattr(__import__(module, fromlist=["add_cli"]), "add_cli", None)
-        except ImportError:
-            add_cli = None
-        if add_cli is not None:
-            add_cli(sub)
-    for name, subparser in sub.choices.items():
-        if name not in ("generate", "plan") and "--verbose" not in subparser._option_string_actions:
-            _add_verbose(subparser, default=argparse.SUPPRESS)
+    # both modules import torch (seconds): their parsers are built only when their command is chosen
+    for name, (module, help_text) in LAZY_COMMANDS.items():
+        sub.add_lazy(name, module, help_text)
     return parser
+
+
+#: Subcommands defined by other modules' ``add_cli``: their ``hf-hybrid --help`` line, shown without
+#: importing them.
+LAZY_COMMANDS = {
+    "profile": (
+        "hf_hybrid.measure",
+        "measure (or show the cached) CPU, memory, PCIe and GPU rates of this machine",
+    ),
+    "bench": (
+        "hf_hybrid.bench",
+        "benchmark hf_hybrid against accelerate offload, all-CPU and all-GPU on a synthetic checkpoint",
+    ),
+}
+
+
+class _LazySubcommands(argparse._SubParsersAction):
+    """Subcommands whose parsers come from a module's ``add_cli(subparsers)``, imported on first use.
+
+    ``--help`` lists them from a placeholder; choosing one (or :meth:`load`) imports the module and swaps
+    in its parser.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._lazy: dict[str, str] = {}
+
+    def add_lazy(self, name: str, module: str, help: str) -> None:
+        """List ``name`` (with ``help``) now; build its parser from ``module``'s ``add_cli`` when needed."""
+        self.add_parser(name, help=help, add_help=False)
+        self._lazy[name] = module
+
+    def load(self, name: str) -> argparse.ArgumentParser:
+        """The parser of subcommand ``name``, its module imported first if still pending."""
+        module = self._lazy.pop(name, None)
+        if module is not None:
+            import importlib
+
+            del self._name_parser_map[name]
+            self._choices_actions = [a for a in self._choices_actions if a.dest != name]
+            importlib.import_module(module).add_cli(self)
+            subparser = self._name_parser_map[name]
+            if "--verbose" not in subparser._option_string_actions:
+                _add_verbose(subparser, default=argparse.SUPPRESS)
+        return self._name_parser_map[name]
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: D102 (argparse API)
+        if values:
+            self.load(values[0])
+        super().__call__(parser, namespace, values, option_string)
 
 
 @contextlib.contextmanager
@@ -565,7 +665,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with _verbosity(getattr(args, "verbose", 0)):
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows up here, inside the handler below
+            return code
+    except BrokenPipeError:
+        # the reader went away (`| head`): nothing left to say. Python's docs recommend pointing stdout
+        # at devnull so the interpreter's final flush does not fail again on exit
+        _silence_stdout()
+        return BROKEN_PIPE_STATUS
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
@@ -573,6 +680,17 @@ def main(argv: list[str] | None = None) -> int:
         # OSError: transformers cannot find a config/tokenizer, a hub id does not exist, the network is down
         print(f"{PROG} {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _silence_stdout() -> None:
+    """Point file descriptor 1 at devnull (when stdout is a real file; in-process callers may swap it)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

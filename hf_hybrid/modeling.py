@@ -15,11 +15,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging
 
 from . import families
-from .checkpoint import CheckpointReader, looks_like_path, resolve_checkpoint
+from .checkpoint import CheckpointReader
 from .devices import default_device_name, resolve_device
 from .errors import BudgetError, WeightsNotFoundError
 from .executor import Executor
 from .hooks import attach, register_experts_implementation
+from .hub import looks_like_path, resolve_checkpoint
 from .loading import LoadedModel, check_layers, load_weights
 from .memory import kv_cache_bytes, workspace_bytes
 from .options import HybridOptions

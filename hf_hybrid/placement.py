@@ -148,14 +148,26 @@ class HybridPlan:
         p = self.predicted
         if p:
             wl = self.workload
+            # a rate above its bound is no error: the bound moves every host unit over PCIe, while the plan
+            # computes some of them on the CPU instead, in parallel with the copies
+            on_cpu = len(self.units_in("cpu"))
+            above = (
+                f": above it because the bound counts PCIe transfers only, while this plan also computes "
+                f"{on_cpu} host units on the CPU"
+                if on_cpu
+                else ""
+            )
             for phase, what, digits in (
                 ("prefill", f"prefill ({wl.prompt_tokens} tokens x {wl.batch})", 1),
                 ("decode", f"decode (batch {wl.batch})", 2),
             ):
                 bound = p[f"{phase}_bound_tok_s"]
+                fraction = p[f"{phase}_fraction_of_bound"]
                 # nothing off the device means no transfer bound to compare with
                 tail = (
-                    f" (bound {bound:.{digits}f}, {100 * p[f'{phase}_fraction_of_bound']:.0f}%)"
+                    f" (bound {bound:.{digits}f}, {100 * fraction:.0f}%"
+                    + (above if fraction > 1 else "")
+                    + ")"
                     if math.isfinite(bound)
                     else " (everything resident: no PCIe/CPU bound)"
                 )

@@ -294,7 +294,8 @@ def test_a_matching_checkpoint_has_no_unexpected_keys(tiny_checkpoints, family):
 
 # ----------------------------------------------------------------------------------------- pickle
 def test_allowing_pickle_once_does_not_allow_it_later(tiny_checkpoints, tmp_path):
-    from hf_hybrid.checkpoint import CheckpointReader, resolve_checkpoint
+    from hf_hybrid.checkpoint import CheckpointReader
+    from hf_hybrid.hub import resolve_checkpoint
 
     directory = _pickle_copy(tiny_checkpoints["mixtral"], tmp_path / "bin")
     assert resolve_checkpoint(directory, allow_pickle=True) == directory
