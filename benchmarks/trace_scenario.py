@@ -44,7 +44,7 @@ def main() -> None:
     print(model.hybrid_plan)
     executor = model.hybrid.executor
     for mode in args.modes.split(","):
-        executor.token_assignment = mode
+        model.set_token_assignment(mode)  # the plan's predictions follow the mode
         with torch.inference_mode():
             # warm up: kernels, cuBLAS handles, the CPU lane's threads and the learned CPU rate (a cold first
             # call spends hundreds of ms on one-time setup that a served model never sees again)

@@ -73,7 +73,7 @@ def resolve_forced(units: list[Unit], forced: dict[str, str] | None) -> dict[str
     return result
 
 
-def _experts_per_layer(units: list[Unit], top_k: int | dict[int, int]) -> dict[int, tuple[int, int]]:
+def experts_per_layer(units: list[Unit], top_k: int | dict[int, int]) -> dict[int, tuple[int, int]]:
     counts: dict[int, int] = {}
     for u in units:
         if u.kind == "expert":
@@ -126,7 +126,7 @@ def plan(
     workload = workload or Workload()
     routing = dict(routing or {})
     forced_homes = resolve_forced(units, forced)
-    per_layer = _experts_per_layer(units, top_k)
+    per_layer = experts_per_layer(units, top_k)
     fixed = kv_cache_bytes + workspace_bytes
 
     def make(homes: dict[str, str]) -> HybridPlan:
@@ -392,7 +392,7 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
     PCIe lanes together (bytes / (CPU rate during copies + H2D rate during CPU work)).
     """
     profile, wl, routing = result.profile, result.workload, result.routing
-    per_layer = per_layer or _experts_per_layer(result.units, 2)
+    per_layer = per_layer or experts_per_layer(result.units, 2)
     T, B = wl.prompt_tokens * wl.batch, wl.batch
     split = result.token_assignment == "split"
     totals, host = {}, {}

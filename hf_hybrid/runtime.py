@@ -233,6 +233,24 @@ class HybridGenerationMixin:
         cached = _cached_positions(next((c for c in caches if c is not None), None))
         self.hybrid.check_length(cached + new, rows, f"{cached} cached + {new} new", "Shorten the input")
 
+    def set_token_assignment(self, mode: str) -> None:
+        """Change how each layer step's host experts are divided between the CPU lane and streaming
+        (``"adaptive"``, ``"static"``, ``"cpu"``, ``"stream"``, ``"split"``), keeping every home; the plan's
+        ``token_assignment`` and predictions follow, so ``hybrid_plan`` still describes what runs."""
+        from dataclasses import replace
+
+        from .options import TOKEN_ASSIGNMENTS
+        from .planner import experts_per_layer, predict
+
+        if mode not in TOKEN_ASSIGNMENTS:
+            raise ValueError(f"token_assignment must be one of {', '.join(TOKEN_ASSIGNMENTS)} (got {mode!r})")
+        rt = self.hybrid
+        with rt.serialised():
+            new = replace(rt.plan, token_assignment=mode, predicted={}, unit_times={}, measured={})
+            predict(new, experts_per_layer(new.units, experts_per_token(self.config)))
+            rt.executor.token_assignment = mode
+            rt.plan = new
+
     def calibrate(
         self,
         texts,

@@ -197,3 +197,23 @@ def test_next_layer_prediction_stages_experts_and_changes_no_result(tiny_checkpo
     assert torch.equal(with_guess.sequences, without.sequences)
     for a, b in zip(with_guess.logits, without.logits):
         assert torch.equal(a, b)  # only what is staged changes, never a result
+
+
+def test_set_token_assignment_changes_what_runs_and_the_plan_follows(tiny_checkpoints):
+    from tiny_models import load_every_lane
+
+    model = load_every_lane(tiny_checkpoints["mixtral"], token_assignment="static")
+    ids = torch.tensor([[4, 8, 15, 16]])
+    want = model.generate(ids, max_new_tokens=4, do_sample=False)
+    model.set_token_assignment("stream")
+    assert model.hybrid_plan.token_assignment == "stream"
+    assert model.hybrid.executor.token_assignment == "stream"
+    assert model.hybrid_plan.predicted["decode_tok_s"] > 0
+    stats = model.hybrid.executor.stats
+    stats.reset()
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), want)
+    assert stats.cpu_units == 0 and stats.streamed_units > 0  # every host unit was streamed
+    with pytest.raises(ValueError, match="token_assignment"):
+        model.set_token_assignment("fastest")
+    assert model.hybrid_plan.token_assignment == "stream"
+    model.hybrid.close()
