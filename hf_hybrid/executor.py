@@ -37,7 +37,7 @@ from .options import TOKEN_ASSIGNMENTS
 from .profile import HardwareProfile
 from .staging import StagingRing
 from .units import GPU, STREAM
-from .weights import ExpertGroup, carve, rehome_unit
+from .weights import ExpertGroup, carve, merge_resident_slices, rehome_unit
 
 
 @dataclass
@@ -239,6 +239,13 @@ class Executor:
         if self._left_step is not None and entered - self._left_step < self.HOST_GAP_MAX_S:
             self.stats.host_gap_s += entered - self._left_step
             self.stats.host_gaps += 1
+        merged = merge_resident_slices(group)
+        if merged is not None:
+            # a dense MLP held whole on the device: one piece, bit-identical to transformers' own MLP
+            self.stats.groups += 1
+            self.stats.gpu_units += len(group.units)
+            with self.lanes.span("GPU", f"L{group.layer} resident MLP"):
+                return gated_mlp(hidden, merged[0], merged[1], group.act_fn)
         predicting = self._next_to_predict(group, hidden.shape[0])
         routing, predicted = self._route(group, hidden, top_k_index, predicting)
         lanes = self._assign(group, routing)

@@ -91,6 +91,9 @@ class ExpertGroup:
     host_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     cpu_kernels: dict[int, object] = field(default_factory=dict)  # unit -> its CPU kernel, built on first use
     shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    # a dense MLP whose slices are all resident, as one (gate_up, down) pair: computed in one piece, exactly
+    # as transformers does (a sum of slices rounds each slice's output first)
+    merged: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def rehome_unit(group: ExpertGroup, i: int, home: str, device: torch.device, pin: bool) -> None:
@@ -103,6 +106,8 @@ def rehome_unit(group: ExpertGroup, i: int, home: str, device: torch.device, pin
     old = group.homes[i]
     if old == home:
         return
+    if group.merged is not None:
+        split_merged(group)
     shapes = list(group.shapes[i])
     if old == GPU:
         gate_up, down = group.device_weights.pop(i)
@@ -117,3 +122,32 @@ def rehome_unit(group: ExpertGroup, i: int, home: str, device: torch.device, pin
         group.host_regions.pop(i)
         group.device_weights[i] = (host_gate_up.to(device), host_down.to(device))
     group.homes[i] = home
+
+
+def merge_resident_slices(group: ExpertGroup) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The dense MLP of ``group`` as one (gate_up, down) pair when every slice is resident (built once; the
+    slices' own device copies are then released, so the device holds the MLP once); None otherwise."""
+    if group.merged is not None:
+        return group.merged
+    if group.routed or any(home != GPU for home in group.homes) or not group.device_weights:
+        return None
+    parts = [group.device_weights[i] for i in range(len(group.units))]
+    with torch.inference_mode(False), torch.no_grad():
+        gate = torch.cat([gate_up[: gate_up.shape[0] // 2] for gate_up, _ in parts])
+        up = torch.cat([gate_up[gate_up.shape[0] // 2 :] for gate_up, _ in parts])
+        group.merged = (torch.cat([gate, up]), torch.cat([down for _, down in parts], dim=1))
+    group.device_weights.clear()
+    return group.merged
+
+
+def split_merged(group: ExpertGroup) -> None:
+    """Undo :func:`merge_resident_slices`: each slice gets its own (gate_up, down) on the device again."""
+    gate_up, down = group.merged
+    inter, start = gate_up.shape[0] // 2, 0
+    with torch.inference_mode(False), torch.no_grad():
+        for i in range(len(group.units)):
+            rows = group.shapes[i][1][1]  # down is [H, rows]
+            gate, up = gate_up[start : start + rows], gate_up[inter + start : inter + start + rows]
+            group.device_weights[i] = (torch.cat([gate, up]), down[:, start : start + rows].contiguous())
+            start += rows
+    group.merged = None

@@ -189,3 +189,36 @@ def test_cpu_lane_backends_are_exact(tiny_checkpoints, family, dtype, backend):
     assert stats.cpu_units > 0, stats
     # the backend asked for is the one that ran (12 tokens: decode-sized jobs)
     assert (stats.native_units > 0) == (backend == "native"), stats
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_every_unit_resident_is_bitwise_equal(tiny_checkpoints, family):
+    # nothing split across homes: the same roundings as transformers, so the same bits (a dense MLP held
+    # whole on the device runs in one piece, not as a sum of slices)
+    directory = tiny_checkpoints[family]
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
+    hybrid = HybridModelForCausalLM.from_pretrained(
+        directory, device="cpu", dtype=torch.bfloat16, max_context=64, max_batch_size=2, progress=False
+    )
+    assert set(hybrid.hybrid_plan.homes.values()) == {"gpu"}
+    ids = prompt()
+    with torch.no_grad():
+        assert torch.equal(hybrid(ids).logits, ref(ids).logits)
+
+
+def test_a_merged_dense_mlp_splits_back_when_a_slice_leaves_the_device(tiny_checkpoints):
+    directory = tiny_checkpoints["llama"]
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    hybrid = HybridModelForCausalLM.from_pretrained(
+        directory, device="cpu", dtype=torch.float32, max_context=64, max_batch_size=2, progress=False
+    )
+    ids = prompt()
+    with torch.no_grad():
+        want = ref(ids).logits
+        assert torch.equal(hybrid(ids).logits, want)
+        rt = hybrid.hybrid
+        layer, group = next(iter(rt.loaded.groups.items()))
+        assert group.merged is not None
+        rt.executor.rehome(group, 0, "cpu")  # one slice to the CPU lane: the MLP is a sum of homes again
+        assert group.merged is None and group.homes[0] == "cpu"
+        assert torch.allclose(hybrid(ids).logits, want, rtol=1e-5, atol=1e-5)
