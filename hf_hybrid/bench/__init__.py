@@ -186,10 +186,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "--variants",
         default=None,
         help=(
-            "comma-separated extra hf_hybrid rows, each loaded again with the main row's placement: "
-            "token-assignment modes (stream, static, cpu, adaptive, split; passed as from_pretrained's "
-            "token_assignment, so the row's plan says which ran) and 'calibrated' (model.calibrate on 8 random "
-            "prompts, then measured); each adds a row 'hf_hybrid[variant]'"
+            "comma-separated extra hf_hybrid rows, measured on the loaded model after its own row: "
+            "token-assignment modes (stream, static, cpu, adaptive, split; switched with "
+            "model.set_token_assignment, so the row's plan says which ran) and 'calibrated' (model.calibrate on "
+            "8 random prompts, then measured; runs last); each adds a row 'hf_hybrid[variant]'"
         ),
     )
     parser.add_argument(

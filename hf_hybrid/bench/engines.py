@@ -7,17 +7,15 @@
   copy CPU weights to the GPU layer by layer) -- CUDA only;
 * ``cpu``: plain transformers on the CPU.
 
-``--variants`` rows are hf_hybrid loaded again through ``from_pretrained`` with the main row's placement
-and ``token_assignment=<mode>`` (or calibrated with ``model.calibrate``), so each row's plan describes
-what ran.
+``--variants`` rows are measured on the loaded hf_hybrid model after its own row: each mode is switched
+with ``model.set_token_assignment`` (the plan follows, so each row's plan describes what ran), and
+"calibrated" calls ``model.calibrate`` last.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
-import re
 import time
 import traceback
 from collections.abc import Callable
@@ -66,17 +64,6 @@ def routing_stats_of(meta: dict) -> dict[str, float]:
     return stats
 
 
-def placement_of(plan: dict | None) -> dict[str, str] | None:
-    """Every unit's home in a plan's ``to_dict()``, as a ``placement`` for ``from_pretrained``.
-
-    Names are matched as fnmatch patterns there, so their pattern characters are escaped.
-    """
-    units = plan.get("units") if isinstance(plan, dict) else None
-    if not units:
-        return None
-    return {re.sub(r"([*?[])", r"[\1]", str(u["name"])): str(u["home"]) for u in units}
-
-
 def _load_hf_hybrid(path: Path, settings: BenchSettings, prompt: int, new_tokens: int) -> tuple[Any, dict]:
     try:
         from hf_hybrid import HybridModelForCausalLM
@@ -95,7 +82,7 @@ def _load_hf_hybrid(path: Path, settings: BenchSettings, prompt: int, new_tokens
         if stats:
             kwargs["routing_stats"] = stats
             extra["routing_stats_passed"] = len(stats)
-    for name in ("token_assignment", "placement"):  # set by a variant (see run_variants)
+    for name in ("token_assignment", "placement"):
         if settings.extra.get(name):
             kwargs[name] = settings.extra[name]
     model = HybridModelForCausalLM.from_pretrained(
@@ -242,8 +229,6 @@ def run_engine(engine: str, path: Path, settings: BenchSettings, ids: torch.Tens
         row["load_s"] = time.perf_counter() - start
         row.update(extra)
         if engine == "hf_hybrid":
-            if settings.extra.get("calibrate"):
-                _calibrate(model, prompt)
             row.update(_plan_record(model))
         log(f"{engine}: loaded in {row['load_s']:.1f} s; measuring")
         device = _input_device(model, engine, settings)
@@ -263,6 +248,8 @@ def run_engine(engine: str, path: Path, settings: BenchSettings, ids: torch.Tens
             row["predicted"] = plan["predicted"]
         if engine == "hf_hybrid":
             row["lanes"] = lane_stats(model)
+            with cudnn_attention_off() if cuda else contextlib.nullcontext():
+                row["variant_rows"] = measure_variants(model, settings, ids[:, :prompt].to(device), row)
     except EngineSkipped as exc:
         row.update(status="skipped", reason=str(exc))
         log(f"{engine}: skipped: {exc}")
@@ -279,25 +266,41 @@ def run_engine(engine: str, path: Path, settings: BenchSettings, ids: torch.Tens
     return row
 
 
-def run_variants(path: Path, settings: BenchSettings, ids: torch.Tensor, base: dict) -> list[dict]:
-    """Rows ``hf_hybrid[<variant>]`` for each ``--variants`` entry, after the ``base`` hf_hybrid row.
+def measure_variants(model: Any, settings: BenchSettings, ids: torch.Tensor, base: dict) -> list[dict]:
+    """Rows ``hf_hybrid[<variant>]`` for each ``--variants`` entry, measured on the loaded base model.
 
-    Each variant loads hf_hybrid again with the base row's placement: a token-assignment mode is passed
-    as ``token_assignment``, "calibrated" keeps the default and calls ``model.calibrate`` before measuring.
-    Empty when the base row failed or no variant was asked for.
+    A token-assignment mode is switched with ``model.set_token_assignment`` (the plan's mode and
+    predictions follow, so each row's plan describes what ran; homes stay as loaded); "calibrated" calls
+    ``model.calibrate`` (which re-places experts), so it runs last. Empty when no variant was asked for.
     """
-    variants = settings.extra.get("variants") or ()
-    if base.get("status") != "ok" or not variants:
+    variants = list(settings.extra.get("variants") or ())
+    if not variants:
         return []
-    placement = placement_of(base.get("plan"))
+    base_mode = model.hybrid_plan.token_assignment
     rows = []
-    for variant in variants:
-        extra = {**settings.extra, "variants": [], "placement": placement}
-        if variant == "calibrated":
-            extra["calibrate"] = True
-        else:
-            extra["token_assignment"] = variant
-        row = run_engine("hf_hybrid", path, dataclasses.replace(settings, extra=extra), ids)
-        row["engine"] = f"hf_hybrid[{variant}]"
+    for variant in sorted(variants, key=lambda v: v == "calibrated"):
+        row: dict[str, Any] = {
+            "engine": f"hf_hybrid[{variant}]",
+            "status": "ok",
+            "batch": base["batch"],
+            "prompt": base["prompt"],
+            "new_tokens": base["new_tokens"],
+        }
+        try:
+            if variant == "calibrated":
+                model.set_token_assignment(base_mode)
+                _calibrate(model, base["prompt"])
+            else:
+                model.set_token_assignment(variant)
+            row.update(_plan_record(model))
+            model.hybrid.executor.stats.reset()
+            row.update(measure_generate(model, ids, base["new_tokens"], settings.repeats))
+            plan = row.get("plan")
+            if isinstance(plan, dict) and isinstance(plan.get("predicted"), dict):
+                row["predicted"] = plan["predicted"]
+            row["lanes"] = lane_stats(model)
+        except Exception as exc:  # noqa: BLE001 - one failing variant must not lose the others
+            row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
+            log(f"hf_hybrid[{variant}]: failed: {type(exc).__name__}: {exc}")
         rows.append(row)
     return rows

@@ -33,7 +33,7 @@ from typing import Any
 
 from ..units import parse_bytes
 from .checkpoint import build_checkpoint, checkpoint_key, read_meta
-from .engines import run_engine, run_variants
+from .engines import run_engine
 from .machine import device_name, load_profile, machine_info
 from .output import TABLE_COLUMNS, check_destination, finish_rows, jsonable, render_table, write_result
 from .scenarios import skew_label
@@ -49,7 +49,7 @@ def _measure_all(path: Path, settings: BenchSettings, ids: Any) -> list[dict]:
         rows.append(row)
         if engine == "hf_hybrid":
             row["gpu_memory"] = settings.gpu_memory
-            rows.extend(run_variants(path, settings, ids, row))
+            rows.extend(row.pop("variant_rows", None) or [])
     # the budget sweep: hf_hybrid again under each extra budget (a reload each), for throughput vs budget
     for budget in settings.extra.get("budgets") or ():
         swept = dataclasses.replace(
@@ -104,7 +104,7 @@ def run_bench(scenario: str, **options: Any) -> dict:
     keep the fastest; default 1), ``command`` (shown in the header), ``routing_stats`` (bool: hand
     hf_hybrid the checkpoint's measured routing as ``routing_stats``, as a deployment that profiled its
     traffic would), ``budgets`` (extra GPU budgets, a row each), ``variants`` (extra hf_hybrid rows, see
-    :func:`hf_hybrid.bench.engines.run_variants`), ``progress`` and ``print_table`` (bool).
+    :func:`hf_hybrid.bench.engines.measure_variants`), ``progress`` and ``print_table`` (bool).
 
     Returns the record that is written as JSON: ``header``, ``rows`` (one per engine), ``table`` (markdown),
     ``machine``, ``scenario``, ``settings``, ``checkpoint``, ``profile``, ``json_path``.
