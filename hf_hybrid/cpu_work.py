@@ -40,6 +40,28 @@ def whole_units_job(
 ) -> Callable[[], tuple[torch.Tensor, float]]:
     """A job computing whole units: ``out = sum_i weight_i * kernel_i(x[tokens_i])`` in fp32."""
 
+    def compute() -> None:
+        for kernel, rows in zip(kernels, row_lists):
+            if rows is None:
+                out.add_(kernel(inputs.x).float())
+            else:
+                tok, sel = rows
+                y = kernel(inputs.x[tok]) * inputs.weights[sel, None]
+                out.index_add_(0, tok, y.float())
+
+    return _lane_job(compute, inputs, out, on_start, span)
+
+
+def _lane_job(
+    compute: Callable[[], None],
+    inputs: HostInputs,
+    out: torch.Tensor,
+    on_start: Callable[[], None] | None,
+    span: Callable[[], AbstractContextManager],
+) -> Callable[[], tuple[torch.Tensor, float]]:
+    """What every CPU-lane job does around its computation: the fault hook, sleeping until the activations
+    have arrived, zeroing ``out`` and timing; ``compute`` adds the units into ``out``."""
+
     def job() -> tuple[torch.Tensor, float]:
         if on_start is not None:
             on_start()
@@ -48,13 +70,7 @@ def whole_units_job(
         started = time.perf_counter()
         with span(), torch.inference_mode():
             out.zero_()
-            for kernel, rows in zip(kernels, row_lists):
-                if rows is None:
-                    out.add_(kernel(inputs.x).float())
-                else:
-                    tok, sel = rows
-                    y = kernel(inputs.x[tok]) * inputs.weights[sel, None]
-                    out.index_add_(0, tok, y.float())
+            compute()
         return out, time.perf_counter() - started
 
     return job
@@ -71,19 +87,7 @@ def native_units_job(
     """A job computing whole units in ONE call of the native kernel (:mod:`hf_hybrid.kernels.native`): it
     reads every weight row once for all of a unit's tokens, on its own sleeping thread pool, GIL released.
     Same result as :func:`whole_units_job` (torch's bf16 roundings mimicked, fp32 accumulation)."""
-
-    def job() -> tuple[torch.Tensor, float]:
-        if on_start is not None:
-            on_start()
-        if inputs.arrived is not None:
-            inputs.arrived.synchronize()
-        started = time.perf_counter()
-        with span():
-            out.zero_()
-            lane.run(inputs.x, jobs, out)
-        return out, time.perf_counter() - started
-
-    return job
+    return _lane_job(lambda: lane.run(inputs.x, jobs, out), inputs, out, on_start, span)
 
 
 @dataclass
@@ -110,27 +114,19 @@ def split_units_job(
 ) -> Callable[[], tuple[torch.Tensor, float]]:
     """A job finishing units split between lanes: rows [0, r) of gate/up, then the whole down projection."""
 
-    def job() -> tuple[torch.Tensor, float]:
-        if on_start is not None:
-            on_start()
-        if inputs.arrived is not None:
-            inputs.arrived.synchronize()
-        started = time.perf_counter()
-        with span(), torch.inference_mode():
-            out.zero_()
-            for part in parts:
-                inter, r = part.gate_up.shape[0] // 2, part.rows_on_cpu
-                xs = inputs.x if part.rows is None else inputs.x[part.rows[0]]
-                mine = act_fn(plain_linear(xs, part.gate_up[:r], methods)) * plain_linear(
-                    xs, part.gate_up[inter : inter + r], methods
-                )
-                halves_arrived.synchronize()  # the GPU's rows of the activations are in pinned memory
-                y = plain_linear(torch.cat([mine, part.gpu_half], dim=1), part.down, methods)
-                if part.rows is None:
-                    out.add_(y.float())
-                else:
-                    tok, sel = part.rows
-                    out.index_add_(0, tok, (y * inputs.weights[sel, None]).float())
-        return out, time.perf_counter() - started
+    def compute() -> None:
+        for part in parts:
+            inter, r = part.gate_up.shape[0] // 2, part.rows_on_cpu
+            xs = inputs.x if part.rows is None else inputs.x[part.rows[0]]
+            mine = act_fn(plain_linear(xs, part.gate_up[:r], methods)) * plain_linear(
+                xs, part.gate_up[inter : inter + r], methods
+            )
+            halves_arrived.synchronize()  # the GPU's rows of the activations are in pinned memory
+            y = plain_linear(torch.cat([mine, part.gpu_half], dim=1), part.down, methods)
+            if part.rows is None:
+                out.add_(y.float())
+            else:
+                tok, sel = part.rows
+                out.index_add_(0, tok, (y * inputs.weights[sel, None]).float())
 
-    return job
+    return _lane_job(compute, inputs, out, on_start, span)

@@ -305,12 +305,10 @@ def _measure_native(
             rates[m] = step_bytes / seconds
         x = torch.randn(1, plan.hidden).to(dtype)
         out = torch.zeros(1, plan.hidden)
-        turn = {"n": 0}
 
         def one_pass() -> None:
             for step in steps:
                 lane.run(x, [native.ExpertJob(gu, d) for gu, d in step], out)
-            turn["n"] += 1
 
         passes = max(2, math.ceil(plan.overlap_time * rates[1] / (step_bytes * len(steps))))
         per_pass, h2d = run_with_copies(

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import VOCAB, placement_for
+from tiny_models import VOCAB, load_every_lane
 from transformers import AutoModelForCausalLM
 
 import hf_hybrid.loading as loading
@@ -33,19 +33,7 @@ from hf_hybrid.checkpoint import CheckpointReader, PickleCheckpointReader
 from hf_hybrid.loading import check_host_memory
 from hf_hybrid.units import parse_bytes
 
-
-def load(directory, family="mixtral", **options):
-    kwargs = dict(
-        device="cpu",
-        dtype=torch.float32,
-        gpu_memory="256MiB",
-        placement=placement_for(family),
-        token_assignment="static",
-        max_context=64,
-        progress=False,
-    )
-    kwargs.update(options)
-    return HybridModelForCausalLM.from_pretrained(directory, **kwargs)
+load = load_every_lane  # every lane in use: forced mixed homes, static assignment, float32
 
 
 def prompt(batch=1, length=8, seed=0):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import hashlib
 import os
 import platform
@@ -350,7 +351,9 @@ def _reset_for_tests() -> None:
         _warned = False
 
 
+@functools.lru_cache(maxsize=1)
 def _silu_classes() -> tuple[type, ...]:
+    # asked once per CPU job of every layer step: look the classes up once
     classes: list[type] = [torch.nn.SiLU]
     try:
         from transformers.activations import ACT2CLS
