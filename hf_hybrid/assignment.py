@@ -34,7 +34,8 @@ def assign_tokens(
 ) -> set[str]:
     """Decide which host units of one layer step run on the GPU (streamed) rather than on the CPU.
 
-    ``mode="static"`` follows each unit's home. ``"adaptive"`` is a longest-processing-time greedy
+    ``mode="static"`` follows each unit's home. ``"adaptive"`` and ``"whole"`` (which differ only in whether
+    the executor divides large units first, see :func:`hf_hybrid.costs.divides`) are a longest-processing-time greedy
     over two lanes: biggest job first, each to the lane that would finish it earliest, where the
     CPU lane costs :func:`cpu_time` and the GPU side costs the copy (free if ``staged``) on the PCIe lane
     and the compute on the GPU lane. Both lanes are costed at their rates while the other one runs (they

@@ -14,9 +14,12 @@ from .units import CPU, GPU, Unit
 
 #: Fixed cost of sending activations to the CPU lane and back (launch + sync latency), seconds.
 CPU_ROUND_TRIP_S = 60e-6
-#: Token assignment "split" divides host experts only in steps of at most this many tokens (decode);
+#: Token assignment "adaptive" divides host experts only in steps of at most this many tokens (decode);
 #: bigger steps assign whole experts, where the GPU's compute advantage dominates.
 SPLIT_MAX_TOKENS = 16
+#: ...and only experts of at least this many bytes: each part costs its own copies and kernel launches (tens
+#: of microseconds), which must stay small against the expert's read time (S1's 336 MiB experts take ~3 ms).
+SPLIT_MIN_BYTES = 16 << 20
 #: Serial host time of a layer step: the feeding thread runs the next attention block in Python, waits for
 #: the router's result on the host and issues the lanes, while the lanes idle.
 #: Fitted to six H100 runs of 2026-11-25 (S1 at batch 1 and 8, S3, S4; traces showed 1-4 ms between
@@ -98,16 +101,28 @@ def cpu_lane_time(units_and_tokens: list[tuple[Unit, int]], profile: HardwarePro
     return CPU_ROUND_TRIP_S + sum(cpu_time(u, n, profile) for u, n in units_and_tokens) / share
 
 
-def split_fraction(profile: HardwareProfile, cpu_scale: float = 1.0) -> float:
-    """Share of an expert's intermediate rows the CPU lane takes when one expert is split between lanes.
+def split_rates(profile: HardwareProfile, cpu_scale: float = 1.0) -> tuple[float, float]:
+    """(CPU lane, copy lane) weight-read rates in bytes/s while both run on a decode-sized step: the native
+    lane's measured pair where the profile has it, else the torch lane's."""
+    if native_rate(profile, 1) and profile.cpu_native_bw_during_copy and profile.h2d_bw_during_native:
+        cpu, pcie = profile.cpu_native_bw_during_copy, profile.h2d_bw_during_native
+    else:
+        cpu, pcie = profile.cpu_gemv_bw_during_copy, profile.h2d_bw_during_cpu
+    return cpu / max(cpu_scale, 1e-6), pcie
 
-    The CPU lane reads gate/up rows [0, r) and the whole down projection ((2f + 1) thirds of the expert),
-    the copy lane brings gate/up rows [r, I) (2(1 - f) thirds); both finish together when
-    (2f + 1) / c = 2 (1 - f) / p, with c and p the lanes' rates while both run.
-    """
-    c = profile.cpu_gemv_bw_during_copy / cpu_scale
-    p = profile.h2d_bw_during_cpu
-    return max(0.0, min(1.0, (2 * c - p) / (2 * (c + p))))
+
+def split_fraction(profile: HardwareProfile, cpu_scale: float = 1.0) -> float:
+    """Share ``f`` of an expert's intermediate rows the CPU lane takes when the expert is divided between
+    lanes: gate/up rows and down columns [0, fI) on the CPU, the rest streamed and computed on the GPU.
+    The two parts need nothing from each other, so both lanes finish together when f / c = (1 - f) / p,
+    with c and p their rates while both run (:func:`split_rates`): f = c / (c + p)."""
+    cpu, pcie = split_rates(profile, cpu_scale)
+    return cpu / (cpu + pcie) if cpu + pcie > 0 else 0.0
+
+
+def divides(unit: Unit, tokens: int) -> bool:
+    """Whether token assignment "adaptive" divides ``unit`` between the lanes in a step of ``tokens``."""
+    return tokens <= SPLIT_MAX_TOKENS and unit.nbytes >= SPLIT_MIN_BYTES
 
 
 def pcie_share(profile: HardwareProfile, tokens: int = 1) -> float:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.cpu import CpuExpertKernel, plain_linear
+from .kernels.cpu import CpuExpertKernel, partial_gated_mlp
 
 #: (token ids, flat positions into the routing weights) of one unit's tokens; None = every token, weight 1
 Rows = tuple[torch.Tensor, torch.Tensor] | None
@@ -30,15 +30,29 @@ class HostInputs:
     arrived: object | None  # a blocking event (None: already on the host)
 
 
+@dataclass
+class RowPart:
+    """The CPU lane's part of a unit divided between lanes: gate/up rows and down columns [0, r) (views of
+    the host weights), for the unit's tokens."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    rows: Rows
+
+
 def whole_units_job(
     kernels: list[CpuExpertKernel],
     row_lists: list[Rows],
     inputs: HostInputs,
     out: torch.Tensor,
+    parts: list[RowPart] = (),
+    act_fn: Callable | None = None,
     on_start: Callable[[], None] | None = None,
     span: Callable[[], AbstractContextManager] = nullcontext,
 ) -> Callable[[], tuple[torch.Tensor, float]]:
-    """A job computing whole units: ``out = sum_i weight_i * kernel_i(x[tokens_i])`` in fp32."""
+    """A job computing whole units with torch ops, ``out = sum_i weight_i * kernel_i(x[tokens_i])`` in
+    fp32, plus the CPU lane's ``parts`` of divided units (fp32 down outputs, weighted in fp32)."""
 
     def compute() -> None:
         for kernel, rows in zip(kernels, row_lists):
@@ -48,6 +62,14 @@ def whole_units_job(
                 tok, sel = rows
                 y = kernel(inputs.x[tok]) * inputs.weights[sel, None]
                 out.index_add_(0, tok, y.float())
+        for part in parts:
+            xs = inputs.x if part.rows is None else inputs.x[part.rows[0]]
+            y = partial_gated_mlp(xs, part.gate, part.up, part.down, act_fn)
+            if part.rows is None:
+                out.add_(y)
+            else:
+                tok, sel = part.rows
+                out.index_add_(0, tok, y * inputs.weights[sel, None].float())
 
     return _lane_job(compute, inputs, out, on_start, span)
 
@@ -84,49 +106,8 @@ def native_units_job(
     on_start: Callable[[], None] | None = None,
     span: Callable[[], AbstractContextManager] = nullcontext,
 ) -> Callable[[], tuple[torch.Tensor, float]]:
-    """A job computing whole units in ONE call of the native kernel (:mod:`hf_hybrid.kernels.native`): it
-    reads every weight row once for all of a unit's tokens, on its own sleeping thread pool, GIL released.
-    Same result as :func:`whole_units_job` (torch's bf16 roundings mimicked, fp32 accumulation)."""
+    """A job computing a layer step's CPU work (whole units and parts of divided ones) in ONE call of the
+    native kernel (:mod:`hf_hybrid.kernels.native`): it reads every weight row once for all of a unit's
+    tokens, on its own sleeping thread pool, GIL released. Same result as :func:`whole_units_job` (torch's
+    bf16 roundings mimicked, fp32 accumulation)."""
     return _lane_job(lambda: lane.run(inputs.x, jobs, out), inputs, out, on_start, span)
-
-
-@dataclass
-class SplitPart:
-    """The CPU lane's share of a unit divided between lanes: gate/up rows [0, r) and the down projection,
-    with the GPU's activations of rows [r, I) (``gpu_half``, in pinned memory once ``halves_arrived``)."""
-
-    gate_up: torch.Tensor
-    down: torch.Tensor
-    rows_on_cpu: int
-    gpu_half: torch.Tensor
-    rows: Rows
-
-
-def split_units_job(
-    parts: list[SplitPart],
-    act_fn: Callable,
-    methods,
-    inputs: HostInputs,
-    halves_arrived,
-    out: torch.Tensor,
-    on_start: Callable[[], None] | None = None,
-    span: Callable[[], AbstractContextManager] = nullcontext,
-) -> Callable[[], tuple[torch.Tensor, float]]:
-    """A job finishing units split between lanes: rows [0, r) of gate/up, then the whole down projection."""
-
-    def compute() -> None:
-        for part in parts:
-            inter, r = part.gate_up.shape[0] // 2, part.rows_on_cpu
-            xs = inputs.x if part.rows is None else inputs.x[part.rows[0]]
-            mine = act_fn(plain_linear(xs, part.gate_up[:r], methods)) * plain_linear(
-                xs, part.gate_up[inter : inter + r], methods
-            )
-            halves_arrived.synchronize()  # the GPU's rows of the activations are in pinned memory
-            y = plain_linear(torch.cat([mine, part.gpu_half], dim=1), part.down, methods)
-            if part.rows is None:
-                out.add_(y.float())
-            else:
-                tok, sel = part.rows
-                out.index_add_(0, tok, (y * inputs.weights[sel, None]).float())
-
-    return _lane_job(compute, inputs, out, on_start, span)

@@ -4,12 +4,13 @@
 slices of a dense MLP) for its tokens:
 
 1. **route**: which tokens go to which unit (host-side index lists);
-2. **assign**: which host units run on the CPU lane, which are streamed to the GPU, which are split
+2. **assign**: which host units run on the CPU lane, which are streamed to the GPU, which are divided
    between the two (the policy is :func:`hf_hybrid.planner.assign_tokens`; this is where a token is
    assigned to a lane);
-3. **submit CPU**: the CPU lane's job starts first, so it runs while the rest is issued;
-4. **stream**: streamed units are copied into staging slots (:mod:`hf_hybrid.staging`: where a weight
-   crosses PCIe) and computed on the GPU lane;
+3. **submit CPU**: the CPU lane's job (whole units and the CPU's rows of divided ones) starts first, so
+   it runs while the rest is issued;
+4. **stream**: streamed units, and the streamed rows of divided ones, are copied into staging slots
+   (:mod:`hf_hybrid.staging`: where a weight crosses PCIe) and computed on the GPU lane;
 5. **resident**: resident units on the GPU lane;
 6. **join**: the CPU lane's fp32 partial sums are added to the GPU's, rounded once to the model dtype.
 
@@ -27,13 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from .assignment import HostWork, assign_tokens
-from .costs import SPLIT_MAX_TOKENS, cpu_lane_time, split_fraction
+from .costs import SPLIT_MAX_TOKENS, cpu_lane_time, divides, split_fraction
 from .cpu_kernels import CpuKernels
-from .cpu_work import HostInputs, Rows, SplitPart, native_units_job, split_units_job, whole_units_job
+from .cpu_work import HostInputs, RowPart, Rows, native_units_job, whole_units_job
 from .errors import ExecutionError
-from .kernels.cpu import gated_mlp
+from .kernels.cpu import gated_mlp, partial_gated_mlp
 from .lanes import CpuLane, DeviceLanes, PinnedPool, cpu_lane_threads
-from .options import TOKEN_ASSIGNMENTS
+from .options import DIVIDING_ASSIGNMENTS, TOKEN_ASSIGNMENTS
 from .profile import HardwareProfile
 from .staging import StagingRing
 from .units import GPU, STREAM
@@ -53,7 +54,7 @@ class StepStats:
     cpu_bytes: int = 0  # weight bytes the CPU lane read
     join_wait_s: float = 0.0  # time the feeding thread slept waiting for the CPU lane
     groups: int = 0  # expert groups run (layer steps)
-    split_units: int = 0  # units whose rows were split between the CPU lane and the copy lane
+    split_units: int = 0  # units divided between the CPU lane and the copy lane (by intermediate rows)
     prefetched_units: int = 0  # next-layer units copied ahead during a prefill step
     predicted_units: int = 0  # next-layer units copied ahead in a decode step from a routing prediction
     native_units: int = 0  # CPU units computed by the native kernel (the rest by torch ops)
@@ -95,7 +96,8 @@ class Assignment:
     resident: list[int] = field(default_factory=list)
     streamed: list[int] = field(default_factory=list)
     on_cpu: list[int] = field(default_factory=list)
-    split: dict[int, int] = field(default_factory=dict)  # unit -> intermediate rows [0, r) on the CPU lane
+    # divided units: unit -> r; gate/up rows and down columns [0, r) on the CPU lane, the rest streamed
+    split: dict[int, int] = field(default_factory=dict)
     regime: str = "small"  # "small" (decode-like, few tokens per unit) or "large" (prefill-like)
 
 
@@ -250,28 +252,26 @@ class Executor:
         routing, predicted = self._route(group, hidden, top_k_index, predicting)
         lanes = self._assign(group, routing)
         batch = self._device_batch(hidden, routing, lanes, top_k_weights)
-        cpu_future = split_future = None
-        host_inputs = self._host_inputs(hidden, batch.flat_weights) if lanes.on_cpu or lanes.split else None
-        if lanes.on_cpu:
-            cpu_future = self._submit_cpu(group, lanes.on_cpu, hidden, host_inputs, routing)
+        cpu_future = None
+        if lanes.on_cpu or lanes.split:
+            host_inputs = self._host_inputs(hidden, batch.flat_weights)
+            cpu_future = self._submit_cpu(group, lanes, hidden, host_inputs, routing)
         try:
+            self._stream_divided(group, lanes.split, batch)
             self._stream(group, lanes.streamed, batch)
             if predicted:
-                self._prefetch_predicted(predicting, predicted, len(lanes.streamed))
-            if lanes.split:
-                split_future = self._submit_split(group, lanes.split, batch, host_inputs)
+                self._prefetch_predicted(predicting, predicted, len(lanes.streamed) + len(lanes.split))
             self._resident(group, lanes.resident, batch)
         except BaseException:
             # the step is abandoned: let the CPU lane finish before the error leaves, so no job of this
             # step still writes the shared buffers when the next call starts
             CpuLane.settle(cpu_future)
-            CpuLane.settle(split_future)
             raise
         if hidden.shape[0] > SPLIT_MAX_TOKENS:
             self._prefetch_next(group)
         self.stats.groups += 1
         self.stats.issue_s += time.perf_counter() - entered
-        self._join(group, cpu_future, split_future, lanes, routing, batch.acc)
+        self._join(group, cpu_future, lanes, routing, batch.acc)
         out = batch.acc.to(hidden.dtype)
         self._left_step = time.perf_counter()
         return out
@@ -364,11 +364,11 @@ class Executor:
             )
             for i in host
         ]
-        if self.token_assignment == "split" and ring is not None:
+        if self.token_assignment in DIVIDING_ASSIGNMENTS and ring is not None and self.lanes.can_copy_column_blocks():
             out.split = self._choose_splits(group, host, counts, work)
             work = [w for i, w in zip(host, work) if i not in out.split]
         gpu_busy = sum(group.units[i].nbytes for i in out.resident) / self.profile.gpu_mem_bw
-        mode = "adaptive" if self.token_assignment == "split" else self.token_assignment
+        mode = "adaptive" if self.token_assignment == "whole" else self.token_assignment
         names = assign_tokens(
             work, self.profile, gpu_busy_s=gpu_busy, mode=mode, cpu_scale=self.cpu_scales[out.regime]
         )
@@ -411,22 +411,30 @@ class Executor:
             w_host.copy_(flat_weights, non_blocking=True)
         return HostInputs(x_host, w_host, self.lanes.record())
 
-    def _submit_cpu(self, group, on_cpu, hidden, inputs: HostInputs, routing: Routing) -> Future:
-        row_lists = [routing.rows(i) for i in on_cpu]
-        self.stats.cpu_units += len(on_cpu)
+    def _submit_cpu(self, group, lanes: Assignment, hidden, inputs: HostInputs, routing: Routing) -> Future:
+        """Start the CPU lane on its units: whole units, and rows [0, r) of the divided ones (their down
+        outputs stay fp32 until the GPU's rows are added)."""
+        units = lanes.on_cpu + list(lanes.split)
+        row_lists = [routing.rows(i) for i in units]
+        self.stats.cpu_units += len(lanes.on_cpu)
         self.stats.cpu_tokens += sum(hidden.shape[0] if r is None else r[0].numel() for r in row_lists)
-        label = f"L{group.layer} cpu units {','.join(str(i) for i in on_cpu)}"
+        label = f"L{group.layer} cpu units {','.join(str(i) for i in lanes.on_cpu)}"
+        if lanes.split:
+            label += " rows of " + ",".join(f"{i}[:{r}]" for i, r in lanes.split.items())
         out = self.pinned("cpu_out", tuple(hidden.shape), torch.float32)
-        if self.cpu_kernels.native_applies(group, [routing.counts[i] for i in on_cpu]):
+        self.stats.cpu_bytes += sum(self._cpu_bytes(group, i, lanes.split.get(i)) for i in units)
+        if self.cpu_kernels.native_applies(group, [routing.counts[i] for i in units]):
             from .kernels.native import ExpertJob
 
             jobs = []
-            for i, rows in zip(on_cpu, row_lists):
+            for i, rows in zip(units, row_lists):
                 gate_up, down = group.host_weights[i]
                 tokens, weights = (None, None) if rows is None else (rows[0], inputs.weights[rows[1]])
-                jobs.append(ExpertJob(gate_up, down, tokens=tokens, weights=weights))
+                r = lanes.split.get(i)
+                jobs.append(
+                    ExpertJob(gate_up, down, rows=r, tokens=tokens, weights=weights, partial=r is not None)
+                )
                 self.stats.native_units += 1
-                self.stats.cpu_bytes += gate_up.nbytes + down.nbytes
             job = native_units_job(
                 self.cpu_kernels.native_lane,
                 jobs,
@@ -436,17 +444,31 @@ class Executor:
                 span=lambda: self.lanes.host_span("CPU lane", label + " (native)"),
             )
             return self.cpu_lane.submit(job)
-        kernels = [self.cpu_kernels.kernel(group, i) for i in on_cpu]
-        self.stats.cpu_bytes += sum(k.weight_bytes for k in kernels)
+        kernels = [self.cpu_kernels.kernel(group, i) for i in lanes.on_cpu]
+        parts = []
+        for i, r in lanes.split.items():
+            gate_up, down = group.host_weights[i]
+            inter = gate_up.shape[0] // 2
+            parts.append(RowPart(gate_up[:r], gate_up[inter : inter + r], down[:, :r], routing.rows(i)))
         job = whole_units_job(
             kernels,
-            row_lists,
+            row_lists[: len(lanes.on_cpu)],
             inputs,
             out,
+            parts=parts,
+            act_fn=group.act_fn,
             on_start=self._fault_hook("cpu"),
             span=lambda: self.lanes.host_span("CPU lane", label),
         )
         return self.cpu_lane.submit(job)
+
+    @staticmethod
+    def _cpu_bytes(group: ExpertGroup, i: int, rows: int | None) -> int:
+        """Weight bytes the CPU lane reads for unit ``i`` (all of it, or its rows [0, ``rows``))."""
+        gate_up, down = group.host_weights[i]
+        if rows is None:
+            return gate_up.nbytes + down.nbytes
+        return (gate_up.nbytes + down.nbytes) * rows // (gate_up.shape[0] // 2)
 
     # stage 4
     def _stream(self, group: ExpertGroup, streamed: list[int], batch: DeviceBatch) -> None:
@@ -463,50 +485,32 @@ class Executor:
             self.stats.streamed_units += 1
             self.stats.cached_units += int(cached)
 
-    def _submit_split(self, group, split: dict[int, int], batch: DeviceBatch, inputs: HostInputs) -> Future:
-        """Units divided between lanes: the copy lane brings gate/up rows [r, I), the GPU computes their
-        activations, which return to the CPU lane; it adds rows [0, r) and the whole down projection."""
-        parts = []
+    def _stream_divided(self, group: ExpertGroup, split: dict[int, int], batch: DeviceBatch) -> None:
+        """The GPU's part of each divided unit: gate/up rows [r, I) and down columns [r, I) cross PCIe (the
+        down columns as one 2-D copy) and are computed on the GPU lane; the down output is added in fp32,
+        as the CPU lane adds its rows [0, r)."""
         for i, r in split.items():
-            gate_up, down = group.host_weights[i]
-            half = self._split_gpu_half(group, i, r, batch)
-            parts.append(SplitPart(gate_up, down, r, half, batch.routing.rows(i)))
-        self.stats.cpu_bytes += sum(p.gate_up[: p.rows_on_cpu].nbytes * 2 + p.down.nbytes for p in parts)
-        job = split_units_job(
-            parts,
-            group.act_fn,
-            self.cpu_kernels.plain_methods,
-            inputs,
-            self.lanes.record(),
-            self.pinned("split_out", tuple(batch.hidden.shape), torch.float32),
-            on_start=self._fault_hook("cpu"),
-            span=lambda: self.lanes.host_span("CPU lane", f"L{group.layer} split units"),
-        )
-        return self.cpu_lane.submit(job)
-
-    def _split_gpu_half(self, group, i, r, batch: DeviceBatch) -> torch.Tensor:
-        """Stream gate/up rows [r, I) of unit i, compute their activations, start them towards the host."""
-        gate_up_host, _ = group.host_weights[i]
-        inter, width = gate_up_host.shape[0] // 2, gate_up_host.shape[1]
-        parts = [gate_up_host[r:inter], gate_up_host[inter + r :]]
-        tag = (group.layer, i, r)
-        view, ready, cached = self.expert_ring.fetch(tag, [p.view(torch.uint8).reshape(-1) for p in parts])
-        gate, up = carve(view, [(inter - r, width), (inter - r, width)], group.dtype)
-        self.lanes.wait(ready)
-        with self.lanes.span("GPU", f"L{group.layer} split {i} rows {r}:{inter}"):
-            x = batch.hidden
-            if group.routed:
-                starts = batch.routing.starts
-                x = x[batch.device_tokens[starts[i] : starts[i + 1]]]
-            half = group.act_fn(F.linear(x, gate)) * F.linear(x, up)
-            if self.lanes.is_cuda:
-                host_half = self.pinned(f"split{i}", tuple(half.shape), half.dtype)
-                host_half.copy_(half, non_blocking=True)
-                half = host_half
-        self.expert_ring.release(tag)
-        self.stats.split_units += 1
-        self.stats.cached_units += int(cached)
-        return half
+            self._maybe_fault("stream")
+            gate_up_host, down_host = group.host_weights[i]
+            inter, hidden = gate_up_host.shape[0] // 2, gate_up_host.shape[1]
+            tag = (group.layer, i, r)
+            parts = [gate_up_host[r:inter], gate_up_host[inter + r :], down_host[:, r:]]
+            view, ready, cached = self.expert_ring.fetch(tag, parts)
+            shapes = [(inter - r, hidden), (inter - r, hidden), (down_host.shape[0], inter - r)]
+            gate, up, down = carve(view, shapes, group.dtype)
+            self.lanes.wait(ready)
+            with self.lanes.span("GPU", f"L{group.layer} unit {i} rows {r}:{inter}"):
+                if group.routed:
+                    starts = batch.routing.starts
+                    sel = batch.device_rows[starts[i] : starts[i + 1]]
+                    tok = batch.device_tokens[starts[i] : starts[i + 1]]
+                    y = partial_gated_mlp(batch.hidden[tok], gate, up, down, group.act_fn)
+                    batch.acc.index_add_(0, tok, y * batch.flat_weights[sel, None].float())
+                else:
+                    batch.acc += partial_gated_mlp(batch.hidden, gate, up, down, group.act_fn)
+            self.expert_ring.release(tag)
+            self.stats.split_units += 1
+            self.stats.cached_units += int(cached)
 
     # stage 5
     def _resident(self, group: ExpertGroup, resident: list[int], batch: DeviceBatch) -> None:
@@ -533,24 +537,21 @@ class Executor:
             batch.acc += y.float()
 
     # stage 6
-    def _join(self, group, cpu_future, split_future, lanes: Assignment, routing: Routing, acc) -> None:
+    def _join(self, group, cpu_future, lanes: Assignment, routing: Routing, acc) -> None:
         """Add the CPU lane's partial sums (the feeding thread sleeps on the future, it does not spin)."""
-        if cpu_future is not None:
-            waited = time.perf_counter()
-            with self.lanes.host_span("host", f"L{group.layer} wait for CPU lane"):
-                cpu_out, seconds = CpuLane.join(cpu_future, group.layer)
-            self.stats.join_wait_s += time.perf_counter() - waited
-            self.stats.cpu_lane_s += seconds
-            predicted = cpu_lane_time(
-                [(group.units[i], routing.counts[i]) for i in lanes.on_cpu], self.profile
-            )
-            self._learn_cpu_rate(predicted, seconds, lanes.regime)
-            acc += cpu_out.to(acc.device, non_blocking=True)
-        if split_future is not None:
-            with self.lanes.host_span("host", f"L{group.layer} wait for CPU lane (split)"):
-                split_out, seconds = CpuLane.join(split_future, group.layer)
-            self.stats.cpu_lane_s += seconds
-            acc += split_out.to(acc.device, non_blocking=True)
+        if cpu_future is None:
+            return
+        waited = time.perf_counter()
+        with self.lanes.host_span("host", f"L{group.layer} wait for CPU lane"):
+            cpu_out, seconds = CpuLane.join(cpu_future, group.layer)
+        self.stats.join_wait_s += time.perf_counter() - waited
+        self.stats.cpu_lane_s += seconds
+        predicted = cpu_lane_time([(group.units[i], routing.counts[i]) for i in lanes.on_cpu], self.profile)
+        for i, r in lanes.split.items():
+            inter = group.shapes[i][0][0] // 2
+            predicted += (cpu_lane_time([(group.units[i], routing.counts[i])], self.profile)) * r / inter
+        self._learn_cpu_rate(predicted, seconds, lanes.regime)
+        acc += cpu_out.to(acc.device, non_blocking=True)
 
     def _learn_cpu_rate(self, predicted_s: float, measured_s: float, regime: str = "small") -> None:
         if predicted_s < self.CPU_SCALE_MIN_JOB_S or measured_s <= 0:
@@ -564,13 +565,19 @@ class Executor:
         return None if injector is None else (lambda: injector(lane))
 
     def _choose_splits(self, group, host, counts, work) -> dict[int, int]:
-        """Host units of a small step to divide between the lanes, with the CPU lane's share of rows."""
+        """Host units of a small step to divide between the lanes, with the CPU lane's rows [0, r): the
+        share of the lanes' rates while both run (:func:`split_fraction`, with the learned CPU factor), in
+        blocks of 64 rows so the streamed down columns start on a 128-byte boundary. A unit already in a
+        staging slot runs whole on the GPU (no copy left to share)."""
         fraction = split_fraction(self.profile, self.cpu_scale)
         split = {}
         for i, w in zip(host, work):
+            if w.staged or not divides(group.units[i], counts[i]):
+                continue
             inter = group.shapes[i][0][0] // 2
-            rows_on_cpu = round(fraction * inter)
-            if counts[i] <= SPLIT_MAX_TOKENS and not w.staged and 0 < rows_on_cpu < inter:
+            block = 64 if inter >= 1024 else 1
+            rows_on_cpu = round(fraction * inter / block) * block
+            if 0 < rows_on_cpu < inter:
                 split[i] = rows_on_cpu
         return split
 

@@ -110,7 +110,9 @@ class DeviceLanes:
         return torch.cuda.current_stream(self.device) if self.is_cuda else None
 
     def copy_into(self, dst: torch.Tensor, src: torch.Tensor, wait_for=None, label: str = "copy"):
-        """Copy ``src`` (pinned host) into ``dst`` (device) on the copy lane; returns the arrival event."""
+        """Copy ``src`` (pinned host) into ``dst`` (device, contiguous) on the copy lane; returns the arrival
+        event. ``src`` may be a column block of a row-major matrix (rows contiguous, a row stride larger
+        than the row): it crosses PCIe as one 2-D copy, see :meth:`can_copy_column_blocks`."""
         if not self.is_cuda:
             with self.span("PCIe copy", label):
                 dst.copy_(src)
@@ -119,10 +121,18 @@ class DeviceLanes:
             if wait_for is not None:
                 self.copy_stream.wait_event(wait_for)
             with self.span("PCIe copy", label, self.copy_stream):
-                dst.copy_(src, non_blocking=True)
+                if src.is_contiguous():
+                    dst.copy_(src, non_blocking=True)
+                else:
+                    _copy_column_block(dst, src, self.copy_stream)
             ev = torch.cuda.Event(blocking=True)
             ev.record(self.copy_stream)
         return ev
+
+    def can_copy_column_blocks(self) -> bool:
+        """Whether :meth:`copy_into` can copy a column block of a host matrix without a host-side gather
+        (torch's ``copy_`` would first make a pageable contiguous copy on the CPU, at a few GB/s)."""
+        return not self.is_cuda or _cuda_runtime() is not None
 
     def wait(self, event) -> None:
         """Make the GPU lane wait for ``event`` (no host blocking)."""
@@ -338,3 +348,77 @@ def time_device(fn: Callable[[], object], reps: int) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3 / reps
+
+
+# ----------------------------------------------------------------------------------- 2-D copies
+_CUDART: list = []  # [the CUDA runtime library torch loaded, or None], found once
+
+
+def _cuda_runtime():
+    """The CUDA runtime library this process already loaded with torch (ctypes), or None.
+
+    torch has no 2-D host-to-device copy; ``cudaMemcpy2DAsync`` copies a column block of a pinned
+    row-major matrix at PCIe rate in one call. The library is found among the loaded ones (its path differs
+    between wheels and system installs), so the same runtime and context torch uses are used.
+    """
+    if _CUDART:
+        return _CUDART[0]
+    import ctypes
+
+    lib = None
+    candidates = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1] if line.strip() else ""
+                if "libcudart" in path and path not in candidates:
+                    candidates.append(path)
+    except OSError:
+        pass
+    candidates += ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
+    for name in candidates:
+        try:
+            lib = ctypes.CDLL(name)
+            fn = lib.cudaMemcpy2DAsync
+        except (OSError, AttributeError):
+            lib = None
+            continue
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t]
+        fn.argtypes += [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        lib.cudaGetErrorString.restype = ctypes.c_char_p
+        lib.cudaGetErrorString.argtypes = [ctypes.c_int]
+        break
+    _CUDART.append(lib)
+    return lib
+
+
+_HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
+
+
+def _copy_column_block(dst: torch.Tensor, src: torch.Tensor, stream) -> None:
+    """``dst.copy_(src)`` for a 2-D ``src`` whose rows are contiguous but not adjacent, as ONE
+    ``cudaMemcpy2DAsync`` on ``stream``."""
+    if src.dim() != 2 or src.stride(1) != 1 or not dst.is_contiguous() or dst.shape != src.shape:
+        raise ExecutionError(
+            f"cannot copy a {tuple(src.shape)} block with strides {src.stride()} in one copy"
+        )
+    if src.dtype != dst.dtype:
+        raise ExecutionError(f"2-D copy between dtypes {src.dtype} and {dst.dtype}")
+    lib = _cuda_runtime()
+    if lib is None:
+        raise ExecutionError("the CUDA runtime library was not found: column blocks cannot be copied")
+    elt = src.element_size()
+    width = src.shape[1] * elt
+    code = lib.cudaMemcpy2DAsync(
+        dst.data_ptr(),
+        width,
+        src.data_ptr(),
+        src.stride(0) * elt,
+        width,
+        src.shape[0],
+        _HOST_TO_DEVICE,
+        stream.cuda_stream,
+    )
+    if code != 0:
+        raise ExecutionError(f"cudaMemcpy2DAsync failed: {lib.cudaGetErrorString(code).decode()}")

@@ -19,10 +19,11 @@ from .costs import (
     copy_time,
     cpu_share,
     cpu_time,
+    divides,
     gpu_time,
     home_time,
     pcie_share,
-    split_fraction,
+    split_rates,
     usage_probability,
 )
 from .profile import HardwareProfile
@@ -45,8 +46,8 @@ def layer_time(
     The GPU, CPU and PCIe lanes overlap, so the layer costs the max of the lanes; host experts are split
     between the CPU and PCIe lanes by :func:`assign_tokens`, as the executor will do at run time. Experts
     count their expected tokens, or exactly ``routed[name]`` tokens when one routing draw is given.
-    With ``split`` (token assignment "split"), host experts of a small step are divided between the CPU
-    and copy lanes as :func:`split_fraction` says, so they cost their bytes at both lanes' shared rates.
+    With ``split`` (token assignment "adaptive"), large host experts of a small step are divided between the
+    CPU and copy lanes as :func:`split_fraction` says, so they cost their bytes at both lanes' shared rates.
     """
     gpu_lane = cpu_lane = pcie_lane = serial = host_bytes = 0.0
     work = []
@@ -89,14 +90,14 @@ def layer_time(
                 small = tokens <= SPLIT_MAX_TOKENS
                 serial += used * (UNIT_HOST_S if small else min(UNIT_HOST_S, 0.5 * copy_time(u, profile)))
     split_time = 0.0
-    if split and tokens <= SPLIT_MAX_TOKENS and work:
-        # every small-step host expert is divided so both lanes finish together (see split_fraction)
-        f = split_fraction(profile)
-        rate_cpu, rate_pcie = profile.cpu_gemv_bw_during_copy, profile.h2d_bw_during_cpu
-        cpu_bytes = sum(used * u.nbytes * (2 * f + 1) / 3 for u, _, used in work)
-        pcie_bytes = sum(used * u.nbytes * 2 * (1 - f) / 3 for u, _, used in work)
-        split_time = max(cpu_bytes / rate_cpu, pcie_bytes / rate_pcie) + CPU_ROUND_TRIP_S
-        work = []
+    divided = [(u, n, used) for u, n, used in work if split and divides(u, tokens)]
+    if divided:
+        # each divided expert's rows go to the lanes in proportion to their rates, so both finish together
+        # on the layer's divided bytes (see split_fraction)
+        cpu_rate, pcie_rate = split_rates(profile)
+        split_time = sum(used * u.nbytes for u, _, used in divided) / (cpu_rate + pcie_rate)
+        split_time += CPU_ROUND_TRIP_S
+        work = [w for w in work if w not in divided]
     if work:
         streamed = assign_tokens(
             [

@@ -12,9 +12,12 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-#: Token-assignment policies (see :func:`hf_hybrid.planner.assign_tokens`; "split" also divides experts
-#: between lanes).
-TOKEN_ASSIGNMENTS = ("adaptive", "static", "cpu", "stream", "split")
+#: Token-assignment policies (see :func:`hf_hybrid.assignment.assign_tokens`): "adaptive" (the cost model;
+#: decode steps divide large host experts between the lanes), "whole" (the cost model, whole experts only),
+#: "static" (by home), "cpu" and "stream" (every host expert one way).
+TOKEN_ASSIGNMENTS = ("adaptive", "whole", "static", "cpu", "stream")
+#: The policies that divide large host experts between the lanes in decode-sized steps.
+DIVIDING_ASSIGNMENTS = ("adaptive",)
 PROFILE_CHOICES = ("auto", "measure", "default")
 CPU_KERNEL_CHOICES = ("auto", "linear", "matmul_t", "onednn_packed")
 #: The CPU lane's expert code: the native kernel where it builds and applies, torch ops otherwise
@@ -30,7 +33,7 @@ class HybridOptions:
     the CPU stand in), ``dtype`` (default: the checkpoint's), ``max_context`` / ``max_batch_size`` (the KV
     cache reserved inside the budget), ``workload`` (what the plan optimises for), ``placement`` (forced
     homes, ``{"layers.*.experts.0": "gpu"}``), ``token_assignment`` (``"adaptive"``, ``"static"``,
-    ``"cpu"``, ``"stream"``, ``"split"``), ``profile`` (a ``HardwareProfile``, ``"auto"``, ``"measure"``,
+    ``"cpu"``, ``"stream"``, ``"whole"``), ``profile`` (a ``HardwareProfile``, ``"auto"``, ``"measure"``,
     ``"default"``), ``routing_stats`` (per-expert routing frequencies), ``mlp_slices`` (row slices per
     dense MLP), ``cpu_threads`` (the CPU lane's threads, 1..cores), ``cpu_kernels`` (CPU expert kernel
     per token count, ``"auto"`` or a method or ``{tokens: method}``), ``cpu_backend`` (``"auto"``: the

@@ -24,7 +24,7 @@ from .costs import (
 )
 from .errors import BudgetError, PlacementError
 from .layer_costs import SAMPLED_TOKENS, layer_time, sampled_layer_time, step_layer_time
-from .options import TOKEN_ASSIGNMENTS
+from .options import DIVIDING_ASSIGNMENTS, TOKEN_ASSIGNMENTS
 from .placement import UNLIMITED, HybridPlan, StagingClass, Workload
 from .profile import HardwareProfile
 from .units import CPU, GPU, HOMES, STREAM, Unit, format_bytes
@@ -260,7 +260,7 @@ def _local_search(
     a round cheap on models with thousands of experts.
     """
     routing, profile, wl = best.routing, best.profile, best.workload
-    split = best.token_assignment == "split"
+    split = best.token_assignment in DIVIDING_ASSIGNMENTS
     T, B, N = wl.prompt_tokens * wl.batch, wl.batch, wl.new_tokens
     layers = _by_layer(best.units)
 
@@ -394,7 +394,7 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
     profile, wl, routing = result.profile, result.workload, result.routing
     per_layer = per_layer or experts_per_layer(result.units, 2)
     T, B = wl.prompt_tokens * wl.batch, wl.batch
-    split = result.token_assignment == "split"
+    split = result.token_assignment in DIVIDING_ASSIGNMENTS
     totals, host = {}, {}
     layers = _by_layer(result.units)
     for phase, tokens in (("prefill", T), ("decode", B)):

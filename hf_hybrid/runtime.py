@@ -235,7 +235,7 @@ class HybridGenerationMixin:
 
     def set_token_assignment(self, mode: str) -> None:
         """Change how each layer step's host experts are divided between the CPU lane and streaming
-        (``"adaptive"``, ``"static"``, ``"cpu"``, ``"stream"``, ``"split"``), keeping every home; the plan's
+        (``"adaptive"``, ``"whole"``, ``"static"``, ``"cpu"``, ``"stream"``), keeping every home; the plan's
         ``token_assignment`` and predictions follow, so ``hybrid_plan`` still describes what runs."""
         from dataclasses import replace
 

@@ -28,6 +28,8 @@ class _Slot:
 def _label(tag: object) -> str:
     if isinstance(tag, tuple) and len(tag) == 2:
         return f"L{tag[0]} unit {tag[1]}"
+    if isinstance(tag, tuple) and len(tag) == 3:
+        return f"L{tag[0]} unit {tag[1]} rows {tag[2]}:"
     return str(tag)
 
 
@@ -59,11 +61,13 @@ class StagingRing:
     ) -> tuple[torch.Tensor, object, bool]:
         """Make ``host_region`` available on the device; returns (slot bytes view, ready event, was cached).
 
-        A list of regions is laid out back to back at aligned offsets (as :func:`carve` reads them), one
-        copy each: how a row range of an expert that is not contiguous on the host crosses PCIe.
+        A list of host tensors is laid out back to back at aligned offsets (as :func:`carve` reads them),
+        one copy each: how a part of an expert that is not contiguous on the host crosses PCIe (row ranges,
+        and column blocks of the down projection, which cross as one 2-D copy each).
         """
         parts = host_region if isinstance(host_region, list) else [host_region]
-        total = sum(align(p.numel()) for p in parts[:-1]) + parts[-1].numel()
+        sizes = [p.numel() * p.element_size() for p in parts]
+        total = sum(align(n) for n in sizes[:-1]) + sizes[-1]
         if total > self.slot_bytes:
             raise ExecutionError(f"staging slot of {self.slot_bytes} B is too small for {tag} ({total} B)")
         index = self.by_tag.get(tag)
@@ -79,16 +83,15 @@ class StagingRing:
             self.by_tag.pop(slot.tag, None)
         view = slot.buffer[:total]
         offset = 0
-        for part in parts:
+        for part, nbytes in zip(parts, sizes):
+            dst = view[offset : offset + nbytes].view(part.dtype).view(part.shape)
             # every part waits for the slot's last reader; the copy stream keeps them in order
-            slot.ready = self.lanes.copy_into(
-                view[offset : offset + part.numel()], part, wait_for=slot.free, label=_label(tag)
-            )
-            offset = align(offset + part.numel())
+            slot.ready = self.lanes.copy_into(dst, part, wait_for=slot.free, label=_label(tag))
+            offset = align(offset + nbytes)
         slot.tag = tag
         self.by_tag[tag] = index
         self.misses += 1
-        self.bytes_copied += sum(p.numel() for p in parts)
+        self.bytes_copied += sum(sizes)
         return view, slot.ready, False
 
     def release(self, tag: object) -> None:

@@ -74,9 +74,9 @@ def test_bfloat16_logits_within_a_few_ulps(tiny_checkpoints, family):
     assert stats.cpu_units > 0 and stats.streamed_units > 0 and stats.gpu_units > 0, stats
 
 
-@pytest.mark.parametrize("mode", ["adaptive", "cpu", "stream", "split"])
+@pytest.mark.parametrize("mode", ["adaptive", "whole", "cpu", "stream"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "llama"])
-def test_token_assignment_modes_are_exact(tiny_checkpoints, family, mode):
+def test_token_assignment_modes_are_exact(tiny_checkpoints, family, mode, divide_tiny_experts):
     ref, hybrid = load_pair(tiny_checkpoints[family], family, torch.float32, token_assignment=mode)
     ids = prompt(seed=1)
     want = ref.generate(ids, max_new_tokens=8, do_sample=False)
@@ -87,8 +87,8 @@ def test_token_assignment_modes_are_exact(tiny_checkpoints, family, mode):
         assert stats.streamed_units == 0 and stats.cpu_units > 0
     if mode == "stream":
         assert stats.cpu_units == 0 and stats.streamed_units > 0
-    if mode == "split":
-        assert stats.split_units > 0
+    # every tiny expert may be divided (the fixture): "adaptive" divides in decode steps, "whole" never does
+    assert (stats.split_units > 0) == (mode == "adaptive"), stats
 
 
 def test_planner_placement_under_small_budget_is_exact(tiny_checkpoints):
@@ -123,8 +123,8 @@ def test_hybrid_model_is_the_transformers_class(tiny_checkpoints):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_split_assignment_bfloat16_within_a_few_ulps(tiny_checkpoints, family):
-    ref, hybrid = load_pair(tiny_checkpoints[family], family, torch.bfloat16, token_assignment="split")
+def test_divided_units_bfloat16_within_a_few_ulps(tiny_checkpoints, family, divide_tiny_experts):
+    ref, hybrid = load_pair(tiny_checkpoints[family], family, torch.bfloat16, token_assignment="adaptive")
     ids = prompt(seed=2)
     # decode-sized steps are the ones split between lanes: compare one step after a short prefix
     with torch.no_grad():
@@ -163,31 +163,51 @@ def test_embeddings_on_cpu_and_streamed_lm_head_are_exact(tiny_checkpoints, fami
     )
 
 
-@pytest.mark.parametrize("backend", ["native", "torch"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_cpu_lane_backends_are_exact(tiny_checkpoints, family, dtype, backend):
-    # the CPU lane's two implementations (the native kernel and torch ops) each against plain transformers
-    from hf_hybrid.kernels import native
-
-    if backend == "native" and not native.available():
-        pytest.skip(f"native CPU kernel unavailable here: {native.unavailable_reason()}")
-    ref, hybrid = load_pair(
-        tiny_checkpoints[family], family, dtype, token_assignment="static", cpu_backend=backend
-    )
-    ids = prompt(batch=1, length=12)
+def assert_matches_transformers(ref, hybrid, ids, dtype, new_tokens):
+    """fp32: logits within 1e-5 and the same greedy tokens; bf16: logits within a few ulps."""
     with torch.no_grad():
         expected = ref(ids).logits.float()
         got = hybrid(ids).logits.float()
     if dtype == torch.float32:
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (got - expected).abs().max()
-        want = ref.generate(ids, max_new_tokens=8, do_sample=False)
-        assert torch.equal(hybrid.generate(ids, max_new_tokens=8, do_sample=False), want)
+        want = ref.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+        assert torch.equal(hybrid.generate(ids, max_new_tokens=new_tokens, do_sample=False), want)
+    else:
+        assert bf16_ulps(got, expected) <= 4.0
+
+
+@pytest.mark.parametrize("assignment", ["static", "adaptive"])
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cpu_lane_backends_are_exact(tiny_checkpoints, family, dtype, backend, assignment, request):
+    # the CPU lane's two implementations (the native kernel and torch ops) each against plain transformers:
+    # "static" computes whole host units on the CPU; "adaptive" divides each host unit between the lanes (the CPU
+    # computes gate/up rows and down columns [0, r), the copy lane brings the rest to the device, down columns
+    # as a 2-D block) and adds the two fp32 parts
+    from hf_hybrid.kernels import native
+
+    if backend == "native" and not native.available():
+        pytest.skip(f"native CPU kernel unavailable here: {native.unavailable_reason()}")
+    if assignment == "adaptive":
+        request.getfixturevalue("divide_tiny_experts")
+    ref, hybrid = load_pair(
+        tiny_checkpoints[family], family, dtype, token_assignment=assignment, cpu_backend=backend
+    )
+    # 12 and 6 tokens: decode-sized jobs, so the native kernel takes them when asked
+    ids = prompt(batch=1, length=12 if assignment == "static" else 6)
+    with torch.no_grad():
+        expected = ref(ids).logits.float()
+        got = hybrid(ids).logits.float()
+    if dtype == torch.float32:
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (got - expected).abs().max()
+        want = ref.generate(ids, max_new_tokens=6, do_sample=False)
+        assert torch.equal(hybrid.generate(ids, max_new_tokens=6, do_sample=False), want)
     else:
         assert bf16_ulps(got, expected) <= 4.0
     stats = hybrid.hybrid.executor.stats
-    assert stats.cpu_units > 0, stats
-    # the backend asked for is the one that ran (12 tokens: decode-sized jobs)
+    assert (stats.cpu_units if assignment == "static" else stats.split_units) > 0, stats
+    # the backend asked for is the one that ran
     assert (stats.native_units > 0) == (backend == "native"), stats
 
 

@@ -91,13 +91,13 @@ def test_host_arena_carves_aligned_typed_views():
     assert a.sum() == 15 and b.sum() == 14
 
 
-def test_split_mode_fault_in_cpu_lane_surfaces_and_model_recovers(tiny_checkpoints):
+def test_split_mode_fault_in_cpu_lane_surfaces_and_model_recovers(tiny_checkpoints, divide_tiny_experts):
     import pytest
     from test_exactness import load_pair, prompt
 
     from hf_hybrid import ExecutionError
 
-    ref, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral", torch.float32, token_assignment="split")
+    ref, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral", torch.float32, token_assignment="adaptive")
     ids = prompt(batch=1, seed=4)
     want = ref.generate(ids, max_new_tokens=6, do_sample=False)
     calls = {"n": 0}
@@ -217,3 +217,36 @@ def test_set_token_assignment_changes_what_runs_and_the_plan_follows(tiny_checkp
         model.set_token_assignment("fastest")
     assert model.hybrid_plan.token_assignment == "stream"
     model.hybrid.close()
+
+
+def test_divided_unit_is_read_once_by_the_two_lanes_together(tiny_checkpoints, divide_tiny_experts):
+    # a divided unit: the CPU lane reads gate/up rows and down columns [0, r), the copy lane the rest,
+    # so together they touch each weight byte once, in the lanes' rate ratio
+    from test_exactness import load_pair, prompt
+
+    from hf_hybrid.costs import split_fraction
+
+    _, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral", torch.float32, token_assignment="adaptive")
+    executor = hybrid.hybrid.executor
+    ring = executor.expert_ring
+    divided = []
+    real = executor._choose_splits
+
+    def record(group, host, counts, work):
+        split = real(group, host, counts, work)
+        divided.extend((group, i, r) for i, r in split.items())
+        return split
+
+    executor._choose_splits = record
+    with torch.no_grad():
+        hybrid(prompt(batch=1, length=2))
+    stats = executor.stats
+    assert (
+        divided and stats.split_units == len(divided) and stats.streamed_units == 0 and stats.cpu_units == 0
+    )
+    whole = sum(g.host_weights[i][0].nbytes + g.host_weights[i][1].nbytes for g, i, _ in divided)
+    assert stats.cpu_bytes + ring.bytes_copied == whole
+    fraction = split_fraction(executor.profile, executor.cpu_scale)
+    for group, i, r in divided:
+        inter = group.shapes[i][0][0] // 2
+        assert abs(r - fraction * inter) <= 0.5

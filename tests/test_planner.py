@@ -171,16 +171,16 @@ def test_plan_table_and_dict():
     predict(p)  # idempotent
 
 
-def test_split_assignment_predicts_decode_at_the_shared_bound(monkeypatch):
-    # the lanes alone: without the feeding thread's serial time, split reaches the shared-DRAM bound
+def test_dividing_experts_predicts_decode_at_the_shared_bound(monkeypatch):
+    # the lanes alone: without the feeding thread's serial time, dividing experts reaches the shared-DRAM bound
     monkeypatch.setattr(layer_costs_module, "LAYER_HOST_S", 0.0)
     monkeypatch.setattr(layer_costs_module, "UNIT_HOST_S", 0.0)
     profile = default_profile("cuda")
     units = moe_units(layers=4, experts=8, expert_mib=300)
     budget = 2000 * MIB
-    whole = plan(units, profile, budget, workload=Workload(new_tokens=64))
-    split = plan(units, profile, budget, workload=Workload(new_tokens=64), token_assignment="split")
-    assert split.to_dict()["token_assignment"] == "split"
+    whole = plan(units, profile, budget, workload=Workload(new_tokens=64), token_assignment="whole")
+    split = plan(units, profile, budget, workload=Workload(new_tokens=64))
+    assert split.to_dict()["token_assignment"] == "adaptive"
     # dividing experts between lanes can only help decode, and lands near the shared-DRAM bound
     assert split.predicted["decode_tok_s"] >= whole.predicted["decode_tok_s"]
     assert split.predicted["decode_fraction_of_bound"] > 0.9

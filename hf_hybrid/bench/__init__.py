@@ -187,7 +187,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=(
             "comma-separated extra hf_hybrid rows, measured on the loaded model after its own row: "
-            "token-assignment modes (stream, static, cpu, adaptive, split; switched with "
+            "token-assignment modes (stream, static, cpu, whole, adaptive; switched with "
             "model.set_token_assignment, so the row's plan says which ran) and 'calibrated' (model.calibrate on "
             "8 random prompts, then measured; runs last); each adds a row 'hf_hybrid[variant]'"
         ),

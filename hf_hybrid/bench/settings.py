@@ -17,7 +17,7 @@ ENGINES = ("hf_hybrid", "gpu", "accelerate", "cpu")
 #: Engines that run the shorter baseline workload (they are too slow for the headline one).
 SLOW_ENGINES = ("accelerate", "cpu")
 #: Token-assignment modes ``--variants`` may name (each a load with ``token_assignment=<mode>``).
-ASSIGNMENT_VARIANTS = ("stream", "static", "cpu", "adaptive", "split")
+ASSIGNMENT_VARIANTS = ("stream", "static", "cpu", "whole", "adaptive")
 #: What ``--variants`` may name: the token-assignment modes, and "calibrated" (``model.calibrate`` on
 #: random prompts, then measured). Each variant is loaded with the main row's placement.
 VARIANTS = (*ASSIGNMENT_VARIANTS, "calibrated")

@@ -85,6 +85,17 @@ def gated_mlp(x: Tensor, gate_up: Tensor, down: Tensor, act_fn: Callable[[Tensor
     return F.linear(act_fn(gate) * up, down)
 
 
+def partial_gated_mlp(
+    x: Tensor, gate: Tensor, up: Tensor, down: Tensor, act_fn: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """One lane's part of a gated MLP divided along its intermediate dimension, in fp32: ``gate``/``up``
+    hold rows of the gate and up projections and ``down`` the matching columns of the down projection.
+    The activations are rounded as transformers rounds them; the down output stays fp32, so the parts of
+    the lanes add up in fp32 and are rounded once (the native lane's ``partial`` jobs compute the same)."""
+    h = act_fn(F.linear(x, gate)) * F.linear(x, up)
+    return F.linear(h.float(), down.float())
+
+
 def _nearest(table: Mapping[int, str], tokens: int) -> str:
     """The entry of the smallest token count >= ``tokens``, else of the largest one."""
     keys = sorted(table)
