@@ -364,7 +364,11 @@ class Executor:
             )
             for i in host
         ]
-        if self.token_assignment in DIVIDING_ASSIGNMENTS and ring is not None and self.lanes.can_copy_column_blocks():
+        if (
+            self.token_assignment in DIVIDING_ASSIGNMENTS
+            and ring is not None
+            and self.lanes.can_copy_column_blocks()
+        ):
             out.split = self._choose_splits(group, host, counts, work)
             work = [w for i, w in zip(host, work) if i not in out.split]
         gpu_busy = sum(group.units[i].nbytes for i in out.resident) / self.profile.gpu_mem_bw

@@ -6,6 +6,8 @@
 * Streamed modules (attention, shared experts, lm_head): pre/post forward hooks swap the parameters to
   their staging slot and back, and prefetch the next streamed module.
 * A CPU-resident embedding: inputs go to the CPU, the looked-up activations come back to the device.
+* Decode graphs (:mod:`hf_hybrid.decode_graphs`): each decoder layer's ``forward`` is replaced by one that
+  replays its attention half as a CUDA graph in decode steps on the static cache.
 * On CUDA, the cuDNN backend of ``scaled_dot_product_attention`` is switched off for the model's forward
   (see :func:`cudnn_attention_off`).
 """
@@ -16,6 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .decode_graphs import DecodeGraphs
 from .executor import Executor
 from .families import FamilyAdapter
 from .loading import LoadedModel, StreamedModule
@@ -99,9 +102,15 @@ class _NoCudnnAttention:
         return output
 
 
-def attach(model: torch.nn.Module, executor: Executor, loaded: LoadedModel, adapter: FamilyAdapter) -> list:
+def attach(
+    model: torch.nn.Module,
+    executor: Executor,
+    loaded: LoadedModel,
+    adapter: FamilyAdapter,
+    decode_graphs: DecodeGraphs | None = None,
+) -> list:
     """Install every hook (``adapter`` says where the experts and MLPs are); returns the handles (``detach``
-    removes them)."""
+    removes them). With ``decode_graphs``, every decoder layer's forward takes its split decode path."""
     register_experts_implementation()
     handles: list = []
     # stays after detach: a model whose runtime was closed refuses to run instead of touching freed weights
@@ -131,6 +140,10 @@ def attach(model: torch.nn.Module, executor: Executor, loaded: LoadedModel, adap
         handles.append(model.register_forward_pre_hook(guard.pre, with_kwargs=True))
         # always_call: the setting is restored even when the forward raises
         handles.append(model.register_forward_hook(guard.post, with_kwargs=True, always_call=True))
+    if decode_graphs is not None:
+        for i, layer in enumerate(layers):
+            layer.forward = decode_graphs.wrap(i, layer, layer.forward)
+            handles.append(("forward", layer))
     if loaded.cpu_embedding:
         embed = model.get_input_embeddings()
         device = executor.device

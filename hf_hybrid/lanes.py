@@ -150,6 +150,28 @@ class DeviceLanes:
         """An event that records a timestamp (for traces); None on the CPU stand-in."""
         return torch.cuda.Event(enable_timing=True) if self.is_cuda else None
 
+    def capture_graph(self, fn: Callable[[], Any], pool, before_capture: Callable[[], None] | None = None):
+        """Record ``fn`` as a CUDA graph on this device; returns ``(graph, fn's outputs)``.
+
+        ``fn`` runs once on a side stream first (cuBLAS and the allocator set up their per-stream state there,
+        which a capture may not do), then ``before_capture`` undoes what that run changed (a KV cache's
+        position), then the capture records ``fn`` without running it. ``pool`` is a graph memory pool shared by
+        graphs that never run at the same time. The caller replays the graph to run the step.
+        """
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            fn()
+        current.wait_stream(side)
+        if before_capture is not None:
+            before_capture()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the CPU lane's worker may call into CUDA-free torch code meanwhile
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            outputs = fn()
+        return graph, outputs
+
     def synchronize(self) -> None:
         """Wait until every lane's device work is done (after a failed step, before a trace is read)."""
         if self.is_cuda:

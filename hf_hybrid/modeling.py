@@ -16,6 +16,7 @@ from transformers.utils import logging
 
 from . import families
 from .checkpoint import CheckpointReader
+from .decode_graphs import DecodeGraphs, graphable_layers
 from .devices import default_device_name, resolve_device
 from .errors import BudgetError, WeightsNotFoundError
 from .executor import Executor
@@ -153,7 +154,8 @@ class HybridModelForCausalLM:
             predict_next_layer=options.predict_next_layer,
         )
         executor.prepare_cpu_kernels(loaded.groups.values(), progress=options.progress)
-        handles = attach(model, executor, loaded, adapter)
+        decode_graphs = _decode_graphs(options, model, adapter, loaded, executor, dev)
+        handles = attach(model, executor, loaded, adapter, decode_graphs)
         _load_generation_config(model, directory)
         model.generation_config.disable_compile = True  # CPU lanes and data-dependent routing do not compile
         model.eval()
@@ -166,6 +168,7 @@ class HybridModelForCausalLM:
             options.max_context,
             options.max_batch_size,
             str(directory),
+            decode_graphs=decode_graphs,
         )
         model.name_or_path = str(pretrained_model_name_or_path)
         model.config._name_or_path = str(pretrained_model_name_or_path)
@@ -219,6 +222,27 @@ IGNORED_LOADING_KWARGS = (
     "experts_implementation",
     "tqdm_class",
 )
+
+
+def _decode_graphs(
+    options: HybridOptions, model, adapter, loaded: LoadedModel, executor: Executor, device: torch.device
+) -> DecodeGraphs | None:
+    """The decode-step graphs (static KV cache, attention halves as CUDA graphs) when the options ask for
+    them: ``"auto"`` on CUDA; ``True`` also on the CPU standing in, where the same path runs uncaptured."""
+    choice = options.decode_graphs
+    if choice == "auto":
+        choice = device.type == "cuda"
+    if not choice:
+        return None
+    layers = adapter.layers(model)
+    return DecodeGraphs(
+        config=model.config,
+        layers=list(layers),
+        graphable=graphable_layers(layers, [s.module for s in loaded.streamed]),
+        max_context=options.max_context,
+        lanes=executor.lanes,
+        capture=device.type == "cuda",
+    )
 
 
 def _apply_config_overrides(config, kwargs: dict) -> None:

@@ -40,7 +40,9 @@ class HybridOptions:
     native CPU expert kernel for decode-sized steps where it builds, else torch ops; ``"native"``: require
     it; ``"torch"``: torch ops only), ``predict_next_layer`` (decode steps apply the next layer's router to
     their own input and start copying the predicted host experts early; exact, not yet measured on a GPU,
-    hence off), ``attn_implementation``.
+    hence off), ``decode_graphs`` (``"auto"``: on CUDA, ``generate`` runs on a static KV cache and replays
+    each layer's attention half of a decode step as a CUDA graph; ``True`` also on the CPU standing in,
+    without capture; ``False``: transformers' dynamic cache and eager attention), ``attn_implementation``.
 
     Loading: ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``trust_remote_code`` mean
     what they mean in transformers; ``allow_pickle`` allows ``.bin``/``.pt`` shards;
@@ -62,6 +64,7 @@ class HybridOptions:
     cpu_kernels: str | dict[int, str] = "auto"
     cpu_backend: str = "auto"
     predict_next_layer: bool = False
+    decode_graphs: bool | str = "auto"
     attn_implementation: str | None = "sdpa"
     trust_remote_code: bool = False
     allow_cpu_fallback: bool = False
@@ -129,6 +132,8 @@ class HybridOptions:
             raise ValueError(
                 f"cpu_backend must be one of {', '.join(CPU_BACKENDS)} (got {self.cpu_backend!r})"
             )
+        if self.decode_graphs not in (True, False, "auto"):
+            raise ValueError(f"decode_graphs must be 'auto', True or False (got {self.decode_graphs!r})")
         if self.placement is not None and not isinstance(self.placement, dict):
             raise TypeError(
                 f"placement must be a dict of unit pattern -> home (got {type(self.placement).__name__})"

@@ -17,6 +17,7 @@ from typing import NoReturn
 import torch
 from transformers.utils import logging
 
+from .decode_graphs import DecodeGraphs, cache_argument
 from .errors import ContextLengthError
 from .executor import Executor
 from .hooks import detach
@@ -43,6 +44,7 @@ class HybridRuntime:
     max_context: int
     max_batch_size: int
     source: str
+    decode_graphs: DecodeGraphs | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
     # calls of this model nested inside the one holding the lock (generate -> forward); changed only by the
     # thread that holds the lock
@@ -95,6 +97,8 @@ class HybridRuntime:
         with self.lock:
             detach(self.handles)
             self.handles = []
+            if self.decode_graphs is not None:
+                self.decode_graphs.release()
             self.executor.close()
 
 
@@ -157,6 +161,7 @@ class HybridGenerationMixin:
         self._check_context(args, kwargs)
         with self.hybrid.serialised():
             starts: list[float] = []  # host time at the start of each forward: prefill, then decode steps
+            kwargs = self._with_static_cache(args, kwargs)
             handle = self.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
             try:
                 out = super().generate(*args, **kwargs)
@@ -164,6 +169,30 @@ class HybridGenerationMixin:
                 handle.remove()
             self._record_throughput(args, kwargs, starts, time.perf_counter())
             return out
+
+    def _with_static_cache(self, args, kwargs) -> dict:
+        """``kwargs`` with the decode graphs' static KV cache, where this call can use it: no cache or cache
+        implementation of the caller's, one sequence per prompt row (no beams, no extra sequences, whose
+        caches transformers reorders or copies), no assistant model, and token ids as the prompt."""
+        graphs = self.hybrid.decode_graphs
+        input_ids = self._input_ids(args, kwargs)
+        if graphs is None or input_ids is None or input_ids.dim() != 2:
+            return kwargs
+        gen_config = kwargs.get("generation_config") or self.generation_config
+
+        def setting(name: str):
+            return kwargs.get(name, getattr(gen_config, name, None))
+
+        if (
+            any(kwargs.get(name) is not None for name in ("past_key_values", "cache", "assistant_model"))
+            or setting("cache_implementation") is not None
+            or setting("use_cache") is False
+            or (setting("num_beams") or 1) > 1
+            or (setting("num_return_sequences") or 1) > 1
+            or (setting("prompt_lookup_num_tokens") or 0) > 0
+        ):
+            return kwargs
+        return {**kwargs, cache_argument(type(self)): graphs.cache_for(input_ids.shape[0])}
 
     def _record_throughput(self, args, kwargs, starts: list[float], finished: float) -> None:
         """Put what this generate call measured beside the plan's predictions (``hybrid_plan.measured``).

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_decode_graphs import generate, static_reference
 from test_exactness import bf16_ulps, load_pair, prompt
 from tiny_models import CONFIGS
 from transformers import AutoModelForCausalLM
 
 from hf_hybrid import HybridModelForCausalLM
+from hf_hybrid.decode_graphs import cache_argument
 
 pytestmark = [
     pytest.mark.cuda,
@@ -182,3 +184,57 @@ def test_cuda_divided_units_are_exact(tiny_checkpoints, family, divide_tiny_expe
         ref.generate(ids, max_new_tokens=8, do_sample=False),
     )
     assert hybrid.hybrid.executor.stats.split_units > 0
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_cuda_decode_graphs_match_transformers_static_cache(tiny_checkpoints, family):
+    # decode steps replay each layer's attention half as a CUDA graph on a static KV cache: the tokens and
+    # logits of transformers running with a static cache of the same length
+    ref, hybrid = _pair(tiny_checkpoints[family], family, torch.float32, mode="adaptive")
+    ids = prompt(batch=1, length=6).cuda()
+    want = static_reference(ref, ids, 8)
+    graphs = hybrid.hybrid.decode_graphs
+    for _ in range(2):  # the second call reuses the cache and the graphs
+        got = generate(hybrid, ids, 8)
+        assert torch.equal(got.sequences, want.sequences)
+        for a, b in zip(got.logits, want.logits):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+    assert graphs.steps > 0
+    # a sliding-window cache layer decides in Python where to write: it runs the same path uncaptured
+    sliding = any(type(layer).__name__ != "StaticLayer" for layer in graphs.cache.layers)
+    assert (graphs.replays > 0) == (not sliding), (graphs.replays, graphs.failed)
+    assert not graphs.failed
+
+
+@pytest.mark.parametrize("family", ["mixtral", "llama"])
+def test_cuda_decode_graphs_bfloat16_bitwise_when_nothing_is_split(tiny_checkpoints, family):
+    directory = tiny_checkpoints[family]
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).cuda()
+    hybrid = HybridModelForCausalLM.from_pretrained(
+        directory, device="cuda", dtype=torch.bfloat16, gpu_memory="2GiB", max_context=64, progress=False
+    )
+    ids = prompt(batch=1, length=6).cuda()
+    want = static_reference(ref, ids, 8)
+    got = generate(hybrid, ids, 8)
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits))
+    assert hybrid.hybrid.decode_graphs.replays > 0
+
+
+def test_cuda_decode_graphs_step_aside_for_beams_and_callers_caches(tiny_checkpoints):
+    from transformers import DynamicCache
+
+    ref, hybrid = _pair(tiny_checkpoints["mixtral"], "mixtral", torch.float32, mode="adaptive")
+    ids = prompt(batch=1, length=6).cuda()
+    graphs = hybrid.hybrid.decode_graphs
+    beams = dict(max_new_tokens=5, do_sample=False, num_beams=2)
+    assert torch.equal(hybrid.generate(ids, **beams), ref.generate(ids, **beams))
+    assert graphs.steps == 0
+    out = hybrid.generate(
+        ids,
+        max_new_tokens=5,
+        do_sample=False,
+        **{cache_argument(type(ref)): DynamicCache(config=hybrid.config)},
+    )
+    assert torch.equal(out, ref.generate(ids, max_new_tokens=5, do_sample=False))
+    assert graphs.steps == 0

@@ -97,7 +97,9 @@ def test_split_mode_fault_in_cpu_lane_surfaces_and_model_recovers(tiny_checkpoin
 
     from hf_hybrid import ExecutionError
 
-    ref, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral", torch.float32, token_assignment="adaptive")
+    ref, hybrid = load_pair(
+        tiny_checkpoints["mixtral"], "mixtral", torch.float32, token_assignment="adaptive"
+    )
     ids = prompt(batch=1, seed=4)
     want = ref.generate(ids, max_new_tokens=6, do_sample=False)
     calls = {"n": 0}

@@ -266,6 +266,19 @@ def run_engine(engine: str, path: Path, settings: BenchSettings, ids: torch.Tens
     return row
 
 
+@contextlib.contextmanager
+def _decode_graphs_off(model: Any, off: bool):
+    """Inside the block, ``generate`` runs on transformers' dynamic cache with eager attention (variant
+    "eager"), as with ``decode_graphs=False``."""
+    graphs = model.hybrid.decode_graphs
+    if off:
+        model.hybrid.decode_graphs = None
+    try:
+        yield
+    finally:
+        model.hybrid.decode_graphs = graphs
+
+
 def measure_variants(model: Any, settings: BenchSettings, ids: torch.Tensor, base: dict) -> list[dict]:
     """Rows ``hf_hybrid[<variant>]`` for each ``--variants`` entry, measured on the loaded base model.
 
@@ -290,11 +303,14 @@ def measure_variants(model: Any, settings: BenchSettings, ids: torch.Tensor, bas
             if variant == "calibrated":
                 model.set_token_assignment(base_mode)
                 _calibrate(model, base["prompt"])
+            elif variant == "eager":
+                model.set_token_assignment(base_mode)
             else:
                 model.set_token_assignment(variant)
             row.update(_plan_record(model))
             model.hybrid.executor.stats.reset()
-            row.update(measure_generate(model, ids, base["new_tokens"], settings.repeats))
+            with _decode_graphs_off(model, variant == "eager"):
+                row.update(measure_generate(model, ids, base["new_tokens"], settings.repeats))
             plan = row.get("plan")
             if isinstance(plan, dict) and isinstance(plan.get("predicted"), dict):
                 row["predicted"] = plan["predicted"]

@@ -18,9 +18,10 @@ ENGINES = ("hf_hybrid", "gpu", "accelerate", "cpu")
 SLOW_ENGINES = ("accelerate", "cpu")
 #: Token-assignment modes ``--variants`` may name (each a load with ``token_assignment=<mode>``).
 ASSIGNMENT_VARIANTS = ("stream", "static", "cpu", "whole", "adaptive")
-#: What ``--variants`` may name: the token-assignment modes, and "calibrated" (``model.calibrate`` on
-#: random prompts, then measured). Each variant is loaded with the main row's placement.
-VARIANTS = (*ASSIGNMENT_VARIANTS, "calibrated")
+#: What ``--variants`` may name: the token-assignment modes, "eager" (decode steps without the static cache
+#: and attention graphs, as ``decode_graphs=False``) and "calibrated" (``model.calibrate`` on random prompts,
+#: then measured). Each variant is loaded with the main row's placement.
+VARIANTS = (*ASSIGNMENT_VARIANTS, "eager", "calibrated")
 
 
 @dataclass

@@ -1,0 +1,278 @@
+"""Decode steps with the attention half of every decoder layer replayed as one CUDA graph.
+
+A decode step of a decoder layer is ~40 small CUDA ops before its MLP/experts (two norms, q/k/v, rotary,
+the KV cache write, attention, o_proj, residual adds). Launched one by one from Python they cost the host
+~1-2 ms per layer, time in which the CPU and copy lanes sit idle, because the layer's experts cannot start
+before its router has run. Here each layer's attention half (input norm, attention with the KV cache write,
+residual add, post-attention norm) is captured once as a CUDA graph and replayed per step: one launch.
+
+That needs tensors at fixed addresses, so ``generate`` runs on a transformers ``StaticCache`` of
+``max_context`` positions held by this object (reset per call, the same memory the plan reserved for the KV
+cache), and each graph reads its inputs (hidden states, rotary cos/sin, attention mask, positions) from
+buffers the step copies into. Only the attention half is captured: the MLP/experts run through the executor
+as before (their lanes are decided per step). Every supported family has the same decoder layer layout
+(norm, attention, residual, norm, MLP, residual), and the layer's own modules compute both halves, so the
+results are those of transformers running with a static cache. Where a step does not qualify (prefill,
+another cache, a streamed attention block, keyword arguments that are tensors) the stock forward runs.
+
+On the CPU standing in for the accelerator the same path runs without capture (``capture=False``), so the
+split forward and the static cache are tested everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("hf_hybrid")
+
+
+def cache_argument(model_class) -> str:
+    """The name transformers gives the KV cache argument of ``model_class.forward``: ``"cache"`` from 5.24
+    on, ``"past_key_values"`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def attention_half(layer, hidden, position_embeddings, attention_mask, position_ids, cache, kwargs):
+    """The decoder layer up to its MLP: returns (residual stream after attention, MLP input).
+
+    ``cache`` is ``(argument name, cache)``: the layer passes the cache on under the name it received."""
+    normed = layer.input_layernorm(hidden)
+    attended, _ = layer.self_attn(
+        hidden_states=normed,
+        position_embeddings=position_embeddings,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        **{cache[0]: cache[1]},
+        **kwargs,
+    )
+    residual = hidden + attended
+    return residual, layer.post_attention_layernorm(residual)
+
+
+@dataclass
+class _StepInputs:
+    """Buffers every layer graph of one shape reads; a step copies its inputs in once (the model passes the
+    same position embeddings, mask and positions to every layer)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    sources: tuple = ()
+
+    def load(self, position_embeddings, attention_mask, position_ids) -> None:
+        sources = (position_embeddings[0], position_embeddings[1], attention_mask, position_ids)
+        # the same objects as the last step's layer: already copied (held here, so never a reused id)
+        if len(self.sources) == 4 and all(a is b for a, b in zip(sources, self.sources)):
+            return
+        self.cos.copy_(sources[0])
+        self.sin.copy_(sources[1])
+        if self.mask is not None:
+            self.mask.copy_(attention_mask)
+        if self.position_ids is not None:
+            self.position_ids.copy_(position_ids)
+        self.sources = sources
+
+
+@dataclass
+class _LayerGraph:
+    graph: Any
+    hidden: torch.Tensor
+    inputs: _StepInputs
+    outputs: tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class DecodeGraphs:
+    """The static KV cache and the per-layer attention graphs of decode steps (see the module docstring).
+
+    ``layers``: the model's decoder layers; ``graphable``: indices of the layers whose attention half may be
+    captured (its weights stay on the device); ``capture``: record CUDA graphs (else run the same path
+    eagerly, for the CPU standing in); ``lanes``: the executor's :class:`~hf_hybrid.lanes.DeviceLanes`.
+    """
+
+    config: Any
+    layers: list
+    graphable: set[int]
+    max_context: int
+    lanes: Any
+    capture: bool
+    cache: Any = None
+    batch: int = 0
+    graphs: dict = field(default_factory=dict)
+    step_inputs: dict = field(default_factory=dict)
+    failed: set = field(default_factory=set)
+    steps: int = 0  # layer steps that took the split path (captured or not)
+    replays: int = 0  # ... of which replayed a graph
+    pool: Any = None
+
+    def cache_for(self, batch: int):
+        """An empty ``StaticCache`` of ``max_context`` positions for ``batch`` sequences, reused across calls
+        (its memory is the KV cache the plan reserved; the graphs hold its addresses)."""
+        from transformers import StaticCache
+
+        if self.cache is not None and self.batch == batch:
+            try:
+                self.cache.reset()
+                return self.cache
+            except RuntimeError:
+                # its tensors were made under torch.inference_mode and this call runs outside it: they
+                # cannot be written here, so a fresh cache (and fresh graphs) replace them
+                pass
+        self.release()
+        self.cache = StaticCache(config=self.config, max_cache_len=self.max_context)
+        self.batch = batch
+        return self.cache
+
+    def release(self) -> None:
+        """Drop the cache and every graph (a new batch size, or the model closing)."""
+        self.graphs.clear()
+        self.step_inputs.clear()
+        self.failed.clear()
+        self.cache = None
+        self.batch = 0
+
+    def wrap(self, index: int, layer, original):
+        """The decoder layer's forward: decode steps on this object's cache take the split path."""
+
+        def forward(hidden_states, *args, **kwargs):
+            name = "cache" if "cache" in kwargs else "past_key_values"
+            cache = kwargs.get(name)
+            if (
+                args
+                or cache is None
+                or cache is not self.cache
+                or hidden_states.dim() != 3
+                or hidden_states.shape[1] != 1
+                or index not in self.graphable
+                or any(isinstance(v, torch.Tensor) for k, v in kwargs.items() if k not in _STEP_ARGS)
+            ):
+                return original(hidden_states, *args, **kwargs)
+            self.steps += 1
+            residual, mlp_input = self._attention(index, layer, hidden_states, name, kwargs)
+            return residual + layer.mlp(mlp_input)
+
+        return forward
+
+    def _attention(self, index: int, layer, hidden, cache_name: str, kwargs):
+        position_embeddings = kwargs.get("position_embeddings")
+        mask = kwargs.get("attention_mask")
+        position_ids = kwargs.get("position_ids")
+        rest = {k: v for k, v in kwargs.items() if k not in _STEP_ARGS}
+        cache = (cache_name, self.cache)
+
+        def eager():
+            return attention_half(layer, hidden, position_embeddings, mask, position_ids, cache, rest)
+
+        # a sliding-window cache layer decides in Python where to write: only the plain static layer captures
+        if (
+            not self.capture
+            or position_embeddings is None
+            or type(self.cache.layers[index]) is not _static_layer()
+        ):
+            return eager()
+        key = (
+            index,
+            tuple(hidden.shape),
+            None if mask is None else (tuple(mask.shape), mask.dtype),
+            None if position_ids is None else tuple(position_ids.shape),
+            tuple(sorted((k, repr(v)) for k, v in rest.items())),
+            cache_name,
+        )
+        entry = self.graphs.get(key)
+        if entry is None and key not in self.failed:
+            entry = self._record(
+                key, index, layer, hidden, position_embeddings, mask, position_ids, cache, rest
+            )
+        if entry is None:
+            return eager()
+        entry.inputs.load(position_embeddings, mask, position_ids)
+        entry.hidden.copy_(hidden)
+        entry.graph.replay()
+        self.replays += 1
+        return entry.outputs
+
+    def _record(self, key, index, layer, hidden, position_embeddings, mask, position_ids, cache, rest):
+        shape_key = key[1:]
+        inputs = self.step_inputs.get(shape_key)
+        if inputs is None:
+            inputs = _StepInputs(
+                cos=position_embeddings[0].clone(),
+                sin=position_embeddings[1].clone(),
+                mask=None if mask is None else mask.clone(),
+                position_ids=None if position_ids is None else position_ids.clone(),
+            )
+            self.step_inputs[shape_key] = inputs
+        inputs.load(position_embeddings, mask, position_ids)
+        static_hidden = hidden.clone()
+        cache_layer = self.cache.layers[index]
+        position = cache_layer.cumulative_length.clone()
+
+        def step():
+            return attention_half(
+                layer,
+                static_hidden,
+                (inputs.cos, inputs.sin),
+                inputs.mask,
+                inputs.position_ids,
+                cache,
+                rest,
+            )
+
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        try:
+            # the warm-up run writes this step's keys/values and advances the layer's position: rewind it
+            # before the capture, and the replay below then computes the step for real
+            graph, outputs = self.lanes.capture_graph(
+                step, self.pool, before_capture=lambda: cache_layer.cumulative_length.copy_(position)
+            )
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the eager path
+            cache_layer.cumulative_length.copy_(position)
+            self.failed.add(key)
+            logger.warning(
+                "hf_hybrid: layer %d's attention could not be captured as a CUDA graph (%s: %s); "
+                "it runs eagerly",
+                index,
+                type(exc).__name__,
+                exc,
+            )
+            return None
+        entry = _LayerGraph(graph, static_hidden, inputs, outputs)
+        self.graphs[key] = entry
+        return entry
+
+
+def _static_layer():
+    from transformers.cache_utils import StaticLayer
+
+    return StaticLayer
+
+
+def graphable_layers(layers, streamed_modules) -> set[int]:
+    """Indices of the decoder layers whose attention half has the standard layout (input norm, attention,
+    post-attention norm) and stays on the device (a streamed attention block swaps its weights per call,
+    which a graph cannot follow)."""
+    streamed = {id(m) for m in streamed_modules}
+    found = set()
+    for i, layer in enumerate(layers):
+        parts = [
+            getattr(layer, name, None)
+            for name in ("input_layernorm", "self_attn", "post_attention_layernorm")
+        ]
+        if any(p is None for p in parts) or getattr(layer, "mlp", None) is None:
+            continue
+        if any(id(m) in streamed for p in parts for m in p.modules()):
+            continue
+        found.add(i)
+    return found
+
+
+#: The keyword arguments a model passes to every decoder layer that the graph reads from its buffers.
+_STEP_ARGS = ("position_embeddings", "attention_mask", "position_ids", "cache", "past_key_values")

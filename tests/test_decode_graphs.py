@@ -1,0 +1,151 @@
+"""The decode-graph path (static KV cache, decoder layers split into attention half + MLP) on the CPU
+standing in for the accelerator: the same split forward and cache handling as on CUDA, without capture."""
+
+import pytest
+import torch
+from tiny_models import CONFIGS, VOCAB, placement_for
+from transformers import AutoModelForCausalLM, DynamicCache, LogitsProcessor, StaticCache
+
+from hf_hybrid import HybridModelForCausalLM
+from hf_hybrid.decode_graphs import cache_argument
+
+FAMILIES = sorted(CONFIGS)
+
+
+def load_pair(directory, family, **options):
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    settings = dict(
+        device="cpu",
+        dtype=torch.float32,
+        gpu_memory="256MiB",
+        placement=placement_for(family),
+        max_context=64,
+        max_batch_size=2,
+        decode_graphs=True,
+        progress=False,
+    )
+    settings.update(options)
+    return ref, HybridModelForCausalLM.from_pretrained(directory, **settings)
+
+
+def prompt(batch=1, length=6, seed=0):
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def generate(model, ids, new_tokens=6, **kwargs):
+    return model.generate(
+        ids,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+
+
+def static_reference(ref, ids, new_tokens=6):
+    cache = StaticCache(config=ref.config, max_cache_len=64)
+    return generate(ref, ids, new_tokens, **{cache_argument(type(ref)): cache})
+
+
+def assert_same(got, want):
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_decode_steps_match_transformers_with_a_static_cache(tiny_checkpoints, family):
+    ref, hybrid = load_pair(tiny_checkpoints[family], family)
+    graphs = hybrid.hybrid.decode_graphs
+    ids = prompt()
+    want = static_reference(ref, ids)
+    first = generate(hybrid, ids)
+    cache = graphs.cache
+    assert_same(first, want)
+    # one split step per decode step for every layer whose attention stays on the device (the forced
+    # placements stream some attention blocks: those layers run the stock forward)
+    assert graphs.graphable
+    assert graphs.steps == len(graphs.graphable) * (first.sequences.shape[1] - ids.shape[1] - 1)
+    second = generate(hybrid, ids)  # the same cache, reset, serves the next call
+    assert graphs.cache is cache
+    assert_same(second, want)
+    # and transformers' own dynamic cache gives the same text
+    dynamic = ref.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(first.sequences, dynamic)
+
+
+def test_a_new_batch_size_gets_a_new_cache(tiny_checkpoints):
+    ref, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral")
+    graphs = hybrid.hybrid.decode_graphs
+    generate(hybrid, prompt())
+    single = graphs.cache
+    ids = prompt(batch=2, seed=3)
+    assert_same(generate(hybrid, ids), static_reference(ref, ids))
+    assert graphs.cache is not single and graphs.batch == 2
+
+
+def test_beams_and_callers_caches_take_the_stock_path(tiny_checkpoints):
+    ref, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral")
+    graphs = hybrid.hybrid.decode_graphs
+    ids = prompt()
+    beams = dict(max_new_tokens=5, do_sample=False, num_beams=2)
+    assert torch.equal(hybrid.generate(ids, **beams), ref.generate(ids, **beams))
+    assert graphs.steps == 0
+    name = cache_argument(type(ref))
+    out = hybrid.generate(
+        ids, max_new_tokens=5, do_sample=False, **{name: DynamicCache(config=hybrid.config)}
+    )
+    assert torch.equal(out, ref.generate(ids, max_new_tokens=5, do_sample=False))
+    assert graphs.steps == 0
+    # use_cache=False and an explicit cache_implementation are the caller's choice too
+    out = hybrid.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert torch.equal(out, ref.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False))
+    assert graphs.steps == 0
+
+
+def test_calls_inside_and_outside_inference_mode_alternate(tiny_checkpoints):
+    # a cache made under torch.inference_mode cannot be reset outside it: the next call gets a fresh one
+    ref, hybrid = load_pair(tiny_checkpoints["olmoe"], "olmoe")
+    ids = prompt(seed=1)
+    want = static_reference(ref, ids)
+    with torch.inference_mode():
+        assert_same(generate(hybrid, ids), want)
+        assert_same(generate(hybrid, ids), want)
+    assert_same(generate(hybrid, ids), want)
+    with torch.inference_mode():
+        assert_same(generate(hybrid, ids), want)
+
+
+class _FailOnStep(LogitsProcessor):
+    def __init__(self, step: int):
+        self.step, self.calls = step, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls == self.step:
+            raise RuntimeError("stopped by the test")
+        return scores
+
+
+def test_an_interrupted_call_leaves_the_cache_usable(tiny_checkpoints):
+    from transformers import LogitsProcessorList
+
+    ref, hybrid = load_pair(tiny_checkpoints["qwen3_moe"], "qwen3_moe")
+    ids = prompt(seed=2)
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        generate(hybrid, ids, logits_processor=LogitsProcessorList([_FailOnStep(3)]))
+    assert_same(generate(hybrid, ids), static_reference(ref, ids))
+
+
+def test_decode_graphs_option(tiny_checkpoints):
+    directory = tiny_checkpoints["llama"]
+    with pytest.raises(ValueError, match="decode_graphs"):
+        HybridModelForCausalLM.from_pretrained(directory, device="cpu", decode_graphs="yes")
+    # "auto" turns them on for CUDA only; False keeps transformers' dynamic cache
+    for choice in ("auto", False):
+        model = HybridModelForCausalLM.from_pretrained(
+            directory, device="cpu", gpu_memory="256MiB", decode_graphs=choice, progress=False
+        )
+        assert model.hybrid.decode_graphs is None
