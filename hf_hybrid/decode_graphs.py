@@ -4,7 +4,10 @@ A decode step of a decoder layer is ~40 small CUDA ops before its MLP/experts (t
 the KV cache write, attention, o_proj, residual adds). Launched one by one from Python they cost the host
 ~1-2 ms per layer, time in which the CPU and copy lanes sit idle, because the layer's experts cannot start
 before its router has run. Here each layer's attention half (input norm, attention with the KV cache write,
-residual add, post-attention norm) is captured once as a CUDA graph and replayed per step: one launch.
+residual add, post-attention norm) and, in a MoE layer, its router (gate logits, softmax, top-k) are
+captured once as a CUDA graph and replayed per step: one launch. The MoE block then calls its router as
+usual and gets the replay's outputs back (:meth:`DecodeGraphs.wrap_router`), so the routing is on the
+device before the block's Python starts and the read-back that feeds the lanes waits on nothing else.
 
 That needs tensors at fixed addresses, so ``generate`` runs on a transformers ``StaticCache`` of
 ``max_context`` positions held by this object (reset per call, the same memory the plan reserved for the KV
@@ -38,10 +41,14 @@ def cache_argument(model_class) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def attention_half(layer, hidden, position_embeddings, attention_mask, position_ids, cache, kwargs):
-    """The decoder layer up to its MLP: returns (residual stream after attention, MLP input).
+def attention_half(
+    layer, hidden, position_embeddings, attention_mask, position_ids, cache, kwargs, router=None
+):
+    """The decoder layer up to its MLP: returns (residual stream after attention, MLP input, routing).
 
-    ``cache`` is ``(argument name, cache)``: the layer passes the cache on under the name it received."""
+    ``cache`` is ``(argument name, cache)``: the layer passes the cache on under the name it received.
+    ``router``: the MoE router's own forward, applied to the MLP input as the MoE block applies it (one row
+    per token); routing is its output, or None without a router."""
     normed = layer.input_layernorm(hidden)
     attended, _ = layer.self_attn(
         hidden_states=normed,
@@ -52,7 +59,9 @@ def attention_half(layer, hidden, position_embeddings, attention_mask, position_
         **kwargs,
     )
     residual = hidden + attended
-    return residual, layer.post_attention_layernorm(residual)
+    mlp_input = layer.post_attention_layernorm(residual)
+    routing = None if router is None else router(mlp_input.reshape(-1, mlp_input.shape[-1]))
+    return residual, mlp_input, routing
 
 
 @dataclass
@@ -85,7 +94,7 @@ class _LayerGraph:
     graph: Any
     hidden: torch.Tensor
     inputs: _StepInputs
-    outputs: tuple[torch.Tensor, torch.Tensor]
+    outputs: tuple  # (residual, MLP input, routing or None)
 
 
 @dataclass
@@ -94,7 +103,8 @@ class DecodeGraphs:
 
     ``layers``: the model's decoder layers; ``graphable``: indices of the layers whose attention half may be
     captured (its weights stay on the device); ``capture``: record CUDA graphs (else run the same path
-    eagerly, for the CPU standing in); ``lanes``: the executor's :class:`~hf_hybrid.lanes.DeviceLanes`.
+    eagerly, for the CPU standing in); ``lanes``: the executor's :class:`~hf_hybrid.lanes.DeviceLanes`;
+    ``fuse_routers``: compute MoE routers with the attention half (see :meth:`wrap_router`).
     """
 
     config: Any
@@ -111,6 +121,10 @@ class DecodeGraphs:
     steps: int = 0  # layer steps that took the split path (captured or not)
     replays: int = 0  # ... of which replayed a graph
     pool: Any = None
+    fuse_routers: bool = True
+    routers: dict = field(default_factory=dict)  # layer index -> the router's own forward
+    router_hits: int = 0  # router calls answered from the attention half's outputs
+    _pending: dict = field(default_factory=dict)  # layer index -> (MLP input, routing) of the running step
 
     def cache_for(self, batch: int):
         """An empty ``StaticCache`` of ``max_context`` positions for ``batch`` sequences, reused across calls
@@ -135,8 +149,12 @@ class DecodeGraphs:
         self.graphs.clear()
         self.step_inputs.clear()
         self.failed.clear()
+        self._pending.clear()
         self.cache = None
         self.batch = 0
+        # the memory pool goes with its last graph: capturing into its handle again trips an allocator
+        # assertion (use_count > 0), so the next capture opens a new pool
+        self.pool = None
 
     def wrap(self, index: int, layer, original):
         """The decoder layer's forward: decode steps on this object's cache take the split path."""
@@ -155,8 +173,35 @@ class DecodeGraphs:
             ):
                 return original(hidden_states, *args, **kwargs)
             self.steps += 1
-            residual, mlp_input = self._attention(index, layer, hidden_states, name, kwargs)
-            return residual + layer.mlp(mlp_input)
+            residual, mlp_input, routing = self._attention(index, layer, hidden_states, name, kwargs)
+            if routing is None:
+                return residual + layer.mlp(mlp_input)
+            self._pending[index] = (mlp_input, routing)
+            try:
+                return residual + layer.mlp(mlp_input)
+            finally:
+                self._pending.pop(index, None)
+
+        return forward
+
+    def wrap_router(self, index: int, router, original):
+        """The MoE router's forward: in a split decode step, the MoE block's call on the MLP input gets the
+        routing the attention half already computed (the same ops on the same tensor); any other call
+        computes it. The router module is still called, so its hooks (e.g. router-logit recording) run."""
+        self.routers[index] = original
+
+        def forward(hidden_states, *args, **kwargs):
+            pending = self._pending.pop(index, None)
+            if pending is not None and not args and not kwargs and not router.training:
+                source, routing = pending
+                if (
+                    hidden_states.data_ptr() == source.data_ptr()
+                    and hidden_states.numel() == source.numel()
+                    and hidden_states.shape[-1] == source.shape[-1]
+                ):
+                    self.router_hits += 1
+                    return routing
+            return original(hidden_states, *args, **kwargs)
 
         return forward
 
@@ -166,9 +211,10 @@ class DecodeGraphs:
         position_ids = kwargs.get("position_ids")
         rest = {k: v for k, v in kwargs.items() if k not in _STEP_ARGS}
         cache = (cache_name, self.cache)
+        router = self.routers.get(index) if self.fuse_routers and not layer.training else None
 
         def eager():
-            return attention_half(layer, hidden, position_embeddings, mask, position_ids, cache, rest)
+            return attention_half(layer, hidden, position_embeddings, mask, position_ids, cache, rest, router)
 
         # a sliding-window cache layer decides in Python where to write: only the plain static layer captures
         if (
@@ -184,11 +230,12 @@ class DecodeGraphs:
             None if position_ids is None else tuple(position_ids.shape),
             tuple(sorted((k, repr(v)) for k, v in rest.items())),
             cache_name,
+            router is not None,
         )
         entry = self.graphs.get(key)
         if entry is None and key not in self.failed:
             entry = self._record(
-                key, index, layer, hidden, position_embeddings, mask, position_ids, cache, rest
+                key, index, layer, hidden, position_embeddings, mask, position_ids, cache, rest, router
             )
         if entry is None:
             return eager()
@@ -198,8 +245,10 @@ class DecodeGraphs:
         self.replays += 1
         return entry.outputs
 
-    def _record(self, key, index, layer, hidden, position_embeddings, mask, position_ids, cache, rest):
-        shape_key = key[1:]
+    def _record(
+        self, key, index, layer, hidden, position_embeddings, mask, position_ids, cache, rest, router
+    ):
+        shape_key = key[1:-1]
         inputs = self.step_inputs.get(shape_key)
         if inputs is None:
             inputs = _StepInputs(
@@ -223,6 +272,7 @@ class DecodeGraphs:
                 inputs.position_ids,
                 cache,
                 rest,
+                router,
             )
 
         if self.pool is None:

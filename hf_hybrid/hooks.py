@@ -144,6 +144,11 @@ def attach(
         for i, layer in enumerate(layers):
             layer.forward = decode_graphs.wrap(i, layer, layer.forward)
             handles.append(("forward", layer))
+            group = loaded.groups.get(i)
+            router = adapter.router(layer) if group is not None and group.routed else None
+            if router is not None:  # always on the device (the planner gives routers no other home)
+                router.forward = decode_graphs.wrap_router(i, router, router.forward)
+                handles.append(("forward", router))
     if loaded.cpu_embedding:
         embed = model.get_input_embeddings()
         device = executor.device

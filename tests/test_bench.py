@@ -466,3 +466,21 @@ def test_transfer_bounds_fall_back_on_missing_rates():
     assert bounds["decode_bound_tok_s"] == pytest.approx(2 / (7.5 / 20.0))
     nothing = transfer_bounds(0, 0.0, profile, prompt=3, batch=2, unbounded=float("inf"))
     assert nothing["prefill_bound_tok_s"] == nothing["decode_bound_tok_s"] == float("inf")
+
+
+def test_switch_variants_change_the_loaded_model_only_inside_their_block(tiny_checkpoints):
+    from tiny_models import load_every_lane
+
+    model = load_every_lane(tiny_checkpoints["mixtral"], decode_graphs=True)
+    runtime = model.hybrid
+    graphs = runtime.decode_graphs
+    with engines_mod._switched(model, "eager"):
+        assert runtime.decode_graphs is None
+    with engines_mod._switched(model, "unfused"):
+        assert runtime.decode_graphs is graphs and not graphs.fuse_routers
+    with pytest.raises(RuntimeError), engines_mod._switched(model, "predict"):
+        assert runtime.executor.predict_next_layer
+        raise RuntimeError("a failing variant")
+    assert runtime.decode_graphs is graphs and graphs.fuse_routers
+    assert not runtime.executor.predict_next_layer
+    runtime.close()

@@ -238,3 +238,17 @@ def test_cuda_decode_graphs_step_aside_for_beams_and_callers_caches(tiny_checkpo
     )
     assert torch.equal(out, ref.generate(ids, max_new_tokens=5, do_sample=False))
     assert graphs.steps == 0
+
+
+def test_cuda_decode_graphs_recapture_after_inference_mode(tiny_checkpoints):
+    # a cache made under torch.inference_mode is replaced outside it, and its graphs are captured anew
+    ref, hybrid = _pair(tiny_checkpoints["mixtral"], "mixtral", torch.float32, mode="adaptive")
+    ids = prompt(batch=1, length=6).cuda()
+    want = static_reference(ref, ids, 8)
+    graphs = hybrid.hybrid.decode_graphs
+    with torch.inference_mode():
+        assert torch.equal(generate(hybrid, ids, 8).sequences, want.sequences)
+    replays = graphs.replays
+    assert torch.equal(generate(hybrid, ids, 8).sequences, want.sequences)
+    assert graphs.replays > replays and not graphs.failed
+    assert graphs.router_hits > 0

@@ -67,7 +67,12 @@ def test_split_decode_steps_match_transformers_with_a_static_cache(tiny_checkpoi
     # one split step per decode step for every layer whose attention stays on the device (the forced
     # placements stream some attention blocks: those layers run the stock forward)
     assert graphs.graphable
-    assert graphs.steps == len(graphs.graphable) * (first.sequences.shape[1] - ids.shape[1] - 1)
+    decode_steps = first.sequences.shape[1] - ids.shape[1] - 1
+    assert graphs.steps == len(graphs.graphable) * decode_steps
+    # the router of every such MoE layer ran with the attention half, and its block used that routing
+    fused = graphs.routers.keys() & graphs.graphable
+    assert graphs.router_hits == len(fused) * decode_steps
+    assert bool(fused) == any(hybrid.hybrid.executor.groups[i].routed for i in graphs.graphable)
     second = generate(hybrid, ids)  # the same cache, reset, serves the next call
     assert graphs.cache is cache
     assert_same(second, want)
@@ -149,3 +154,36 @@ def test_decode_graphs_option(tiny_checkpoints):
             directory, device="cpu", gpu_memory="256MiB", decode_graphs=choice, progress=False
         )
         assert model.hybrid.decode_graphs is None
+
+
+def test_unfused_routers_give_the_same_tokens(tiny_checkpoints):
+    ref, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral")
+    graphs = hybrid.hybrid.decode_graphs
+    ids = prompt(seed=5)
+    want = static_reference(ref, ids)
+    assert_same(generate(hybrid, ids), want)
+    assert graphs.router_hits > 0
+    graphs.fuse_routers = False
+    hits = graphs.router_hits
+    assert_same(generate(hybrid, ids), want)
+    assert graphs.router_hits == hits
+
+
+def test_router_logits_are_still_recorded(tiny_checkpoints):
+    # the router module is still called in a split step, so transformers' output recording sees it
+    ref, hybrid = load_pair(tiny_checkpoints["olmoe"], "olmoe")
+    ids = prompt(seed=6)
+    graphs = hybrid.hybrid.decode_graphs
+    cache = graphs.cache_for(1)
+    name = cache_argument(type(ref))
+    ref_cache = StaticCache(config=ref.config, max_cache_len=64)
+    with torch.no_grad():
+        hybrid(ids, **{name: cache}, use_cache=True)
+        ref(ids, **{name: ref_cache}, use_cache=True)
+        step = ids[:, -1:]
+        got = hybrid(step, **{name: cache}, output_router_logits=True)
+        want = ref(step, **{name: ref_cache}, output_router_logits=True)
+    assert graphs.router_hits > 0
+    assert len(got.router_logits) == len(want.router_logits)
+    for a, b in zip(got.router_logits, want.router_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

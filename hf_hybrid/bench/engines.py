@@ -29,7 +29,7 @@ from ..memory import kv_cache_bytes
 from ..system import meminfo
 from ..units import format_bytes
 from .checkpoint import read_meta
-from .settings import BenchSettings, log
+from .settings import SWITCH_VARIANTS, BenchSettings, log
 from .timing import lane_stats, measure_generate, random_prompt
 
 #: The dtype every engine loads the checkpoint with.
@@ -267,16 +267,27 @@ def run_engine(engine: str, path: Path, settings: BenchSettings, ids: torch.Tens
 
 
 @contextlib.contextmanager
-def _decode_graphs_off(model: Any, off: bool):
-    """Inside the block, ``generate`` runs on transformers' dynamic cache with eager attention (variant
-    "eager"), as with ``decode_graphs=False``."""
-    graphs = model.hybrid.decode_graphs
-    if off:
-        model.hybrid.decode_graphs = None
+def _switched(model: Any, variant: str):
+    """Inside the block the loaded model runs as ``variant`` asks: "eager" on transformers' dynamic cache
+    with eager attention (as ``decode_graphs=False``), "unfused" with attention graphs but routers run by
+    their MoE blocks, "predict" with ``predict_next_layer=True``; anything else unchanged."""
+    runtime = model.hybrid
+    graphs, executor = runtime.decode_graphs, runtime.executor
+    fuse = graphs.fuse_routers if graphs is not None else None
+    predict = executor.predict_next_layer
+    if variant == "eager":
+        runtime.decode_graphs = None
+    elif variant == "unfused" and graphs is not None:
+        graphs.fuse_routers = False
+    elif variant == "predict":
+        executor.predict_next_layer = True
     try:
         yield
     finally:
-        model.hybrid.decode_graphs = graphs
+        runtime.decode_graphs = graphs
+        if graphs is not None:
+            graphs.fuse_routers = fuse
+        executor.predict_next_layer = predict
 
 
 def measure_variants(model: Any, settings: BenchSettings, ids: torch.Tensor, base: dict) -> list[dict]:
@@ -303,13 +314,13 @@ def measure_variants(model: Any, settings: BenchSettings, ids: torch.Tensor, bas
             if variant == "calibrated":
                 model.set_token_assignment(base_mode)
                 _calibrate(model, base["prompt"])
-            elif variant == "eager":
+            elif variant in SWITCH_VARIANTS:
                 model.set_token_assignment(base_mode)
             else:
                 model.set_token_assignment(variant)
             row.update(_plan_record(model))
             model.hybrid.executor.stats.reset()
-            with _decode_graphs_off(model, variant == "eager"):
+            with _switched(model, variant):
                 row.update(measure_generate(model, ids, base["new_tokens"], settings.repeats))
             plan = row.get("plan")
             if isinstance(plan, dict) and isinstance(plan.get("predicted"), dict):

@@ -19,9 +19,11 @@ SLOW_ENGINES = ("accelerate", "cpu")
 #: Token-assignment modes ``--variants`` may name (each a load with ``token_assignment=<mode>``).
 ASSIGNMENT_VARIANTS = ("stream", "static", "cpu", "whole", "adaptive")
 #: What ``--variants`` may name: the token-assignment modes, "eager" (decode steps without the static cache
-#: and attention graphs, as ``decode_graphs=False``) and "calibrated" (``model.calibrate`` on random prompts,
-#: then measured). Each variant is loaded with the main row's placement.
-VARIANTS = (*ASSIGNMENT_VARIANTS, "eager", "calibrated")
+#: and attention graphs, as ``decode_graphs=False``), "unfused" (attention graphs, routers run by their MoE
+#: blocks), "predict" (``predict_next_layer=True``) and "calibrated" (``model.calibrate`` on random prompts,
+#: then measured). Each variant runs on the loaded model with the main row's placement.
+SWITCH_VARIANTS = ("eager", "unfused", "predict")
+VARIANTS = (*ASSIGNMENT_VARIANTS, *SWITCH_VARIANTS, "calibrated")
 
 
 @dataclass

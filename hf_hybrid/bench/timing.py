@@ -99,4 +99,5 @@ def lane_stats(model: Any) -> dict | None:
     # cumulative since load: layer steps that took the split decode path, and replayed a CUDA graph
     out["decode_graph_steps"] = graphs.steps if graphs is not None else 0
     out["decode_graph_replays"] = graphs.replays if graphs is not None else 0
+    out["decode_graph_router_hits"] = graphs.router_hits if graphs is not None else 0
     return out
