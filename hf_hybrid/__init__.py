@@ -18,6 +18,7 @@ from .errors import (
     HostMemoryError,
     HybridError,
     PlacementError,
+    ServingError,
     UnsupportedModelError,
     WeightsNotFoundError,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "HybridModelForCausalLM",
     "HybridPlan",
     "PlacementError",
+    "ServingError",
     "UnsupportedModelError",
     "WeightsNotFoundError",
     "Workload",

@@ -1,4 +1,4 @@
-"""The ``hf-hybrid`` command line: generate, plan, profile, bench.
+"""The ``hf-hybrid`` command line: generate, plan, serve, profile, bench.
 
 ``main(argv)`` never raises for bad input: it returns the exit code (0 ok, 1 failure, 2 bad input or an
 hf_hybrid error, printed as one ``hf-hybrid: error: ...`` line on stderr, 130 interrupted), so it can be
@@ -6,7 +6,7 @@ called in-process. Logging follows transformers' conventions (``transformers.uti
 after the module); ``-v`` shows hf_hybrid's INFO messages, such as the load summary, and ``-vv`` adds
 transformers' own.
 
-Longer than most modules (about 700 lines) because most of it is argparse and user-facing notes: every
+Longer than most modules (about 770 lines) because most of it is argparse and user-facing notes: every
 option's help text is documentation users read with ``--help``; the command bodies themselves are short.
 """
 
@@ -94,6 +94,13 @@ def _positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _port(value: str) -> int:
+    number = _positive_int(value)
+    if number > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {value!r}")
     return number
 
 
@@ -303,11 +310,7 @@ def _generate(args) -> int:
 
     path = _model_path(args)
     # the tokenizer first: a checkpoint without one fails before the (slower) weight load
-    local = Path(path) if Path(path).is_dir() else _hub_files(path, TOKENIZER_PATTERNS)
-    if local.is_dir() and not any((local / name).exists() for name in TOKENIZER_FILES):
-        raise UsageError(
-            f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...) to encode the prompt"
-        )
+    local = _tokenizer_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:
@@ -334,6 +337,47 @@ def _generate(args) -> int:
         return code
     finally:
         model.hybrid.close()
+
+
+def _tokenizer_dir(path: str) -> Path:
+    """The local directory of ``path``'s tokenizer files (fetched for a hub id); a usage error when a local
+    checkpoint has none (checked before the slower weight load)."""
+    local = Path(path) if Path(path).is_dir() else _hub_files(path, TOKENIZER_PATTERNS)
+    if local.is_dir() and not any((local / name).exists() for name in TOKENIZER_FILES):
+        raise UsageError(
+            f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...) to encode the prompt"
+        )
+    return local
+
+
+def _serve(args) -> int:
+    # first: without the serving extras this fails at once, naming the install command
+    from . import serving
+    from .default_model import NAME
+
+    path = _model_path(args)
+    tokenizer = _tokenizer_dir(path)
+    name = args.model_name or args.model or NAME
+    device = _resolve_device(args)
+    noted = _is_cpu(device) and args.gpu_memory is None
+    with _quiet_fit_warning(noted):
+        app = serving.build_app(
+            path,
+            name=name,
+            tokenizer=str(tokenizer),
+            options=_options(args, device, progress=sys.stderr.isatty()),
+        )
+    if noted:
+        _cpu_note(app.state.model_manager.model.hybrid_plan, "is")
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(
+        f"{PROG}: serving {name!r} at http://{host}:{args.port}/v1 (OpenAI API; prompt + new tokens up to "
+        f"max_context={args.max_context}); Ctrl-C stops",
+        file=sys.stderr,
+    )
+    verbose = getattr(args, "verbose", 0)
+    serving.serve(app, args.host, args.port, log_level="info" if verbose else "warning")
+    return 0
 
 
 def _run_generate(args, model, tokenizer, path: str) -> int:
@@ -573,6 +617,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=_plan)
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API (transformers' server)",
+        description=(
+            "Load a model across GPU, CPU and PCIe streaming and serve it with transformers' own "
+            "OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/responses, /v1/models). "
+            "New tokens are capped so that prompt + new tokens fit --max-context; a request asking for "
+            'more is answered with HTTP 400. Needs the serving extras: pip install "hf_hybrid[serve]".'
+        ),
+    )
+    _add_model_options(srv)
+    srv.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)",
+    )
+    srv.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
+    srv.add_argument(
+        "--model-name",
+        default=None,
+        metavar="NAME",
+        help='the name requests give as "model" and /v1/models lists (default: MODEL as given, or '
+        "smollm2-135m-instruct for the embedded model)",
+    )
+    srv.set_defaults(func=_serve)
 
     # both modules import torch (seconds): their parsers are built only when their command is chosen
     for name, (module, help_text) in LAZY_COMMANDS.items():

@@ -41,3 +41,8 @@ class ContextLengthError(HybridError, ValueError):
 
 class ExecutionError(HybridError, RuntimeError):
     """A step failed inside the executor (a CPU worker or a device lane); the model stays usable."""
+
+
+class ServingError(HybridError, ImportError):
+    """``hf-hybrid serve`` cannot start: its extra packages are missing, or the installed transformers'
+    server is not one it can adapt."""

@@ -47,12 +47,12 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
 def test_top_level_help_lists_every_subcommand(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0
-    for name in ("generate", "plan", "profile", "bench"):
+    for name in ("generate", "plan", "serve", "profile", "bench"):
         assert name in out
     assert "--verbose" in out
 
 
-@pytest.mark.parametrize("command", ["generate", "plan", "profile", "bench"])
+@pytest.mark.parametrize("command", ["generate", "plan", "serve", "profile", "bench"])
 def test_subcommand_help_mentions_every_option(capsys, command):
     subparser = _subcommands()[command]
     code, out, err = run(capsys, command, "--help")
