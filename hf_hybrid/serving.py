@@ -98,6 +98,17 @@ class HybridModelManager(ModelManager):
 
         return HybridModelForCausalLM.from_pretrained(self.checkpoint, **self.options)
 
+    def list_models(self, cache_dir: str | None = None) -> list[dict]:
+        """``/v1/models``: the served model alone, under the name requests give it (not the hub cache)."""
+        owner = self.force_model.split("/")[0] if "/" in self.force_model else ""
+        status = {"value": "loaded" if self.loaded_models else "unloaded"}
+        return [
+            {"id": self.force_model, "object": "model", "created": 0, "owned_by": owner, "status": status}
+        ]
+
+    # transformers before 5.24 answers /v1/models with this (a scan of the hub cache, which may not exist)
+    get_gen_models = list_models
+
     def shutdown(self) -> None:
         """Stop the served model's CPU workers and release its buffers, then let transformers drop it."""
         for timed in list(self.loaded_models.values()):
