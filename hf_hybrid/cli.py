@@ -194,6 +194,16 @@ def _add_model_options(p: argparse.ArgumentParser, *, plan: bool = False) -> Non
         ),
     )
     p.add_argument(
+        "--prefill-chunk",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=(
+            "tokens per prefill forward the device workspace is sized for; longer prompts are prefilled in "
+            "chunks of N (default: the planned prompt length, at most 512)"
+        ),
+    )
+    p.add_argument(
         "--trust-remote-code", action="store_true", help="allow code from the checkpoint's repository to run"
     )
     _add_verbose(p, default=argparse.SUPPRESS)
@@ -297,6 +307,7 @@ def _options(args, device: str, **extra) -> dict:
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         max_context=args.max_context,
         max_batch_size=args.max_batch_size,
+        prefill_chunk=args.prefill_chunk,
         trust_remote_code=args.trust_remote_code,
     ).with_(**extra)
     return {name: getattr(options, name) for name in HybridOptions.names()}

@@ -332,19 +332,23 @@ def plan_model(
         )
     ctx, batch = options.max_context, options.max_batch_size
     workload = options.workload or Workload(prompt_tokens=min(512, ctx), new_tokens=128, batch=batch)
+    # the device workspace holds one prefill forward of this many tokens; generate cuts longer prompts
+    chunk = min(options.prefill_chunk or workload.prompt_tokens, ctx)
     hw = _load_profile(options.profile, device, dtype)
     result = plan(
         units,
         hw,
         budget,
         kv_cache_bytes=kv_cache_bytes(config, ctx, batch, dtype_size(dtype)),
-        workspace_bytes=workspace_bytes(config, units, ctx, batch, workload.prompt_tokens),
+        workspace_bytes=workspace_bytes(config, units, ctx, batch, chunk),
         workload=workload,
         top_k=experts_per_token(config),
         forced=options.placement,
         routing=options.routing_stats,
         token_assignment=options.token_assignment,
     )
+    result.prefill_chunk = chunk
+    result.kv_cache_bytes_per_1k = kv_cache_bytes(config, 1024, batch, dtype_size(dtype))
     return result, model
 
 

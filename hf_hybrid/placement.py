@@ -58,6 +58,10 @@ class HybridPlan:
     profile: HardwareProfile
     workload: Workload
     routing: dict[str, float] = field(default_factory=dict)
+    # tokens per prefill forward the workspace holds (longer prompts are prefilled in chunks of this size),
+    # and the KV cache's device bytes per 1,024 positions of max_context (for max_batch_size sequences)
+    prefill_chunk: int = 0
+    kv_cache_bytes_per_1k: int = 0
     token_assignment: str = "adaptive"  # the executor's policy, which the predictions assume
     predicted: dict[str, float] = field(default_factory=dict)
     unit_times: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -106,7 +110,9 @@ class HybridPlan:
                 "workspace": self.workspace_bytes,
                 "staging": self.staging_bytes,
                 "free": self.budget_bytes - self.device_bytes,
+                "kv_cache_per_1k_context": self.kv_cache_bytes_per_1k,
             },
+            "prefill_chunk": self.prefill_chunk,
             "staging": [{"name": s.name, "slot_bytes": s.slot_bytes, "slots": s.slots} for s in self.staging],
             "homes": {h: len(self.units_in(h)) for h in HOMES},
             "workload": {
@@ -143,6 +149,11 @@ class HybridPlan:
             f"{format_bytes(d['workspace'])}, staging {format_bytes(d['staging'])}"
             + ("" if unlimited else f", free {format_bytes(d['free'])}")
         )
+        if self.kv_cache_bytes_per_1k:
+            lines.append(
+                f"each 1k positions of max_context cost {format_bytes(self.kv_cache_bytes_per_1k)} of KV cache"
+                f"; prompts longer than {self.prefill_chunk} tokens are prefilled in chunks of that size"
+            )
         counts = ", ".join(f"{h} {len(self.units_in(h))}" for h in HOMES)
         lines.append(f"units per home: {counts}")
         p = self.predicted

@@ -7,6 +7,7 @@ and the other casts, ``save_pretrained``).
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -142,6 +143,18 @@ class HybridGenerationMixin:
         """The accelerator the model computes on (inputs go here), whatever the first parameter's home."""
         return self.hybrid.executor.device
 
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """transformers' count, with the expert / dense-MLP weights that the executor holds outside the
+        module tree (on the device, in host memory or streamed): the model's true size."""
+        count = super().num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+        if only_trainable:
+            return count  # the executor's weights are inference-only
+        return count + sum(
+            math.prod(gate_up) + math.prod(down)
+            for group in self.hybrid.loaded.groups.values()
+            for gate_up, down in group.shapes.values()
+        )
+
     def __call__(self, *args, **kwargs):
         """The model's forward (with its hooks), checked against ``max_context`` and serialised per model.
 
@@ -156,11 +169,14 @@ class HybridGenerationMixin:
         """transformers ``generate``, checked against ``max_context`` and serialised per model.
 
         A failed or interrupted call (an exception in a lane, CUDA OOM, Ctrl-C) resets the executor's
-        lanes before the error propagates, so the model stays usable.
+        lanes before the error propagates, so the model stays usable. A prompt longer than the plan's
+        ``prefill_chunk`` is prefilled in chunks of that size (transformers' ``prefill_chunk_size``), so
+        its activations fit the workspace the plan reserved; a ``prefill_chunk_size`` of the caller's wins.
         """
         self._check_context(args, kwargs)
         with self.hybrid.serialised():
             starts: list[float] = []  # host time at the start of each forward: prefill, then decode steps
+            kwargs = self._with_prefill_chunks(args, kwargs)
             kwargs = self._with_static_cache(args, kwargs)
             handle = self.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
             try:
@@ -169,6 +185,22 @@ class HybridGenerationMixin:
                 handle.remove()
             self._record_throughput(args, kwargs, starts, time.perf_counter())
             return out
+
+    def _with_prefill_chunks(self, args, kwargs) -> dict:
+        """``kwargs`` with ``prefill_chunk_size`` set to the plan's ``prefill_chunk`` when the prompt is longer
+        than that, the caller chose no chunk size of their own, and the call keeps a KV cache."""
+        chunk = getattr(self.hybrid.plan, "prefill_chunk", 0)
+        input_ids = self._input_ids(args, kwargs)
+        if not chunk or input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] <= chunk:
+            return kwargs
+        gen_config = kwargs.get("generation_config") or self.generation_config
+        if (
+            kwargs.get("inputs_embeds") is not None
+            or kwargs.get("prefill_chunk_size", getattr(gen_config, "prefill_chunk_size", None)) is not None
+            or kwargs.get("use_cache", getattr(gen_config, "use_cache", True)) is False
+        ):
+            return kwargs
+        return {**kwargs, "prefill_chunk_size": chunk}
 
     def _with_static_cache(self, args, kwargs) -> dict:
         """``kwargs`` with the decode graphs' static KV cache, where this call can use it: no cache or cache
@@ -204,16 +236,19 @@ class HybridGenerationMixin:
         if input_ids is None or input_ids.dim() != 2 or not starts:
             return
         batch, prompt = input_ids.shape
-        prefill_s = (starts[1] if len(starts) > 1 else finished) - starts[0]
+        gen_config = kwargs.get("generation_config") or self.generation_config
+        chunk = kwargs.get("prefill_chunk_size", getattr(gen_config, "prefill_chunk_size", None))
+        prefills = -(-prompt // chunk) if chunk else 1  # a chunked prompt takes one forward per chunk
+        prefill_s = (starts[prefills] if len(starts) > prefills else finished) - starts[0]
         measured = {
             "prompt_tokens": prompt,
             "batch": batch,
             "prefill_tok_s": batch * prompt / max(prefill_s, 1e-9),
         }
-        steps = len(starts) - 1
+        steps = len(starts) - prefills
         if steps > 0:
             measured["decode_steps"] = steps
-            measured["decode_tok_s"] = batch * steps / max(finished - starts[1], 1e-9)
+            measured["decode_tok_s"] = batch * steps / max(finished - starts[prefills], 1e-9)
         self.hybrid.plan.measured = measured
 
     @staticmethod

@@ -198,6 +198,21 @@ def test_plan_tiny_checkpoint_text_and_json(capsys, tiny_checkpoints):
     assert "gpu" in homes and homes & {"cpu", "stream"}  # the small budget offloads part of it
 
 
+def test_plan_prefill_chunk_sizes_the_workspace(capsys, tiny_checkpoints):
+    directory = tiny_checkpoints["mixtral"]
+    code, out, err = run(capsys, "plan", directory, *PLAN_OPTIONS, "--prefill-chunk", 4, "--json")
+    assert code == 0, err
+    chunked = _strict(out)
+    code, out, _ = run(capsys, "plan", directory, *PLAN_OPTIONS, "--json")
+    whole = _strict(out)
+    assert chunked["prefill_chunk"] == 4 and whole["prefill_chunk"] > 4
+    assert chunked["budget"]["workspace"] < whole["budget"]["workspace"]
+    code, out, _ = run(capsys, "plan", directory, *PLAN_OPTIONS, "--prefill-chunk", 4)
+    assert "prefilled in chunks of that size" in out and "each 1k positions" in out
+    code, _, err = run(capsys, "plan", directory, *PLAN_OPTIONS, "--prefill-chunk", 0)
+    assert code == 2 and "prefill-chunk" in err
+
+
 def test_plan_config_only_dir_needs_no_weights(capsys, tiny_checkpoints, tmp_path):
     directory = tiny_checkpoints["qwen3_moe"]
     config_only = _config_only(tmp_path, directory)

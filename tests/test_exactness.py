@@ -242,3 +242,12 @@ def test_a_merged_dense_mlp_splits_back_when_a_slice_leaves_the_device(tiny_chec
         rt.executor.rehome(group, 0, "cpu")  # one slice to the CPU lane: the MLP is a sum of homes again
         assert group.merged is None and group.homes[0] == "cpu"
         assert torch.allclose(hybrid(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_num_parameters_counts_the_weights_the_executor_holds(tiny_checkpoints, family):
+    # the experts / MLP slices live outside the module tree (device, host memory, streamed): still counted
+    ref, hybrid = load_pair(tiny_checkpoints[family], family, torch.float32)
+    for exclude in (False, True):
+        expected = ref.num_parameters(exclude_embeddings=exclude)
+        assert hybrid.num_parameters(exclude_embeddings=exclude) == expected

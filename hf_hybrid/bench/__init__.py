@@ -193,6 +193,15 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         ),
     )
     parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help=(
+            "hf_hybrid's prefill_chunk: tokens per prefill forward its workspace is sized for; longer prompts "
+            "are prefilled in chunks (default: the whole prompt, e.g. set 2048 for a 32768-token prompt)"
+        ),
+    )
+    parser.add_argument(
         "--build-only", action="store_true", help="build (or find) the checkpoint, print its path and stop"
     )
 
@@ -252,6 +261,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             profile=args.profile,
             routing_stats=args.routing_stats,
             variants=args.variants,
+            prefill_chunk=args.prefill_chunk,
             budgets=args.budgets,
             repeats=args.repeats,
             command=shlex.join(["hf-hybrid", "bench", *_argv_after_bench()]),

@@ -82,7 +82,7 @@ def _load_hf_hybrid(path: Path, settings: BenchSettings, prompt: int, new_tokens
         if stats:
             kwargs["routing_stats"] = stats
             extra["routing_stats_passed"] = len(stats)
-    for name in ("token_assignment", "placement"):
+    for name in ("token_assignment", "placement", "prefill_chunk"):
         if settings.extra.get(name):
             kwargs[name] = settings.extra[name]
     model = HybridModelForCausalLM.from_pretrained(

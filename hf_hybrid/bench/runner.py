@@ -104,7 +104,9 @@ def run_bench(scenario: str, **options: Any) -> dict:
     keep the fastest; default 1), ``command`` (shown in the header), ``routing_stats`` (bool: hand
     hf_hybrid the checkpoint's measured routing as ``routing_stats``, as a deployment that profiled its
     traffic would), ``budgets`` (extra GPU budgets, a row each), ``variants`` (extra hf_hybrid rows, see
-    :func:`hf_hybrid.bench.engines.measure_variants`), ``progress`` and ``print_table`` (bool).
+    :func:`hf_hybrid.bench.engines.measure_variants`), ``prefill_chunk`` (hf_hybrid's option: tokens per
+    prefill forward, for prompts longer than its workspace should hold), ``progress`` and ``print_table``
+    (bool).
 
     Returns the record that is written as JSON: ``header``, ``rows`` (one per engine), ``table`` (markdown),
     ``machine``, ``scenario``, ``settings``, ``checkpoint``, ``profile``, ``json_path``.

@@ -153,6 +153,10 @@ def resolve_settings(scenario: str | Scenario, **options: Any) -> BenchSettings:
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
     settings.extra["variants"] = variants
+    chunk = options.pop("prefill_chunk", None)
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise ValueError(f"prefill_chunk must be a positive int (got {chunk!r})")
+    settings.extra["prefill_chunk"] = chunk
     if options:
         raise TypeError(f"unknown option(s) for run_bench: {', '.join(sorted(options))}")
     if not settings.command:
