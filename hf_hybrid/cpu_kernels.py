@@ -41,7 +41,8 @@ class CpuKernels:
             # CPU-home units may hold a packed copy (the profile's fastest kernel per token count); units
             # streamed by default run the fastest plain kernel when assignment sends them to the CPU
             methods = self.methods if group.homes[i] == CPU else self.plain_methods
-            kernel = CpuExpertKernel(gate_up, down, group.act_fn, methods)
+            # a dense MLP's slice is one part of a sum: its down output stays fp32 until the sum is rounded
+            kernel = CpuExpertKernel(gate_up, down, group.act_fn, methods, fp32_out=not group.routed)
             group.cpu_kernels[i] = kernel
         return kernel
 

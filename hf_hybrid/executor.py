@@ -14,6 +14,12 @@ slices of a dense MLP) for its tokens:
 5. **resident**: resident units on the GPU lane;
 6. **join**: the CPU lane's fp32 partial sums are added to the GPU's, rounded once to the model dtype.
 
+Rounding: every lane adds into fp32. An expert's down output is rounded to the model dtype before it is
+weighted, as transformers rounds it; the row slices of a dense MLP, and the lanes' parts of a divided
+unit, keep their down outputs in fp32 (:func:`hf_hybrid.kernels.cpu.fp32_linear`; the native lane's
+``partial`` jobs), so a dense MLP spread over several homes is rounded once, like transformers' single
+matmul. A dense MLP held whole on the device runs as one piece: the same bits as transformers.
+
 Streams, events, threads and pinned buffers belong to :mod:`hf_hybrid.lanes`; the host weight layout to
 :mod:`hf_hybrid.weights`; what the CPU lane computes to :mod:`hf_hybrid.cpu_work`.
 """
@@ -435,9 +441,9 @@ class Executor:
                 gate_up, down = group.host_weights[i]
                 tokens, weights = (None, None) if rows is None else (rows[0], inputs.weights[rows[1]])
                 r = lanes.split.get(i)
-                jobs.append(
-                    ExpertJob(gate_up, down, rows=r, tokens=tokens, weights=weights, partial=r is not None)
-                )
+                # rows of a divided unit, or a dense MLP's slice: a part of a sum, its down output stays fp32
+                partial = r is not None or not group.routed
+                jobs.append(ExpertJob(gate_up, down, rows=r, tokens=tokens, weights=weights, partial=partial))
                 self.stats.native_units += 1
             job = native_units_job(
                 self.cpu_kernels.native_lane,
@@ -533,12 +539,13 @@ class Executor:
             x = batch.hidden[tok]
         else:
             x = batch.hidden
-        y = gated_mlp(x, gate_up, down, group.act_fn)
         if group.routed:
-            y = y * batch.flat_weights[sel, None]
+            # an expert's output is rounded to the model dtype and weighted there, as transformers does
+            y = gated_mlp(x, gate_up, down, group.act_fn) * batch.flat_weights[sel, None]
             batch.acc.index_add_(0, tok, y.float())
         else:
-            batch.acc += y.float()
+            # a dense MLP's slice: its down output stays fp32, the slices are rounded once (after the join)
+            batch.acc += gated_mlp(x, gate_up, down, group.act_fn, fp32_out=True)
 
     # stage 6
     def _join(self, group, cpu_future, lanes: Assignment, routing: Routing, acc) -> None:

@@ -25,7 +25,8 @@ SMOL_PLACEMENT = {"layers.*.mlp.0": "gpu", "layers.*.mlp.1": "cpu", "layers.*.ml
 
 
 def load_smollm2_pair(**options: Any) -> tuple[Any, Any, Any]:
-    """(tokenizer, plain transformers model, hybrid model) of the embedded SmolLM2, both in float32.
+    """(tokenizer, plain transformers model, hybrid model) of the embedded SmolLM2, both in float32 unless
+    ``dtype`` says otherwise.
 
     The hybrid model runs on the CPU standing in for the accelerator with :data:`SMOL_PLACEMENT`, so every
     home is used; ``options`` override or add ``from_pretrained`` settings. Callers close the hybrid model
@@ -38,11 +39,12 @@ def load_smollm2_pair(**options: Any) -> tuple[Any, Any, Any]:
     from hf_hybrid.default_model import default_model_dir
 
     directory = default_model_dir()
+    dtype = options.pop("dtype", torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     settings: dict[str, Any] = dict(
         device="cpu",
-        dtype=torch.float32,
+        dtype=dtype,
         gpu_memory="300MiB",
         max_context=256,
         placement=SMOL_PLACEMENT,

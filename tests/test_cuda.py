@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_decode_graphs import generate, static_reference
-from test_exactness import bf16_ulps, load_pair, prompt
+from test_exactness import BF16_ULPS, bf16_ulps, load_pair, prompt
 from tiny_models import CONFIGS
 from transformers import AutoModelForCausalLM
 
@@ -44,7 +44,7 @@ def test_cuda_bfloat16_within_ulps(tiny_checkpoints, family):
     ref, hybrid = _pair(tiny_checkpoints[family], family, torch.bfloat16, mode="adaptive")
     ids = prompt().cuda()
     with torch.no_grad():
-        assert bf16_ulps(hybrid(ids).logits.float(), ref(ids).logits.float()) <= 4.0
+        assert bf16_ulps(hybrid(ids).logits.float(), ref(ids).logits.float()) <= BF16_ULPS
 
 
 def test_cuda_trace_times_device_lanes(tiny_checkpoints, tmp_path):

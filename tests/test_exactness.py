@@ -10,6 +10,10 @@ from transformers import AutoModelForCausalLM
 from hf_hybrid import HybridModelForCausalLM
 
 FAMILIES = sorted(CONFIGS)
+#: bf16 logits where partial results from several homes are summed (in fp32, rounded once): measured 0-1 ulp
+#: for the dense families (slices on three homes), up to 2 where MoE experts are divided between the lanes
+#: (the expert's parts add in fp32, where transformers rounds the whole expert's output to bf16)
+BF16_ULPS = 2.0
 
 
 def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,7 +73,7 @@ def test_bfloat16_logits_within_a_few_ulps(tiny_checkpoints, family):
         expected = ref(ids).logits.float()
         got = hybrid(ids).logits.float()
     assert hybrid.dtype == torch.bfloat16
-    assert bf16_ulps(got, expected) <= 4.0
+    assert bf16_ulps(got, expected) <= BF16_ULPS
     stats = hybrid.hybrid.executor.stats
     assert stats.cpu_units > 0 and stats.streamed_units > 0 and stats.gpu_units > 0, stats
 
@@ -130,7 +134,7 @@ def test_divided_units_bfloat16_within_a_few_ulps(tiny_checkpoints, family, divi
     with torch.no_grad():
         expected = ref(ids[:, :3]).logits.float()
         got = hybrid(ids[:, :3]).logits.float()
-    assert bf16_ulps(got, expected) <= 4.0
+    assert bf16_ulps(got, expected) <= BF16_ULPS
     assert hybrid.hybrid.executor.stats.split_units > 0
 
 
@@ -164,7 +168,7 @@ def test_embeddings_on_cpu_and_streamed_lm_head_are_exact(tiny_checkpoints, fami
 
 
 def assert_matches_transformers(ref, hybrid, ids, dtype, new_tokens):
-    """fp32: logits within 1e-5 and the same greedy tokens; bf16: logits within a few ulps."""
+    """fp32: logits within 1e-5 and the same greedy tokens; bf16: logits within BF16_ULPS ulps."""
     with torch.no_grad():
         expected = ref(ids).logits.float()
         got = hybrid(ids).logits.float()
@@ -173,7 +177,7 @@ def assert_matches_transformers(ref, hybrid, ids, dtype, new_tokens):
         want = ref.generate(ids, max_new_tokens=new_tokens, do_sample=False)
         assert torch.equal(hybrid.generate(ids, max_new_tokens=new_tokens, do_sample=False), want)
     else:
-        assert bf16_ulps(got, expected) <= 4.0
+        assert bf16_ulps(got, expected) <= BF16_ULPS
 
 
 @pytest.mark.parametrize("assignment", ["static", "adaptive"])
@@ -204,7 +208,7 @@ def test_cpu_lane_backends_are_exact(tiny_checkpoints, family, dtype, backend, a
         want = ref.generate(ids, max_new_tokens=6, do_sample=False)
         assert torch.equal(hybrid.generate(ids, max_new_tokens=6, do_sample=False), want)
     else:
-        assert bf16_ulps(got, expected) <= 4.0
+        assert bf16_ulps(got, expected) <= BF16_ULPS
     stats = hybrid.hybrid.executor.stats
     assert (stats.cpu_units if assignment == "static" else stats.split_units) > 0, stats
     # the backend asked for is the one that ran

@@ -8,6 +8,11 @@ Which matmul routine to use depends on the token count: torch's ``F.linear`` pic
 kernels per M on CPU (16 GB/s at M=1, 71 GB/s at M=8 on a Xeon), while oneDNN on a pre-packed weight
 is steadier. The choice per token count is measured by :func:`hf_hybrid.profile.measure` and stored in
 ``HardwareProfile.cpu_kernel``; this module only executes it.
+
+A row slice of a dense MLP is one part of a sum: transformers computes the MLP's down projection as ONE
+matmul that accumulates in fp32 and rounds once, so each slice's down output stays fp32 here
+(:func:`fp32_linear`) and the executor adds the slices in fp32 and rounds the sum once. An expert's down
+output is rounded to the model dtype, as transformers rounds it.
 """
 
 from __future__ import annotations
@@ -77,12 +82,53 @@ def plain_linear(x: Tensor, weight: Tensor, methods: Mapping[int, str] | str = "
     return F.linear(x, weight)
 
 
-def gated_mlp(x: Tensor, gate_up: Tensor, down: Tensor, act_fn: Callable[[Tensor], Tensor]) -> Tensor:
+_mm_out_dtype: dict[str, bool] = {}
+
+
+def _mm_to_fp32_works(device: torch.device) -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` takes bf16/fp16 operands on ``device``'s type
+    (torch has it on CUDA, not on the CPU); tried once per device type, never raises."""
+    known = _mm_out_dtype.get(device.type)
+    if known is None:
+        try:
+            a = torch.ones((2, 8), dtype=torch.bfloat16, device=device)
+            known = torch.mm(a, a.t(), out_dtype=torch.float32).dtype == torch.float32
+        except Exception:  # an older torch, or a device type without the kernel
+            known = False
+        _mm_out_dtype[device.type] = known
+    return known
+
+
+def fp32_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``x @ weight.T`` accumulated in fp32 and returned in fp32, NOT rounded to ``x``'s dtype: one part of
+    a sum that is rounded once, after the parts are added (the products of bf16 values are exact in fp32, so
+    this is the fp32 value a single bf16 matmul rounds at its end).
+
+    On CUDA this is one bf16 x bf16 -> fp32 GEMM (``torch.mm(..., out_dtype=torch.float32)``): measured on
+    an H200 (torch 2.11) it costs what the bf16 matmul costs (16-22 us against 16-21 us, T = 1..512 tokens,
+    H x I up to 8192 x 1376), and its output rounded to bf16 has the bits of the bf16 matmul; widening the
+    operands first cost 2-15x that. The CPU has no such op in torch: the operands are widened to fp32,
+    which on a busy 2-core AVX-512-BF16 machine made a dense slice's down projection 2.4-6.5x slower and a
+    whole slice (gate/up/down) 1.5-2x slower on the torch path (H x I 576x384 and 4096x1792, T = 1..256). Decode
+    steps' CPU work runs on the native lane, whose fp32 down output costs nothing extra, so this is paid by
+    prefill-sized CPU work (and by machines without the native kernel)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.linear(x, weight)
+    if x.dim() == 2 and x.device.type != "cpu" and _mm_to_fp32_works(x.device):
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    return F.linear(x.float(), weight.float())
+
+
+def gated_mlp(
+    x: Tensor, gate_up: Tensor, down: Tensor, act_fn: Callable[[Tensor], Tensor], fp32_out: bool = False
+) -> Tensor:
     """``down(act(gate(x)) * up(x))`` with gate and up from one matmul on ``gate_up [2*I, H]``: exactly the
     formula transformers computes, so fp32 results are bit-identical (the GPU lane and the CPU's ``linear``
-    method both use it)."""
+    method both use it). ``fp32_out``: the down output stays fp32 (:func:`fp32_linear`), for a row slice of
+    a dense MLP whose slices are summed before one rounding."""
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(act_fn(gate) * up, down)
+    h = act_fn(gate) * up
+    return fp32_linear(h, down) if fp32_out else F.linear(h, down)
 
 
 def partial_gated_mlp(
@@ -93,7 +139,7 @@ def partial_gated_mlp(
     The activations are rounded as transformers rounds them; the down output stays fp32, so the parts of
     the lanes add up in fp32 and are rounded once (the native lane's ``partial`` jobs compute the same)."""
     h = act_fn(F.linear(x, gate)) * F.linear(x, up)
-    return F.linear(h.float(), down.float())
+    return fp32_linear(h, down)
 
 
 def _nearest(table: Mapping[int, str], tokens: int) -> str:
@@ -117,6 +163,9 @@ class CpuExpertKernel:
         methods: one method name for every token count, or ``{token_count: method}`` as stored in
             ``HardwareProfile.cpu_kernel``: a call with ``n`` tokens uses the entry of the smallest token
             count ``>= n``, else the largest one.
+        fp32_out: the kernel computes a row slice of a dense MLP: its down output stays fp32
+            (:func:`fp32_linear`, with ``down`` as it is; only ``gate_up`` gets a packed copy), so the
+            slices add up in fp32 and are rounded once.
 
     ``onednn_packed`` builds packed copies of both matrices once, here; they cost about as much host memory
     as the weights themselves (:attr:`extra_bytes`). If packing is not possible the kernel falls back to
@@ -129,6 +178,7 @@ class CpuExpertKernel:
         down: Tensor,
         act_fn: Callable[[Tensor], Tensor],
         methods: Mapping[int, str] | str = "linear",
+        fp32_out: bool = False,
     ) -> None:
         if gate_up.dim() != 2 or down.dim() != 2:
             raise ValueError(
@@ -144,6 +194,7 @@ class CpuExpertKernel:
         self.gate_up = gate_up
         self.down = down
         self.act_fn = act_fn
+        self.fp32_out = fp32_out
         self.hidden_size = hidden
         self.intermediate_size = inter2 // 2
 
@@ -163,10 +214,10 @@ class CpuExpertKernel:
             table = {m: ("linear" if meth == "onednn_packed" else meth) for m, meth in table.items()}
 
         self.methods: dict[int, str] = dict(sorted(table.items()))
-        self.extra_bytes: int = 0
-        if self._packed_gate_up is not None and self._packed_down is not None:
-            # nbytes of an mkldnn tensor is its logical size; blocked layouts pad little for these shapes
-            self.extra_bytes = int(self._packed_gate_up.nbytes + self._packed_down.nbytes)
+        # nbytes of an mkldnn tensor is its logical size; blocked layouts pad little for these shapes
+        self.extra_bytes: int = sum(
+            int(t.nbytes) for t in (self._packed_gate_up, self._packed_down) if t is not None
+        )
 
     def _pack(self) -> bool:
         # One packed copy serves every token count, packed without a batch hint. Measured on a Sapphire
@@ -185,7 +236,8 @@ class CpuExpertKernel:
             # no_grad, not inference_mode: inference tensors would break callers that run outside it
             with torch.no_grad():
                 self._packed_gate_up = torch.ops.mkldnn._reorder_linear_weight(self.gate_up)
-                self._packed_down = torch.ops.mkldnn._reorder_linear_weight(self.down)
+                if not self.fp32_out:  # a dense slice's down projection runs unpacked, to fp32
+                    self._packed_down = torch.ops.mkldnn._reorder_linear_weight(self.down)
         except Exception as err:  # packing is an optimisation: fall back, don't fail
             self._packed_gate_up = self._packed_down = None
             logger.warning("Packing expert weights for oneDNN failed (%s); using 'linear' instead.", err)
@@ -197,20 +249,23 @@ class CpuExpertKernel:
         return _nearest(self.methods, tokens)
 
     def __call__(self, x: Tensor) -> Tensor:
-        """``x [n, H]`` on CPU in the weights' dtype -> ``[n, H]`` in the same dtype."""
+        """``x [n, H]`` on CPU in the weights' dtype -> ``[n, H]`` in the same dtype (fp32 with
+        ``fp32_out``)."""
         sync_thread_count()
         n = x.shape[0]
         if n == 0:
-            return x.new_empty((0, self.hidden_size))
+            return x.new_empty((0, self.hidden_size), dtype=torch.float32 if self.fp32_out else x.dtype)
         method = self.method_for(n)
         if method == "linear":
             # Exactly the plain formula (as transformers computes it), so fp32 results are bit-identical.
-            return gated_mlp(x, self.gate_up, self.down, self.act_fn)
+            return gated_mlp(x, self.gate_up, self.down, self.act_fn, fp32_out=self.fp32_out)
         if method == "matmul_t":
             gate, up = (x @ self.gate_up.t()).chunk(2, dim=-1)
-            return (self.act_fn(gate) * up) @ self.down.t()
+            h = self.act_fn(gate) * up
+            return fp32_linear(h, self.down) if self.fp32_out else h @ self.down.t()
         gate, up = _packed_linear(x, self._packed_gate_up).chunk(2, dim=-1)
-        return _packed_linear(self.act_fn(gate) * up, self._packed_down)
+        h = self.act_fn(gate) * up
+        return fp32_linear(h, self.down) if self.fp32_out else _packed_linear(h, self._packed_down)
 
     @property
     def weight_bytes(self) -> int:
