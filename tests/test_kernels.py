@@ -166,3 +166,24 @@ def test_plain_linear_dispatches_by_token_count():
         torch.testing.assert_close(plain_linear(x, weight, "matmul_t"), F.linear(x, weight))
         table = {1: "linear", 16: "matmul_t"}
         torch.testing.assert_close(plain_linear(x, weight, table), F.linear(x, weight))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_dense_slice_kernel_keeps_its_down_output_in_fp32(method):
+    # a dense MLP's slice is one part of a sum rounded once: its down output is the fp32 product of the bf16
+    # activations and weights, not rounded to bf16 (and only gate_up gets a packed copy)
+    if method not in available_methods(torch.bfloat16):
+        pytest.skip(f"{method} is not available for bf16 here")
+    gate_up, down = _weights(torch.bfloat16)
+    x = (torch.randn(5, H, generator=torch.Generator().manual_seed(1))).to(torch.bfloat16)
+    kernel = CpuExpertKernel(gate_up, down, F.silu, method, fp32_out=True)
+    y = kernel(x)
+    assert y.dtype == torch.float32 and kernel._packed_down is None
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    want = F.linear((F.silu(gate) * up).float(), down.float())
+    if method == "onednn_packed":  # another gate/up routine may round an activation the other way
+        torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-3)
+    else:
+        torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(y, y.to(torch.bfloat16).float())  # not rounded to bf16
+    assert kernel(x[:0]).dtype == torch.float32
