@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument(
         "--profile-steps", type=int, default=4, help="decode steps under torch.profiler (0: none)"
     )
+    parser.add_argument(
+        "--stack", action="store_true", help="record Python stacks in the profiler trace (slower steps)"
+    )
     parser.add_argument("--out-dir", default=".")
     args = parser.parse_args()
 
@@ -126,7 +129,7 @@ def main() -> None:
         short = ids[:, :16]
         with torch.inference_mode():
             model.generate(short, max_new_tokens=2, do_sample=False)
-            with profile(activities=activities) as prof:
+            with profile(activities=activities, with_stack=args.stack) as prof:
                 model.generate(
                     short,
                     max_new_tokens=args.profile_steps,

@@ -125,6 +125,7 @@ class DecodeGraphs:
     routers: dict = field(default_factory=dict)  # layer index -> the router's own forward
     router_hits: int = 0  # router calls answered from the attention half's outputs
     _pending: dict = field(default_factory=dict)  # layer index -> (MLP input, routing) of the running step
+    _fingerprint: tuple = ()  # the captured modules' state when the graphs were recorded
 
     def cache_for(self, batch: int):
         """An empty ``StaticCache`` of ``max_context`` positions for ``batch`` sequences, reused across calls
@@ -143,6 +144,40 @@ class DecodeGraphs:
         self.cache = StaticCache(config=self.config, max_cache_len=self.max_context)
         self.batch = batch
         return self.cache
+
+    def follow_module_changes(self) -> None:
+        """Drop the graphs when a module they replay has changed since they were recorded: a module
+        replaced or wrapped (peft's LoRA layers), a parameter replaced by another tensor, an adapter
+        switched on or off. A graph replays the kernels and addresses it recorded, not the Python that
+        chose them. Called once per ``generate`` call (a few hundred attribute reads)."""
+        fingerprint = self._module_state()
+        if fingerprint != self._fingerprint:
+            if self._fingerprint:
+                self.release()
+            self._fingerprint = fingerprint
+
+    def _module_state(self) -> tuple:
+        state = []
+        for i in sorted(self.graphable):
+            layer = self.layers[i]
+            parts = [layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm]
+            router = self.routers.get(i)
+            if router is not None:
+                parts.append(getattr(router, "__self__", None) or layer.mlp)
+            for part in parts:
+                for module in part.modules():
+                    state.append(
+                        (
+                            id(module),
+                            type(module),
+                            tuple(id(p) for p in module._parameters.values()),
+                            # peft's LoRA layers: adapters switched off, merged, or another adapter active
+                            getattr(module, "_disable_adapters", None),
+                            getattr(module, "merged_adapters", None) and tuple(module.merged_adapters),
+                            repr(getattr(module, "active_adapter", None)),
+                        )
+                    )
+        return tuple(state)
 
     def release(self) -> None:
         """Drop the cache and every graph (a new batch size, or the model closing)."""

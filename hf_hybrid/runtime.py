@@ -207,23 +207,29 @@ class HybridGenerationMixin:
         implementation of the caller's, one sequence per prompt row (no beams, no extra sequences, whose
         caches transformers reorders or copies), no assistant model, and token ids as the prompt."""
         graphs = self.hybrid.decode_graphs
-        input_ids = self._input_ids(args, kwargs)
-        if graphs is None or input_ids is None or input_ids.dim() != 2:
+        if graphs is None:
             return kwargs
+        input_ids = self._input_ids(args, kwargs)
         gen_config = kwargs.get("generation_config") or self.generation_config
 
         def setting(name: str):
             return kwargs.get(name, getattr(gen_config, name, None))
 
         if (
-            any(kwargs.get(name) is not None for name in ("past_key_values", "cache", "assistant_model"))
+            input_ids is None
+            or input_ids.dim() != 2
+            or any(kwargs.get(name) is not None for name in ("past_key_values", "cache", "assistant_model"))
             or setting("cache_implementation") is not None
             or setting("use_cache") is False
             or (setting("num_beams") or 1) > 1
             or (setting("num_return_sequences") or 1) > 1
             or (setting("prompt_lookup_num_tokens") or 0) > 0
         ):
+            # this call keeps its KV cache elsewhere: free the kept static cache (and its graphs) first, so
+            # the device never holds the KV-cache memory the plan reserved twice
+            graphs.release()
             return kwargs
+        graphs.follow_module_changes()
         return {**kwargs, cache_argument(type(self)): graphs.cache_for(input_ids.shape[0])}
 
     def _record_throughput(self, args, kwargs, starts: list[float], finished: float) -> None:

@@ -58,6 +58,22 @@ def run_threads(work, count: int, timeout: float = 60) -> list[BaseException]:
 
 
 def test_forward_and_generate_from_many_threads_match_single_threaded(model):
+    check_many_threads(model)
+
+
+def test_many_threads_on_the_decode_graph_path(tiny_checkpoints):
+    # one static KV cache serves every generate call of the model: the calls take turns, each on a reset
+    # cache, and forwards in between (on no cache of the model's) leave it alone
+    model = load_every_lane(tiny_checkpoints["mixtral"], decode_graphs=True)
+    try:
+        check_many_threads(model)
+        assert model.hybrid.decode_graphs.steps > 0
+    finally:
+        model.hybrid.close()
+
+
+def check_many_threads(model) -> None:
+    """Forwards and generate calls from several threads give what they give one at a time."""
     prompts = [prompt(length=5 + k, seed=100 + k) for k in range(THREADS)]
     want_logits = [logits(model, ids) for ids in prompts]
     want_tokens = [generate(model, ids) for ids in prompts]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_decode_graphs import generate, static_reference
+from test_decode_graphs import _Delta, generate, static_reference
 from test_exactness import BF16_ULPS, bf16_ulps, load_pair, prompt
 from tiny_models import CONFIGS
 from transformers import AutoModelForCausalLM
@@ -252,3 +252,23 @@ def test_cuda_decode_graphs_recapture_after_inference_mode(tiny_checkpoints):
     assert torch.equal(generate(hybrid, ids, 8).sequences, want.sequences)
     assert graphs.replays > replays and not graphs.failed
     assert graphs.router_hits > 0
+
+
+def test_cuda_decode_graphs_follow_a_wrapped_projection(tiny_checkpoints):
+    # a LoRA-like wrapper on an attention projection, then switched off: the graphs are recorded anew each
+    # time, so decode computes the model as it is now
+    ref, hybrid = _pair(tiny_checkpoints["mixtral"], "mixtral", torch.float32, mode="adaptive")
+    ids = prompt(batch=1, length=6).cuda()
+    graphs = hybrid.hybrid.decode_graphs
+    generate(hybrid, ids, 8)
+    for model in (ref, hybrid):
+        attention = model.model.layers[0].self_attn
+        attention.v_proj = _Delta(attention.v_proj).cuda()
+    got = generate(hybrid, ids, 8)
+    assert torch.equal(got.sequences, static_reference(ref, ids, 8).sequences)
+    for model in (ref, hybrid):
+        model.model.layers[0].self_attn.v_proj._disable_adapters = True
+    replays = graphs.replays
+    got = generate(hybrid, ids, 8)
+    assert torch.equal(got.sequences, static_reference(ref, ids, 8).sequences)
+    assert graphs.replays > replays and not graphs.failed

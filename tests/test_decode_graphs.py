@@ -95,19 +95,23 @@ def test_beams_and_callers_caches_take_the_stock_path(tiny_checkpoints):
     ref, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral")
     graphs = hybrid.hybrid.decode_graphs
     ids = prompt()
+    generate(hybrid, ids)
+    steps = graphs.steps
+    assert graphs.cache is not None
     beams = dict(max_new_tokens=5, do_sample=False, num_beams=2)
     assert torch.equal(hybrid.generate(ids, **beams), ref.generate(ids, **beams))
-    assert graphs.steps == 0
+    # a call with a KV cache of its own first frees the kept one: the reserved memory is never held twice
+    assert graphs.cache is None and graphs.steps == steps
     name = cache_argument(type(ref))
     out = hybrid.generate(
         ids, max_new_tokens=5, do_sample=False, **{name: DynamicCache(config=hybrid.config)}
     )
     assert torch.equal(out, ref.generate(ids, max_new_tokens=5, do_sample=False))
-    assert graphs.steps == 0
+    assert graphs.steps == steps
     # use_cache=False and an explicit cache_implementation are the caller's choice too
     out = hybrid.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False)
     assert torch.equal(out, ref.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False))
-    assert graphs.steps == 0
+    assert graphs.steps == steps
 
 
 def test_calls_inside_and_outside_inference_mode_alternate(tiny_checkpoints):
@@ -187,3 +191,46 @@ def test_router_logits_are_still_recorded(tiny_checkpoints):
     assert len(got.router_logits) == len(want.router_logits)
     for a, b in zip(got.router_logits, want.router_logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _Delta(torch.nn.Module):
+    """A LoRA-like wrapper: the base projection plus a small delta, which can be switched off."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.delta = torch.nn.Linear(base.in_features, base.out_features, bias=False)
+        torch.nn.init.normal_(self.delta.weight, std=0.05, generator=torch.Generator().manual_seed(0))
+        self._disable_adapters = False
+
+    def forward(self, x):
+        out = self.base(x)
+        return out if self._disable_adapters else out + self.delta(x)
+
+
+def test_graphs_follow_changed_modules(tiny_checkpoints):
+    # a graph replays what it recorded: replacing a weight, wrapping a projection (as peft's LoRA does) or
+    # switching an adapter off must drop the graphs, or decode would silently compute the old model
+    ref, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral")
+    graphs = hybrid.hybrid.decode_graphs
+    ids = prompt(seed=7)
+    generate(hybrid, ids)
+    cache = graphs.cache
+    generate(hybrid, ids)
+    assert graphs.cache is cache  # nothing changed: the cache and graphs are kept
+    for model in (ref, hybrid):
+        q_proj = model.model.layers[0].self_attn.q_proj
+        q_proj.weight = torch.nn.Parameter(q_proj.weight * 0.5, requires_grad=False)
+    assert_same(generate(hybrid, ids), static_reference(ref, ids))
+    assert graphs.cache is not cache
+    for model in (ref, hybrid):
+        attention = model.model.layers[0].self_attn
+        attention.v_proj = _Delta(attention.v_proj)
+    cache = graphs.cache
+    assert_same(generate(hybrid, ids), static_reference(ref, ids))
+    assert graphs.cache is not cache
+    for model in (ref, hybrid):
+        model.model.layers[0].self_attn.v_proj._disable_adapters = True
+    cache = graphs.cache
+    assert_same(generate(hybrid, ids), static_reference(ref, ids))
+    assert graphs.cache is not cache
