@@ -2,8 +2,9 @@
 
 The one definition, shared by the planner's predictions and the bench's "% of bound" columns:
 
-* prefill bound (tok/s) = ``prompt * batch / (host bytes / h2d_bw)``: every weight byte kept off the GPU
-  crosses PCIe once per prefill;
+* prefill bound (tok/s) = ``prompt * batch / (passes * host bytes / h2d_bw)``: every weight byte kept off
+  the GPU crosses PCIe once per prefill forward, and a prompt longer than the workspace's ``prefill_chunk``
+  takes ``passes = ceil(prompt / prefill_chunk)`` forwards (one for every prompt that fits the workspace);
 * decode bound (tok/s) = ``batch / (step bytes / (cpu_gemv_bw_during_copy + h2d_bw_during_cpu))``: each
   decode step reads the host-side bytes its tokens need, through the CPU lane and the PCIe lane at once,
   each at the rate it keeps while the other runs.
@@ -53,6 +54,14 @@ def transfer_rates(profile: Any, batch: int) -> tuple[float, float]:
     return h2d, cpu_during + (h2d_during or h2d)
 
 
+def prefill_passes(prompt: int, chunk: int | None) -> int:
+    """Forwards a prefill of ``prompt`` tokens takes when each holds at most ``chunk`` tokens (0/None:
+    one forward, whatever the length)."""
+    if not chunk or chunk >= prompt:
+        return 1
+    return -(-prompt // chunk)
+
+
 def _tok_s(tokens: int, nbytes: float, rate: float, unbounded: Any) -> Any:
     if nbytes <= 0 or not rate > 0:
         return unbounded
@@ -67,17 +76,21 @@ def transfer_bounds(
     prompt: int,
     batch: int,
     unbounded: Any = None,
+    prefill_chunk: int | None = None,
 ) -> dict:
     """Prefill and decode transfer bounds in tok/s (see the module doc for the definition).
 
     ``host_bytes``: the bytes a prefill moves off the host; ``step_bytes``: the expected host-side bytes
-    one decode step reads (:func:`host_read_bytes` of the host items at ``batch`` tokens). A bound that
-    nothing limits is ``unbounded``. Returns ``prefill_bound_tok_s``, ``decode_bound_tok_s``,
+    one decode step reads (:func:`host_read_bytes` of the host items at ``batch`` tokens);
+    ``prefill_chunk``: tokens per prefill forward (longer prompts cross the host bytes once per chunk). A
+    bound that nothing limits is ``unbounded``. Returns ``prefill_bound_tok_s``, ``decode_bound_tok_s``,
     ``host_bytes``, ``decode_host_bytes_per_step``, ``h2d_bw`` and ``decode_bw``.
     """
     h2d, decode_bw = transfer_rates(profile, batch)
+    passes = prefill_passes(prompt, prefill_chunk)
     return {
-        "prefill_bound_tok_s": _tok_s(prompt * batch, host_bytes, h2d, unbounded),
+        "prefill_bound_tok_s": _tok_s(prompt * batch, passes * host_bytes, h2d, unbounded),
+        "prefill_passes": passes,
         "decode_bound_tok_s": _tok_s(batch, step_bytes, decode_bw, unbounded),
         "host_bytes": host_bytes,
         "decode_host_bytes_per_step": step_bytes,

@@ -100,7 +100,7 @@ def _lane_job(
 
 def native_units_job(
     lane,
-    jobs: list,
+    make_jobs: Callable[[], list],
     inputs: HostInputs,
     out: torch.Tensor,
     on_start: Callable[[], None] | None = None,
@@ -109,5 +109,9 @@ def native_units_job(
     """A job computing a layer step's CPU work (whole units and parts of divided ones) in ONE call of the
     native kernel (:mod:`hf_hybrid.kernels.native`): it reads every weight row once for all of a unit's
     tokens, on its own sleeping thread pool, GIL released. Same result as :func:`whole_units_job` (torch's
-    bf16 roundings mimicked, fp32 accumulation)."""
-    return _lane_job(lambda: lane.run(inputs.x, jobs, out), inputs, out, on_start, span)
+    bf16 roundings mimicked, fp32 accumulation).
+
+    ``make_jobs`` builds the kernel's job list once the inputs have arrived: the jobs gather their routing
+    weights from ``inputs.weights``, which a device copy may still be filling when this job is submitted
+    (and building them here keeps that work off the feeding thread)."""
+    return _lane_job(lambda: lane.run(inputs.x, make_jobs(), out), inputs, out, on_start, span)

@@ -170,6 +170,8 @@ class Executor:
         # routing statistics, recorded while ``record_routing`` is on (see ``calibrate``)
         self.record_routing = False
         self._left_step: float | None = None  # when the last layer step returned (for host_gap_s)
+        # (group, assignment, token counts, seconds) of the last CPU-lane job, not yet learned from
+        self._last_cpu_job: tuple | None = None
         self.routed_counts: dict[tuple[int, int], int] = {}
         self.routed_tokens: dict[int, int] = {}
 
@@ -257,11 +259,14 @@ class Executor:
         predicting = self._next_to_predict(group, hidden.shape[0])
         routing, predicted = self._route(group, hidden, top_k_index, predicting)
         lanes = self._assign(group, routing)
-        batch = self._device_batch(hidden, routing, lanes, top_k_weights)
+        flat_weights = top_k_weights.reshape(-1) if routing.order is not None else None
         cpu_future = None
         if lanes.on_cpu or lanes.split:
-            host_inputs = self._host_inputs(hidden, batch.flat_weights)
+            # the CPU lane first: it is the longest lane of a decode step, and it starts only when its job
+            # is in (the device lanes' issuing below runs while it computes)
+            host_inputs = self._host_inputs(hidden, flat_weights)
             cpu_future = self._submit_cpu(group, lanes, hidden, host_inputs, routing)
+        batch = self._device_batch(hidden, routing, lanes, flat_weights)
         try:
             self._stream_divided(group, lanes.split, batch)
             self._stream(group, lanes.streamed, batch)
@@ -394,13 +399,13 @@ class Executor:
             self.cpu_scales[out.regime] += self.CPU_SCALE_DECAY * (1.0 - self.cpu_scales[out.regime])
         return out
 
-    def _device_batch(self, hidden, routing: Routing, lanes: Assignment, top_k_weights) -> DeviceBatch:
+    def _device_batch(self, hidden, routing: Routing, lanes: Assignment, flat_weights) -> DeviceBatch:
         dev = hidden.device
         batch = DeviceBatch(
             hidden=hidden,
             acc=torch.zeros(hidden.shape, dtype=torch.float32, device=dev),
             routing=routing,
-            flat_weights=top_k_weights.reshape(-1) if routing.order is not None else None,
+            flat_weights=flat_weights,
         )
         if routing.order is not None and (lanes.resident or lanes.streamed or lanes.split):
             batch.device_rows = routing.order.to(dev, non_blocking=True)
@@ -436,18 +441,27 @@ class Executor:
         if self.cpu_kernels.native_applies(group, [routing.counts[i] for i in units]):
             from .kernels.native import ExpertJob
 
-            jobs = []
-            for i, rows in zip(units, row_lists):
-                gate_up, down = group.host_weights[i]
-                tokens, weights = (None, None) if rows is None else (rows[0], inputs.weights[rows[1]])
-                r = lanes.split.get(i)
-                # rows of a divided unit, or a dense MLP's slice: a part of a sum, its down output stays fp32
-                partial = r is not None or not group.routed
-                jobs.append(ExpertJob(gate_up, down, rows=r, tokens=tokens, weights=weights, partial=partial))
-                self.stats.native_units += 1
+            split = dict(lanes.split)
+
+            def make_jobs() -> list[ExpertJob]:
+                # runs in the CPU lane once the inputs have arrived (the routing weights among them)
+                jobs = []
+                for i, rows in zip(units, row_lists):
+                    gate_up, down = group.host_weights[i]
+                    tokens, weights = (None, None) if rows is None else (rows[0], inputs.weights[rows[1]])
+                    r = split.get(i)
+                    # rows of a divided unit, or a dense MLP's slice: a part of a sum, its down output
+                    # stays fp32
+                    partial = r is not None or not group.routed
+                    jobs.append(
+                        ExpertJob(gate_up, down, rows=r, tokens=tokens, weights=weights, partial=partial)
+                    )
+                return jobs
+
+            self.stats.native_units += len(units)
             job = native_units_job(
                 self.cpu_kernels.native_lane,
-                jobs,
+                make_jobs,
                 inputs,
                 out,
                 on_start=self._fault_hook("cpu"),
@@ -552,17 +566,30 @@ class Executor:
         """Add the CPU lane's partial sums (the feeding thread sleeps on the future, it does not spin)."""
         if cpu_future is None:
             return
+        # the last step's rate lesson, learned while this thread waits anyway (not between layer steps)
+        self.learn_from_last_cpu_job()
         waited = time.perf_counter()
         with self.lanes.host_span("host", f"L{group.layer} wait for CPU lane"):
             cpu_out, seconds = CpuLane.join(cpu_future, group.layer)
         self.stats.join_wait_s += time.perf_counter() - waited
         self.stats.cpu_lane_s += seconds
-        predicted = cpu_lane_time([(group.units[i], routing.counts[i]) for i in lanes.on_cpu], self.profile)
+        acc += cpu_out.to(acc.device, non_blocking=True)
+        self._last_cpu_job = (group, lanes, routing.counts, seconds)
+
+    def learn_from_last_cpu_job(self) -> None:
+        """Correct the CPU rate (:attr:`cpu_scales`) from the last CPU-lane job's measured time.
+
+        Deferred from the job's join to the next one, whose wait hides it: the cost model's prediction is
+        Python work that would otherwise sit between two layer steps with every lane idle."""
+        if self._last_cpu_job is None:
+            return
+        group, lanes, counts, seconds = self._last_cpu_job
+        self._last_cpu_job = None
+        predicted = cpu_lane_time([(group.units[i], counts[i]) for i in lanes.on_cpu], self.profile)
         for i, r in lanes.split.items():
             inter = group.shapes[i][0][0] // 2
-            predicted += (cpu_lane_time([(group.units[i], routing.counts[i])], self.profile)) * r / inter
+            predicted += (cpu_lane_time([(group.units[i], counts[i])], self.profile)) * r / inter
         self._learn_cpu_rate(predicted, seconds, lanes.regime)
-        acc += cpu_out.to(acc.device, non_blocking=True)
 
     def _learn_cpu_rate(self, predicted_s: float, measured_s: float, regime: str = "small") -> None:
         if predicted_s < self.CPU_SCALE_MIN_JOB_S or measured_s <= 0:

@@ -346,8 +346,8 @@ def plan_model(
         forced=options.placement,
         routing=options.routing_stats,
         token_assignment=options.token_assignment,
+        prefill_chunk=chunk,
     )
-    result.prefill_chunk = chunk
     result.kv_cache_bytes_per_1k = kv_cache_bytes(config, 1024, batch, dtype_size(dtype))
     return result, model
 

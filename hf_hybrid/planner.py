@@ -107,6 +107,7 @@ def plan(
     routing: dict[str, float] | None = None,
     search_rounds: int = 40,
     token_assignment: str = "adaptive",
+    prefill_chunk: int = 0,
 ) -> HybridPlan:
     """Choose every unit's home to minimise predicted time of the workload under ``budget_bytes``.
 
@@ -118,6 +119,8 @@ def plan(
     between the CPU and PCIe lanes per layer so both finish together. A local search then moves single
     units between homes and swaps resident and host units while the objective improves. It runs twice:
     with every non-expert module resident (no module staging ring) and with streamed modules allowed.
+    ``prefill_chunk``: tokens per prefill forward the workspace holds (0: the whole prompt); a longer
+    prompt is predicted, and bounded, as that many forwards.
     """
     if token_assignment not in TOKEN_ASSIGNMENTS:
         raise ValueError(
@@ -141,6 +144,7 @@ def plan(
             workload=workload,
             routing=routing,
             token_assignment=token_assignment,
+            prefill_chunk=prefill_chunk,
         )
 
     everything = {u.name: forced_homes.get(u.name, GPU) for u in units}
@@ -387,9 +391,10 @@ def _by_layer(units: list[Unit]) -> dict[int | None, list[Unit]]:
 def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = None) -> None:
     """Fill ``result.predicted`` and ``result.unit_times`` from the cost model (prefill and decode).
 
-    Bounds follow the hardware, not the plan: prefill moves every non-resident byte over PCIe once
-    (bytes / H2D bandwidth); decode reads the expected non-resident bytes per step through the CPU and
-    PCIe lanes together (bytes / (CPU rate during copies + H2D rate during CPU work)).
+    Bounds follow the hardware, not the plan: prefill moves every non-resident byte over PCIe once per
+    forward (bytes / H2D bandwidth; a prompt longer than ``prefill_chunk`` takes one forward per chunk, each
+    predicted as a step of the chunk's tokens); decode reads the expected non-resident bytes per step
+    through the CPU and PCIe lanes together (bytes / (CPU rate during copies + H2D rate during CPU work)).
     """
     profile, wl, routing = result.profile, result.workload, result.routing
     per_layer = per_layer or experts_per_layer(result.units, 2)
@@ -397,7 +402,13 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
     split = result.token_assignment in DIVIDING_ASSIGNMENTS
     totals, host = {}, {}
     layers = _by_layer(result.units)
-    for phase, tokens in (("prefill", T), ("decode", B)):
+    from .bounds import prefill_passes, transfer_bounds
+
+    chunk = min(result.prefill_chunk or wl.prompt_tokens, wl.prompt_tokens)
+    passes = prefill_passes(wl.prompt_tokens, chunk)
+    # every forward but the last holds ``chunk`` tokens per sequence; the last one the rest
+    last = wl.prompt_tokens - (passes - 1) * chunk
+    for phase, tokens in (("prefill", chunk * wl.batch), ("decode", B)):
         times: dict[str, float] = {}
         total = host_bytes = 0.0
         for layer_units in layers.values():
@@ -411,10 +422,18 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
         for name, t in times.items():
             result.unit_times.setdefault(name, {})[phase] = t
         totals[phase], host[phase] = total, host_bytes
-    from .bounds import transfer_bounds
+        if phase == "prefill" and passes > 1:
+            # one forward of the chunk was priced above: scale to the forwards of the whole prompt
+            totals[phase] = total * (passes - 1) + _forward_time(result, layers, per_layer, last * wl.batch)
 
     bounds = transfer_bounds(
-        host["prefill"], host["decode"], profile, wl.prompt_tokens, B, unbounded=math.inf
+        host["prefill"],
+        host["decode"],
+        profile,
+        wl.prompt_tokens,
+        B,
+        unbounded=math.inf,
+        prefill_chunk=chunk,
     )
     p = result.predicted
     p["prefill_s"] = totals["prefill"]
@@ -426,3 +445,20 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
     p["prefill_fraction_of_bound"] = p["prefill_tok_s"] / p["prefill_bound_tok_s"]
     p["decode_fraction_of_bound"] = p["decode_tok_s"] / p["decode_bound_tok_s"]
     p["end_to_end_s"] = totals["prefill"] + (wl.new_tokens - 1) * totals["decode"]
+    p["prefill_passes"] = passes
+
+
+def _forward_time(result: HybridPlan, layers, per_layer, tokens: int) -> float:
+    """Predicted seconds of one forward of ``tokens`` tokens (the last, shorter chunk of a prefill)."""
+    split = result.token_assignment in DIVIDING_ASSIGNMENTS
+    total = 0.0
+    for layer_units in layers.values():
+        if tokens <= SAMPLED_TOKENS:
+            total += sampled_layer_time(
+                layer_units, result.homes, result.profile, result.routing, per_layer, tokens, split
+            )
+        else:
+            total += layer_time(
+                layer_units, result.homes, result.profile, result.routing, per_layer, tokens, {}, split=split
+            )[0]
+    return total

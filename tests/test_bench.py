@@ -326,6 +326,10 @@ def test_bounds_from_plan_units_and_estimate():
     assert estimate["source"] == "estimate" and estimate["host_bytes"] == 300
     # everything fits: nothing bounds the rates
     assert compute_bounds(meta, profile, 10**6, prompt=100, batch=1)["prefill_bound_tok_s"] is None
+    # a plan whose workspace holds 32 tokens prefills 100 in 4 forwards: the host bytes cross 4 times
+    chunked = compute_bounds(meta, profile, 600, prompt=100, batch=1, plan={**plan, "prefill_chunk": 32})
+    assert chunked["prefill_passes"] == 4
+    assert chunked["prefill_bound_tok_s"] == pytest.approx(bounds["prefill_bound_tok_s"] / 4)
 
 
 # ------------------------------------------------------------------------------------------- CLI

@@ -6,6 +6,8 @@ import threading
 
 import pytest
 import torch
+from tiny_models import load_every_lane
+from transformers import AutoModelForCausalLM
 
 from hf_hybrid.executor import Executor
 from hf_hybrid.lanes import DeviceLanes
@@ -252,3 +254,40 @@ def test_divided_unit_is_read_once_by_the_two_lanes_together(tiny_checkpoints, d
     for group, i, r in divided:
         inter = group.shapes[i][0][0] // 2
         assert abs(r - fraction * inter) <= 0.5
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_the_cpu_lane_reads_its_inputs_only_after_they_arrive(tiny_checkpoints, backend):
+    """On a GPU the activations and routing weights reach the CPU lane through a device copy that may still
+    run when the job is submitted: a job must read them only after their arrival event. Here the "copy"
+    fills zeroed buffers when the job waits on the event; a lane that read early would compute with zeros."""
+    from hf_hybrid.cpu_work import HostInputs
+    from hf_hybrid.kernels import native
+
+    if backend == "native" and not native.available():
+        pytest.skip(f"native CPU kernel unavailable here: {native.unavailable_reason()}")
+    directory = tiny_checkpoints["mixtral"]
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    hybrid = load_every_lane(directory, cpu_backend=backend)
+    executor = hybrid.hybrid.executor
+
+    class LateCopy:
+        def __init__(self, pairs):
+            self.pairs = pairs
+
+        def synchronize(self):
+            for buffer, value in self.pairs:
+                buffer.copy_(value)
+
+    def late_inputs(hidden, flat_weights):
+        x = torch.zeros_like(hidden)
+        w = None if flat_weights is None else torch.zeros_like(flat_weights)
+        pairs = [(x, hidden)] + ([] if w is None else [(w, flat_weights)])
+        return HostInputs(x, w, LateCopy(pairs))
+
+    executor._host_inputs = late_inputs
+    ids = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, got = ref(ids).logits, hybrid(ids).logits
+    assert executor.stats.cpu_units > 0 and (executor.stats.native_units > 0) == (backend == "native")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

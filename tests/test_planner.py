@@ -289,3 +289,26 @@ def test_decode_sized_cpu_jobs_are_costed_at_the_native_lane_rate():
     # prefill-sized jobs run on torch's GEMMs: the native rates do not apply
     assert cpu_time(expert, 64, with_native) == cpu_time(expert, 64, torch_only)
     assert pcie_share(with_native, 64) == pcie_share(torch_only, 64)
+
+
+def test_a_chunked_prefill_is_predicted_and_bounded_as_one_forward_per_chunk():
+    """A prompt longer than the workspace's chunk moves the host bytes once per forward: four chunks of 512
+    take four times one 512-token forward, and the bound is a quarter of the one-forward bound."""
+    units, profile = moe_units(), default_profile("cuda")
+    homes = {u.name: (STREAM if u.kind == "expert" else GPU) for u in units}
+    whole = plan(units, profile, 200 * MIB, workload=Workload(prompt_tokens=2048), forced=homes)
+    short = plan(units, profile, 200 * MIB, workload=Workload(prompt_tokens=512), forced=homes)
+    chunked = plan(
+        units, profile, 200 * MIB, workload=Workload(prompt_tokens=2048), forced=homes, prefill_chunk=512
+    )
+    assert whole.predicted["prefill_passes"] == 1 and chunked.predicted["prefill_passes"] == 4
+    assert chunked.predicted["prefill_s"] == pytest.approx(4 * short.predicted["prefill_s"])
+    assert chunked.predicted["prefill_bound_tok_s"] == pytest.approx(
+        whole.predicted["prefill_bound_tok_s"] / 4
+    )
+    # a ragged last chunk costs one forward of what is left
+    ragged = plan(
+        units, profile, 200 * MIB, workload=Workload(prompt_tokens=1300), forced=homes, prefill_chunk=512
+    )
+    assert ragged.predicted["prefill_passes"] == 3
+    assert short.predicted["prefill_s"] * 2 < ragged.predicted["prefill_s"] < 3 * short.predicted["prefill_s"]

@@ -132,7 +132,10 @@ def compute_bounds(
         items = host_items_estimate(meta, budget_bytes)
         source = "estimate"
     host_bytes = sum(n for n, _ in items)
-    bounds = transfer_bounds(host_bytes, host_read_bytes(items, batch), profile, prompt, batch)
+    chunk = (plan or {}).get("prefill_chunk") if isinstance(plan, dict) else None
+    bounds = transfer_bounds(
+        host_bytes, host_read_bytes(items, batch), profile, prompt, batch, prefill_chunk=chunk
+    )
     bounds["source"] = source
     return bounds
 
