@@ -379,7 +379,7 @@ def _serve(args) -> int:
             options=_options(args, device, progress=sys.stderr.isatty()),
         )
     if noted:
-        _cpu_note(app.state.model_manager.model.hybrid_plan, "is")
+        _cpu_note(app.state.model_manager.plan, "is")
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
         f"{PROG}: serving {name!r} at http://{host}:{args.port}/v1 (OpenAI API; prompt + new tokens up to "
