@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .decode_masks import DecodeMasks, plain_causal
+
 logger = logging.getLogger("hf_hybrid")
 
 
@@ -126,12 +128,18 @@ class DecodeGraphs:
     router_hits: int = 0  # router calls answered from the attention half's outputs
     _pending: dict = field(default_factory=dict)  # layer index -> (MLP input, routing) of the running step
     _fingerprint: tuple = ()  # the captured modules' state when the graphs were recorded
+    masks: DecodeMasks = None  # each decode step's attention mask on the cache, by update
+
+    def __post_init__(self) -> None:
+        if self.masks is None:
+            self.masks = DecodeMasks(enabled=plain_causal(self.config))
 
     def cache_for(self, batch: int):
         """An empty ``StaticCache`` of ``max_context`` positions for ``batch`` sequences, reused across calls
         (its memory is the KV cache the plan reserved; the graphs hold its addresses)."""
         from transformers import StaticCache
 
+        self.masks.reset()
         if self.cache is not None and self.batch == batch:
             try:
                 self.cache.reset()

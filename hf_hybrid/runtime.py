@@ -186,6 +186,19 @@ class HybridGenerationMixin:
             self._record_throughput(args, kwargs, starts, time.perf_counter())
             return out
 
+    def create_masks_for_generate(self, *args, **kwargs):
+        """transformers' 4-D attention mask of a generate step on a static cache (``generate`` looks this
+        method up on the model). Decode steps on the kept static cache get it by an update of the last
+        step's mask (:mod:`hf_hybrid.decode_masks`); everything else is built by transformers."""
+        build = getattr(super(), "create_masks_for_generate", None)
+        if build is None:
+            from transformers.masking_utils import create_masks_for_generate as build
+        graphs = self.hybrid.decode_graphs
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if args or graphs is None or cache is None or cache is not graphs.cache:
+            return build(*args, **kwargs)
+        return graphs.masks.next(build, kwargs)
+
     def _with_prefill_chunks(self, args, kwargs) -> dict:
         """``kwargs`` with ``prefill_chunk_size`` set to the plan's ``prefill_chunk`` when the prompt is longer
         than that, the caller chose no chunk size of their own, and the call keeps a KV cache."""

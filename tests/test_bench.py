@@ -482,6 +482,9 @@ def test_switch_variants_change_the_loaded_model_only_inside_their_block(tiny_ch
         assert runtime.decode_graphs is None
     with engines_mod._switched(model, "unfused"):
         assert runtime.decode_graphs is graphs and not graphs.fuse_routers
+    with engines_mod._switched(model, "rebuilt_masks"):
+        assert not graphs.masks.enabled
+    assert graphs.masks.enabled
     with pytest.raises(RuntimeError), engines_mod._switched(model, "predict"):
         assert runtime.executor.predict_next_layer
         raise RuntimeError("a failing variant")

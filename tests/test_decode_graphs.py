@@ -234,3 +234,70 @@ def test_graphs_follow_changed_modules(tiny_checkpoints):
     cache = graphs.cache
     assert_same(generate(hybrid, ids), static_reference(ref, ids))
     assert graphs.cache is not cache
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_masks_are_updated_and_equal_what_transformers_builds(tiny_checkpoints, family, monkeypatch):
+    """Each decode step's attention mask is the last one with the new position made visible: the same as
+    transformers' own mask of that step (compared at every step here, padding included)."""
+    from hf_hybrid.decode_masks import DecodeMasks
+
+    compared = []
+    update = DecodeMasks.next
+
+    def checked(self, build, kwargs):
+        got = update(self, build, kwargs)
+        want = build(**kwargs)
+        got, want = (got, want) if isinstance(want, dict) else ({None: got}, {None: want})
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        compared.append(len(want))
+        return got[None] if None in got else got
+
+    monkeypatch.setattr(DecodeMasks, "next", checked)
+    ref, hybrid = load_pair(tiny_checkpoints[family], family)
+    ids = prompt(batch=2, length=7, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    got = generate(hybrid, ids, new_tokens=8, attention_mask=mask)
+    cache = StaticCache(config=ref.config, max_cache_len=64)
+    want = generate(ref, ids, 8, attention_mask=mask, **{cache_argument(type(ref)): cache})
+    assert_same(got, want)
+    masks = hybrid.hybrid.decode_graphs.masks
+    assert len(compared) == 8 and masks.enabled and masks.updates == 6  # prefill and first step: built
+
+
+def test_decode_masks_of_a_sliding_window_model_stay_transformers_own(tmp_path):
+    """A sliding window hides old positions as well as showing the new one: such masks are not updated."""
+    from tiny_models import CONFIGS
+
+    config = CONFIGS["mistral"]()
+    config.sliding_window = 4
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    ref, hybrid = load_pair(tmp_path, "mistral")
+    ids = prompt(length=6)
+    cache = StaticCache(config=ref.config, max_cache_len=64)
+    want = generate(ref, ids, 8, **{cache_argument(type(ref)): cache})
+    assert_same(generate(hybrid, ids, new_tokens=8), want)
+    masks = hybrid.hybrid.decode_graphs.masks
+    assert not masks.enabled and masks.updates == 0
+
+
+def test_a_decode_mask_that_differs_from_transformers_turns_the_updates_off():
+    """The first update of a call is checked against transformers' mask: a model whose masks follow
+    another rule keeps transformers' masks from then on."""
+    from hf_hybrid.decode_masks import DecodeMasks
+
+    def build(attention_mask, inputs_embeds, **_):
+        columns = torch.arange(8)
+        visible = columns < attention_mask.shape[1]
+        if attention_mask.shape[1] > 3:
+            visible &= columns > 0  # another rule from the third column on: the first position is hidden
+        return visible.expand(1, 1, 1, 8).clone()
+
+    masks = DecodeMasks()
+    embeds = torch.empty(1, 1, 0)
+    for length, updated in ((3, False), (4, False), (5, False)):
+        kwargs = {"attention_mask": torch.ones(1, length, dtype=torch.long), "inputs_embeds": embeds}
+        assert torch.equal(masks.next(build, kwargs), build(**kwargs))
+        assert (masks.updates > 0) == updated
+    assert not masks.enabled

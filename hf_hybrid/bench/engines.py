@@ -270,15 +270,19 @@ def run_engine(engine: str, path: Path, settings: BenchSettings, ids: torch.Tens
 def _switched(model: Any, variant: str):
     """Inside the block the loaded model runs as ``variant`` asks: "eager" on transformers' dynamic cache
     with eager attention (as ``decode_graphs=False``), "unfused" with attention graphs but routers run by
-    their MoE blocks, "predict" with ``predict_next_layer=True``; anything else unchanged."""
+    their MoE blocks, "rebuilt_masks" with every decode step's attention mask built by transformers (not
+    updated), "predict" with ``predict_next_layer=True``; anything else unchanged."""
     runtime = model.hybrid
     graphs, executor = runtime.decode_graphs, runtime.executor
     fuse = graphs.fuse_routers if graphs is not None else None
+    masks_on = graphs.masks.enabled if graphs is not None else None
     predict = executor.predict_next_layer
     if variant == "eager":
         runtime.decode_graphs = None
     elif variant == "unfused" and graphs is not None:
         graphs.fuse_routers = False
+    elif variant == "rebuilt_masks" and graphs is not None:
+        graphs.masks.enabled = False
     elif variant == "predict":
         executor.predict_next_layer = True
     try:
@@ -287,6 +291,7 @@ def _switched(model: Any, variant: str):
         runtime.decode_graphs = graphs
         if graphs is not None:
             graphs.fuse_routers = fuse
+            graphs.masks.enabled = masks_on
         executor.predict_next_layer = predict
 
 

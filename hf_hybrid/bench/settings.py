@@ -20,9 +20,10 @@ SLOW_ENGINES = ("accelerate", "cpu")
 ASSIGNMENT_VARIANTS = ("stream", "static", "cpu", "whole", "adaptive")
 #: What ``--variants`` may name: the token-assignment modes, "eager" (decode steps without the static cache
 #: and attention graphs, as ``decode_graphs=False``), "unfused" (attention graphs, routers run by their MoE
-#: blocks), "predict" (``predict_next_layer=True``) and "calibrated" (``model.calibrate`` on random prompts,
-#: then measured). Each variant runs on the loaded model with the main row's placement.
-SWITCH_VARIANTS = ("eager", "unfused", "predict")
+#: blocks), "rebuilt_masks" (every decode step's attention mask built by transformers, not updated),
+#: "predict" (``predict_next_layer=True``) and "calibrated" (``model.calibrate`` on random prompts, then
+#: measured). Each variant runs on the loaded model with the main row's placement.
+SWITCH_VARIANTS = ("eager", "unfused", "rebuilt_masks", "predict")
 VARIANTS = (*ASSIGNMENT_VARIANTS, *SWITCH_VARIANTS, "calibrated")
 
 
