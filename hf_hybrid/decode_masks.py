@@ -65,7 +65,8 @@ class DecodeMasks:
             return self._keep(build(**kwargs), attention_mask)
         position = attention_mask.shape[1] - 1
         column = attention_mask[:, position].to(torch.bool)
-        masks = {key: (mask if self.checked else mask.clone()) for key, mask in self.masks.items()}
+        # in place: the forward that read the last mask was issued before this update (stream order)
+        masks = self.masks
         for mask in masks.values():
             mask[:, 0, 0, position] = column
         if not self.checked:

@@ -441,15 +441,13 @@ class Executor:
         if self.cpu_kernels.native_applies(group, [routing.counts[i] for i in units]):
             from .kernels.native import ExpertJob
 
-            split = dict(lanes.split)
-
             def make_jobs() -> list[ExpertJob]:
                 # runs in the CPU lane once the inputs have arrived (the routing weights among them)
                 jobs = []
                 for i, rows in zip(units, row_lists):
                     gate_up, down = group.host_weights[i]
                     tokens, weights = (None, None) if rows is None else (rows[0], inputs.weights[rows[1]])
-                    r = split.get(i)
+                    r = lanes.split.get(i)
                     # rows of a divided unit, or a dense MLP's slice: a part of a sum, its down output
                     # stays fp32
                     partial = r is not None or not group.routed

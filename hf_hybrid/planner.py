@@ -396,10 +396,9 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
     predicted as a step of the chunk's tokens); decode reads the expected non-resident bytes per step
     through the CPU and PCIe lanes together (bytes / (CPU rate during copies + H2D rate during CPU work)).
     """
-    profile, wl, routing = result.profile, result.workload, result.routing
+    profile, wl = result.profile, result.workload
     per_layer = per_layer or experts_per_layer(result.units, 2)
     T, B = wl.prompt_tokens * wl.batch, wl.batch
-    split = result.token_assignment in DIVIDING_ASSIGNMENTS
     totals, host = {}, {}
     layers = _by_layer(result.units)
     from .bounds import prefill_passes, transfer_bounds
@@ -410,21 +409,13 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
     last = wl.prompt_tokens - (passes - 1) * chunk
     for phase, tokens in (("prefill", chunk * wl.batch), ("decode", B)):
         times: dict[str, float] = {}
-        total = host_bytes = 0.0
-        for layer_units in layers.values():
-            t, b = layer_time(
-                layer_units, result.homes, profile, routing, per_layer, tokens, times, split=split
-            )
-            if tokens <= SAMPLED_TOKENS:  # small steps: the mean over sampled routings, not the expectation
-                t = sampled_layer_time(layer_units, result.homes, profile, routing, per_layer, tokens, split)
-            total += t
-            host_bytes += b
+        totals[phase], host[phase] = _forward_cost(result, layers, per_layer, tokens, times)
         for name, t in times.items():
             result.unit_times.setdefault(name, {})[phase] = t
-        totals[phase], host[phase] = total, host_bytes
         if phase == "prefill" and passes > 1:
             # one forward of the chunk was priced above: scale to the forwards of the whole prompt
-            totals[phase] = total * (passes - 1) + _forward_time(result, layers, per_layer, last * wl.batch)
+            last_forward = _forward_cost(result, layers, per_layer, last * wl.batch, {})[0]
+            totals[phase] = totals[phase] * (passes - 1) + last_forward
 
     bounds = transfer_bounds(
         host["prefill"],
@@ -448,17 +439,16 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
     p["prefill_passes"] = passes
 
 
-def _forward_time(result: HybridPlan, layers, per_layer, tokens: int) -> float:
-    """Predicted seconds of one forward of ``tokens`` tokens (the last, shorter chunk of a prefill)."""
+def _forward_cost(result: HybridPlan, layers, per_layer, tokens: int, times: dict) -> tuple[float, float]:
+    """Predicted (seconds, host bytes read) of one forward of ``tokens`` tokens; per-unit times go into
+    ``times``. Small steps take the mean over sampled routings, not the expectation."""
     split = result.token_assignment in DIVIDING_ASSIGNMENTS
-    total = 0.0
+    homes, profile, routing = result.homes, result.profile, result.routing
+    total = host_bytes = 0.0
     for layer_units in layers.values():
+        t, b = layer_time(layer_units, homes, profile, routing, per_layer, tokens, times, split=split)
         if tokens <= SAMPLED_TOKENS:
-            total += sampled_layer_time(
-                layer_units, result.homes, result.profile, result.routing, per_layer, tokens, split
-            )
-        else:
-            total += layer_time(
-                layer_units, result.homes, result.profile, result.routing, per_layer, tokens, {}, split=split
-            )[0]
-    return total
+            t = sampled_layer_time(layer_units, homes, profile, routing, per_layer, tokens, split)
+        total += t
+        host_bytes += b
+    return total, host_bytes
