@@ -129,6 +129,7 @@ class DecodeGraphs:
     _pending: dict = field(default_factory=dict)  # layer index -> (MLP input, routing) of the running step
     _fingerprint: tuple = ()  # the captured modules' state when the graphs were recorded
     masks: DecodeMasks = None  # each decode step's attention mask on the cache, by update
+    lookahead: Any = None  # a DecodeLookahead: the next greedy step's first layer, started early
 
     def __post_init__(self) -> None:
         if self.masks is None:
@@ -189,6 +190,8 @@ class DecodeGraphs:
 
     def release(self) -> None:
         """Drop the cache and every graph (a new batch size, or the model closing)."""
+        if self.lookahead is not None:
+            self.lookahead.drop(quiet=True)
         self.graphs.clear()
         self.step_inputs.clear()
         self.failed.clear()
@@ -214,9 +217,22 @@ class DecodeGraphs:
                 or index not in self.graphable
                 or any(isinstance(v, torch.Tensor) for k, v in kwargs.items() if k not in _STEP_ARGS)
             ):
+                if self.lookahead is not None and index == self.lookahead.layer:
+                    self.lookahead.drop()  # this forward is not the decode step it started
                 return original(hidden_states, *args, **kwargs)
             self.steps += 1
-            residual, mlp_input, routing = self._attention(index, layer, hidden_states, name, kwargs)
+            lookahead = (
+                self.lookahead if self.lookahead is not None and index == self.lookahead.layer else None
+            )
+            claimed = None
+            if lookahead is not None:
+                rest = {k: v for k, v in kwargs.items() if k not in _STEP_ARGS}
+                claimed = lookahead.claim(hidden_states, kwargs, name, rest)
+                lookahead.remember(hidden_states, kwargs, name, rest)
+            if claimed is not None:
+                residual, mlp_input, routing = claimed
+            else:
+                residual, mlp_input, routing = self._attention(index, layer, hidden_states, name, kwargs)
             if routing is None:
                 return residual + layer.mlp(mlp_input)
             self._pending[index] = (mlp_input, routing)

@@ -119,6 +119,24 @@ class DeviceBatch:
     device_tokens: torch.Tensor | None = None
 
 
+@dataclass
+class GroupStep:
+    """A layer step whose lanes are working (:meth:`Executor.start_group`), or its result (``done``)."""
+
+    group: ExpertGroup
+    hidden: torch.Tensor
+    cpu_future: Future | None = None
+    lanes: Assignment | None = None
+    routing: Routing | None = None
+    acc: torch.Tensor | None = None
+    done: torch.Tensor | None = None
+
+
+class StepStarted(Exception):
+    """Raised by :meth:`Executor.run_group` in start-only mode once the step is started (it unwinds the
+    MoE block that called it; the step waits in :attr:`Executor.ahead`)."""
+
+
 class Executor:
     """Runs expert groups and streamed modules of one model across the CPU, PCIe and GPU lanes."""
 
@@ -172,6 +190,10 @@ class Executor:
         self._left_step: float | None = None  # when the last layer step returned (for host_gap_s)
         # (group, assignment, token counts, seconds) of the last CPU-lane job, not yet learned from
         self._last_cpu_job: tuple | None = None
+        # a decode lookahead (hf_hybrid.decode_lookahead) starts the next forward's first layer step early
+        self.start_only = False  # run_group only starts its step (kept in ``ahead``) and raises StepStarted
+        self.ahead: GroupStep | None = None
+        self.ahead_verified = False  # the next forward's inputs were checked equal to the lookahead's
         self.routed_counts: dict[tuple[int, int], int] = {}
         self.routed_tokens: dict[int, int] = {}
 
@@ -205,6 +227,8 @@ class Executor:
 
     def recover(self) -> None:
         """Bring the lanes back to a clean state after a failed or interrupted step."""
+        self.start_only = False
+        self.drop_ahead()
         self.lanes.synchronize()
         for ring in (self.expert_ring, self.module_ring):
             if ring is not None:
@@ -243,7 +267,44 @@ class Executor:
         MoE groups take the router's ``top_k_index``/``top_k_weights`` [T, k]; dense groups send every token
         to every slice. Resident units run on the GPU lane, host units on the CPU lane or streamed, as the
         token-assignment policy decides; the results are summed in float32 and returned in ``hidden``'s dtype.
+
+        While :attr:`start_only` is set (a decode lookahead, see :mod:`hf_hybrid.decode_lookahead`), the
+        step is only started: it is kept as :attr:`ahead` and :class:`StepStarted` is raised. A later call
+        for the same group with :attr:`ahead_verified` set finishes that step instead of starting another.
         """
+        ahead = self.ahead
+        if ahead is not None and ahead.group is group and self.ahead_verified:
+            self.ahead, self.ahead_verified = None, False
+            return self.finish_group(ahead)
+        self.settle_ahead()
+        step = self.start_group(group, hidden, top_k_index, top_k_weights)
+        if self.start_only:
+            self.ahead = step
+            raise StepStarted()
+        return self.finish_group(step)
+
+    def settle_ahead(self) -> None:
+        """Finish a step started ahead that no forward took (a wrong lookahead, the end of a call) and drop
+        its result, so no lane still works for it when the next step starts."""
+        ahead, self.ahead, self.ahead_verified = self.ahead, None, False
+        if ahead is not None:
+            self.finish_group(ahead)
+
+    def drop_ahead(self) -> None:
+        """Forget a step started ahead without raising (a call that is failing anyway): its CPU job is
+        waited for, so it never writes the shared buffers of a later step."""
+        ahead, self.ahead, self.ahead_verified = self.ahead, None, False
+        if ahead is not None:
+            CpuLane.settle(ahead.cpu_future)
+
+    def start_group(
+        self,
+        group: ExpertGroup,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor | None = None,
+        top_k_weights: torch.Tensor | None = None,
+    ) -> GroupStep:
+        """Stages 1-5 of :meth:`run_group`: the lanes are working on the step when this returns."""
         self.check_open()
         entered = time.perf_counter()
         if self._left_step is not None and entered - self._left_step < self.HOST_GAP_MAX_S:
@@ -255,7 +316,7 @@ class Executor:
             self.stats.groups += 1
             self.stats.gpu_units += len(group.units)
             with self.lanes.span("GPU", f"L{group.layer} resident MLP"):
-                return gated_mlp(hidden, merged[0], merged[1], group.act_fn)
+                return GroupStep(group, hidden, done=gated_mlp(hidden, merged[0], merged[1], group.act_fn))
         predicting = self._next_to_predict(group, hidden.shape[0])
         routing, predicted = self._route(group, hidden, top_k_index, predicting)
         lanes = self._assign(group, routing)
@@ -282,8 +343,14 @@ class Executor:
             self._prefetch_next(group)
         self.stats.groups += 1
         self.stats.issue_s += time.perf_counter() - entered
-        self._join(group, cpu_future, lanes, routing, batch.acc)
-        out = batch.acc.to(hidden.dtype)
+        return GroupStep(group, hidden, cpu_future=cpu_future, lanes=lanes, routing=routing, acc=batch.acc)
+
+    def finish_group(self, step: GroupStep) -> torch.Tensor:
+        """Stage 6 of :meth:`run_group`: join the CPU lane and return the step's output."""
+        if step.done is not None:
+            return step.done
+        self._join(step.group, step.cpu_future, step.lanes, step.routing, step.acc)
+        out = step.acc.to(step.hidden.dtype)
         self._left_step = time.perf_counter()
         return out
 

@@ -17,6 +17,7 @@ from transformers.utils import logging
 from . import families
 from .checkpoint import CheckpointReader
 from .decode_graphs import DecodeGraphs, graphable_layers
+from .decode_lookahead import DecodeLookahead
 from .devices import default_device_name, resolve_device
 from .errors import BudgetError, WeightsNotFoundError
 from .executor import Executor
@@ -235,7 +236,7 @@ def _decode_graphs(
     if not choice:
         return None
     layers = adapter.layers(model)
-    return DecodeGraphs(
+    graphs = DecodeGraphs(
         config=model.config,
         layers=list(layers),
         graphable=graphable_layers(layers, [s.module for s in loaded.streamed]),
@@ -243,6 +244,11 @@ def _decode_graphs(
         lanes=executor.lanes,
         capture=device.type == "cuda",
     )
+    if options.decode_lookahead:
+        graphs.lookahead = DecodeLookahead(
+            graphs, executor, adapter.embeddings(model), adapter.rotary(model), layer=0
+        )
+    return graphs
 
 
 def _apply_config_overrides(config, kwargs: dict) -> None:

@@ -44,7 +44,9 @@ class HybridOptions:
     their own input and start copying the predicted host experts early; exact, but 17% slower decode on
     S1 on the H200, hence off), ``decode_graphs`` (``"auto"``: on CUDA, ``generate`` runs on a static KV cache and replays
     each layer's attention half of a decode step as a CUDA graph; ``True`` also on the CPU standing in,
-    without capture; ``False``: transformers' dynamic cache and eager attention), ``attn_implementation``.
+    without capture; ``False``: transformers' dynamic cache and eager attention), ``decode_lookahead``
+    (with decode graphs: a greedy decode step starts the next step's first layer on the lanes before
+    ``generate`` asks for it, see :mod:`hf_hybrid.decode_lookahead`; exact), ``attn_implementation``.
 
     Loading: ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``trust_remote_code`` mean
     what they mean in transformers; ``allow_pickle`` allows ``.bin``/``.pt`` shards;
@@ -68,6 +70,7 @@ class HybridOptions:
     cpu_backend: str = "auto"
     predict_next_layer: bool = False
     decode_graphs: bool | str = "auto"
+    decode_lookahead: bool = True
     attn_implementation: str | None = "sdpa"
     trust_remote_code: bool = False
     allow_cpu_fallback: bool = False
@@ -139,6 +142,8 @@ class HybridOptions:
             )
         if self.decode_graphs not in (True, False, "auto"):
             raise ValueError(f"decode_graphs must be 'auto', True or False (got {self.decode_graphs!r})")
+        if not isinstance(self.decode_lookahead, bool):
+            raise TypeError(f"decode_lookahead must be True or False (got {self.decode_lookahead!r})")
         if self.placement is not None and not isinstance(self.placement, dict):
             raise TypeError(
                 f"placement must be a dict of unit pattern -> home (got {type(self.placement).__name__})"

@@ -6,6 +6,7 @@ and the other casts, ``save_pretrained``).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import threading
@@ -19,9 +20,10 @@ import torch
 from transformers.utils import logging
 
 from .decode_graphs import DecodeGraphs, cache_argument
+from .decode_lookahead import greedy_call
 from .errors import ContextLengthError
 from .executor import Executor
-from .hooks import detach
+from .hooks import cudnn_attention_off, detach
 from .loading import LoadedModel
 from .planner import HybridPlan, plan
 from .units import GPU
@@ -179,12 +181,46 @@ class HybridGenerationMixin:
             kwargs = self._with_prefill_chunks(args, kwargs)
             kwargs = self._with_static_cache(args, kwargs)
             handle = self.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+            lookahead = self._begin_lookahead(args, kwargs)
             try:
                 out = super().generate(*args, **kwargs)
+            except BaseException:
+                if lookahead is not None:
+                    lookahead[0].end_call(failed=True)
+                raise
             finally:
                 handle.remove()
+                if lookahead is not None:
+                    lookahead[1].remove()
+            if lookahead is not None:
+                lookahead[0].end_call()
             self._record_throughput(args, kwargs, starts, time.perf_counter())
             return out
+
+    def _begin_lookahead(self, args, kwargs):
+        """Arm the decode lookahead (:mod:`hf_hybrid.decode_lookahead`) for a greedy call on the kept static
+        cache; returns (lookahead, forward-hook handle) or None."""
+        graphs = self.hybrid.decode_graphs
+        lookahead = None if graphs is None else graphs.lookahead
+        cache = kwargs.get(cache_argument(type(self)))
+        if lookahead is None or cache is None or cache is not graphs.cache:
+            return None
+        gen_config = kwargs.get("generation_config") or self.generation_config
+        input_ids = self._input_ids(args, kwargs)
+        new_tokens = kwargs.get("max_new_tokens", getattr(gen_config, "max_new_tokens", None))
+        if new_tokens is None:
+            max_length = kwargs.get("max_length", getattr(gen_config, "max_length", None))
+            if max_length is not None and input_ids is not None:
+                new_tokens = max_length - input_ids.shape[-1]
+        lookahead.begin_call(greedy_call(kwargs, gen_config), new_tokens)
+        on_cuda = self.hybrid.executor.lanes.is_cuda
+
+        def after_forward(_module, _args, output) -> None:
+            # layer 0 must run with the kernels the forward itself uses (cuDNN attention off, see hooks)
+            with cudnn_attention_off() if on_cuda else contextlib.nullcontext():
+                lookahead.after_forward(getattr(output, "logits", None))
+
+        return lookahead, self.register_forward_hook(after_forward)
 
     def create_masks_for_generate(self, *args, **kwargs):
         """transformers' 4-D attention mask of a generate step on a static cache (``generate`` looks this

@@ -272,3 +272,24 @@ def test_cuda_decode_graphs_follow_a_wrapped_projection(tiny_checkpoints):
     got = generate(hybrid, ids, 8)
     assert torch.equal(got.sequences, static_reference(ref, ids, 8).sequences)
     assert graphs.replays > replays and not graphs.failed
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
+def test_cuda_decode_lookahead_is_bitwise_invisible(tiny_checkpoints, family):
+    # layer 0 of the next greedy step replayed and started at the end of a decode forward: the same bits
+    # as without the lookahead, on captured graphs, with the lookahead's steps claimed
+    from test_decode_lookahead import assert_bitwise, load
+
+    directory = tiny_checkpoints[family]
+    ids = prompt(batch=1, length=6).cuda()
+    results = []
+    for on in (False, True):
+        hybrid = load(directory, family, device="cuda", dtype=torch.bfloat16, decode_lookahead=on)
+        results.append(generate(hybrid, ids, 10))
+        graphs = hybrid.hybrid.decode_graphs
+        assert graphs.replays > 0 and not graphs.failed
+    assert_bitwise(results[1], results[0])
+    lookahead = graphs.lookahead
+    assert lookahead.starts == 8 and lookahead.hits >= 1
+    assert lookahead.hits + lookahead.misses == 8
+    assert hybrid.hybrid.executor.ahead is None

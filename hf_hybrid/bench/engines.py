@@ -271,12 +271,15 @@ def _switched(model: Any, variant: str):
     """Inside the block the loaded model runs as ``variant`` asks: "eager" on transformers' dynamic cache
     with eager attention (as ``decode_graphs=False``), "unfused" with attention graphs but routers run by
     their MoE blocks, "rebuilt_masks" with every decode step's attention mask built by transformers (not
-    updated), "predict" with ``predict_next_layer=True``; anything else unchanged."""
+    updated), "predict" with ``predict_next_layer=True``, "no_lookahead" without the decode lookahead
+    (:mod:`hf_hybrid.decode_lookahead`); anything else unchanged."""
     runtime = model.hybrid
     graphs, executor = runtime.decode_graphs, runtime.executor
     fuse = graphs.fuse_routers if graphs is not None else None
     masks_on = graphs.masks.enabled if graphs is not None else None
     predict = executor.predict_next_layer
+    lookahead = graphs.lookahead if graphs is not None else None
+    looking = lookahead.enabled if lookahead is not None else None
     if variant == "eager":
         runtime.decode_graphs = None
     elif variant == "unfused" and graphs is not None:
@@ -285,6 +288,8 @@ def _switched(model: Any, variant: str):
         graphs.masks.enabled = False
     elif variant == "predict":
         executor.predict_next_layer = True
+    elif variant == "no_lookahead" and lookahead is not None:
+        lookahead.enabled = False
     try:
         yield
     finally:
@@ -293,6 +298,8 @@ def _switched(model: Any, variant: str):
             graphs.fuse_routers = fuse
             graphs.masks.enabled = masks_on
         executor.predict_next_layer = predict
+        if lookahead is not None:
+            lookahead.enabled = looking
 
 
 def measure_variants(model: Any, settings: BenchSettings, ids: torch.Tensor, base: dict) -> list[dict]:

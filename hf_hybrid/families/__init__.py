@@ -123,6 +123,10 @@ class FamilyAdapter:
         """The input token embedding."""
         return model.get_input_embeddings()
 
+    def rotary(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The decoder's rotary embedding module (``rotary(x, position_ids) -> (cos, sin)``), or None."""
+        return getattr(self.decoder(model), "rotary_emb", None)
+
     def final_norm(self, model: torch.nn.Module) -> torch.nn.Module:
         """The norm after the last decoder layer."""
         return self.decoder(model).norm
