@@ -81,12 +81,15 @@ class DecodeLookahead:
         self.hits = 0
         self.misses = 0
         self._last: _Inputs | None = None  # layer 0's inputs in the forward now running
+        self._written = 0
         self._started: _Started | None = None
 
     # ----------------------------------------------------------------------------- a generate call
-    def begin_call(self, greedy: bool, new_tokens: int | None) -> None:
-        """A ``generate`` call starts: look ahead when it decodes greedily, for ``new_tokens`` tokens."""
+    def begin_call(self, greedy: bool, new_tokens: int | None, prompt: int) -> None:
+        """A ``generate`` call starts: look ahead when it decodes greedily, for ``new_tokens`` tokens after a
+        prompt of ``prompt`` positions."""
         self.end_call()
+        self._written = prompt  # cache positions written (kept on the host: reading the cache's would wait)
         self.active = (
             self.enabled and bool(greedy) and self.rotary is not None and self.layer in self.graphs.graphable
         )
@@ -113,6 +116,7 @@ class DecodeLookahead:
         """Layer 0's decode inputs of the running forward (the base of the next step's)."""
         if not self.active:
             return
+        self._written += 1
         position_embeddings = kwargs.get("position_embeddings")
         if position_embeddings is None:
             self._last = None
@@ -168,7 +172,7 @@ class DecodeLookahead:
                 return None
             # the new token's keys go to the cache position the last step's write moved to; the next step
             # sees that column too (generate extends the 2-D mask by a column of ones)
-            position = int(self.graphs.cache.layers[self.layer].cumulative_length)
+            position = self._written
             if position >= mask.shape[-1]:
                 return None
             mask = mask.clone()

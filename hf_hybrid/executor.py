@@ -27,6 +27,7 @@ Streams, events, threads and pinned buffers belong to :mod:`hf_hybrid.lanes`; th
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -130,6 +131,7 @@ class GroupStep:
     routing: Routing | None = None
     acc: torch.Tensor | None = None
     done: torch.Tensor | None = None
+    issue_device: Callable[[], None] | None = None  # GPU-lane work left to issue when the step is taken
 
 
 class StepStarted(Exception):
@@ -190,6 +192,7 @@ class Executor:
         self._left_step: float | None = None  # when the last layer step returned (for host_gap_s)
         # (group, assignment, token counts, seconds) of the last CPU-lane job, not yet learned from
         self._last_cpu_job: tuple | None = None
+        self._split_rows: dict[int, int] = {}  # intermediate size -> the CPU lane's rows of divided units
         # a decode lookahead (hf_hybrid.decode_lookahead) starts the next forward's first layer step early
         self.start_only = False  # run_group only starts its step (kept in ``ahead``) and raises StepStarted
         self.ahead: GroupStep | None = None
@@ -328,12 +331,29 @@ class Executor:
             host_inputs = self._host_inputs(hidden, flat_weights)
             cpu_future = self._submit_cpu(group, lanes, hidden, host_inputs, routing)
         batch = self._device_batch(hidden, routing, lanes, flat_weights)
+        step = GroupStep(group, hidden, cpu_future=cpu_future, lanes=lanes, routing=routing, acc=batch.acc)
         try:
-            self._stream_divided(group, lanes.split, batch)
-            self._stream(group, lanes.streamed, batch)
-            if predicted:
-                self._prefetch_predicted(predicting, predicted, len(lanes.streamed) + len(lanes.split))
-            self._resident(group, lanes.resident, batch)
+            # the divided units' copies first (as many as there are staging slots): the copy lane starts at
+            # once, whatever is issued after
+            split = list(lanes.split.items())
+            ahead = len(self.expert_ring.slots) if self.expert_ring is not None else 0
+            divided = self._copy_divided(group, split[:ahead])
+
+            def issue_device() -> None:
+                self._compute_divided(group, divided, batch)
+                for item in split[ahead:]:  # each waits for a slot the ones before it release
+                    self._compute_divided(group, self._copy_divided(group, [item]), batch)
+                self._stream(group, lanes.streamed, batch)
+                if predicted:
+                    self._prefetch_predicted(predicting, predicted, len(lanes.streamed) + len(lanes.split))
+                self._resident(group, lanes.resident, batch)
+
+            if self.start_only:
+                # a step started ahead: its GPU-lane work is issued when it is taken, so the feeding thread
+                # returns to the caller while the CPU and copy lanes already work
+                step.issue_device = issue_device
+            else:
+                issue_device()
         except BaseException:
             # the step is abandoned: let the CPU lane finish before the error leaves, so no job of this
             # step still writes the shared buffers when the next call starts
@@ -343,12 +363,22 @@ class Executor:
             self._prefetch_next(group)
         self.stats.groups += 1
         self.stats.issue_s += time.perf_counter() - entered
-        return GroupStep(group, hidden, cpu_future=cpu_future, lanes=lanes, routing=routing, acc=batch.acc)
+        return step
 
     def finish_group(self, step: GroupStep) -> torch.Tensor:
-        """Stage 6 of :meth:`run_group`: join the CPU lane and return the step's output."""
+        """Stage 6 of :meth:`run_group` (after the GPU-lane work a step started ahead left for now): join
+        the CPU lane and return the step's output."""
         if step.done is not None:
             return step.done
+        if step.issue_device is not None:
+            issue, step.issue_device = step.issue_device, None
+            entered = time.perf_counter()
+            try:
+                issue()
+            except BaseException:
+                CpuLane.settle(step.cpu_future)
+                raise
+            self.stats.issue_s += time.perf_counter() - entered
         self._join(step.group, step.cpu_future, step.lanes, step.routing, step.acc)
         out = step.acc.to(step.hidden.dtype)
         self._left_step = time.perf_counter()
@@ -574,11 +604,12 @@ class Executor:
             self.stats.streamed_units += 1
             self.stats.cached_units += int(cached)
 
-    def _stream_divided(self, group: ExpertGroup, split: dict[int, int], batch: DeviceBatch) -> None:
-        """The GPU's part of each divided unit: gate/up rows [r, I) and down columns [r, I) cross PCIe (the
-        down columns as one 2-D copy) and are computed on the GPU lane; the down output is added in fp32,
-        as the CPU lane adds its rows [0, r)."""
-        for i, r in split.items():
+    def _copy_divided(self, group: ExpertGroup, split: list[tuple[int, int]]) -> list:
+        """The GPU's part of each divided unit crosses PCIe: gate/up rows [r, I) and down columns [r, I)
+        (the down columns as one 2-D copy) go into a staging slot. Returns what
+        :meth:`_compute_divided` needs."""
+        copied = []
+        for i, r in split:
             self._maybe_fault("stream")
             gate_up_host, down_host = group.host_weights[i]
             inter, hidden = gate_up_host.shape[0] // 2, gate_up_host.shape[1]
@@ -586,7 +617,13 @@ class Executor:
             parts = [gate_up_host[r:inter], gate_up_host[inter + r :], down_host[:, r:]]
             view, ready, cached = self.expert_ring.fetch(tag, parts)
             shapes = [(inter - r, hidden), (inter - r, hidden), (down_host.shape[0], inter - r)]
-            gate, up, down = carve(view, shapes, group.dtype)
+            copied.append((i, r, inter, tag, carve(view, shapes, group.dtype), ready, cached))
+        return copied
+
+    def _compute_divided(self, group: ExpertGroup, copied: list, batch: DeviceBatch) -> None:
+        """The GPU lane computes each divided unit's part once its copy has landed; the down output is added
+        in fp32, as the CPU lane adds its rows [0, r)."""
+        for i, r, inter, tag, (gate, up, down), ready, cached in copied:
             self.lanes.wait(ready)
             with self.lanes.span("GPU", f"L{group.layer} unit {i} rows {r}:{inter}"):
                 if group.routed:
@@ -671,7 +708,11 @@ class Executor:
         """Host units of a small step to divide between the lanes, with the CPU lane's rows [0, r): the
         share of the lanes' rates while both run (:func:`split_fraction`, with the learned CPU factor), in
         blocks of 64 rows so the streamed down columns start on a 128-byte boundary. A unit already in a
-        staging slot runs whole on the GPU (no copy left to share)."""
+        staging slot runs whole on the GPU (no copy left to share).
+
+        The split stays where it was while the learned factor moves it by at most two blocks: every new
+        split is a new GEMM shape for the GPU lane, and a new shape costs the feeding thread a BLAS
+        heuristic query (~80 us a GEMM on the H200 machine) in the middle of the layer step."""
         fraction = split_fraction(self.profile, self.cpu_scale)
         split = {}
         for i, w in zip(host, work):
@@ -680,6 +721,10 @@ class Executor:
             inter = group.shapes[i][0][0] // 2
             block = 64 if inter >= 1024 else 1
             rows_on_cpu = round(fraction * inter / block) * block
+            kept = self._split_rows.get(inter)
+            if kept is not None and abs(rows_on_cpu - kept) <= 2 * block:
+                rows_on_cpu = kept
+            self._split_rows[inter] = rows_on_cpu
             if 0 < rows_on_cpu < inter:
                 split[i] = rows_on_cpu
         return split

@@ -212,7 +212,8 @@ class HybridGenerationMixin:
             max_length = kwargs.get("max_length", getattr(gen_config, "max_length", None))
             if max_length is not None and input_ids is not None:
                 new_tokens = max_length - input_ids.shape[-1]
-        lookahead.begin_call(greedy_call(kwargs, gen_config), new_tokens)
+        prompt = input_ids.shape[-1] if input_ids is not None else 0
+        lookahead.begin_call(greedy_call(kwargs, gen_config), new_tokens, prompt)
         on_cuda = self.hybrid.executor.lanes.is_cuda
 
         def after_forward(_module, _args, output) -> None:

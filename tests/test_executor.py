@@ -256,6 +256,31 @@ def test_divided_unit_is_read_once_by_the_two_lanes_together(tiny_checkpoints, d
         assert abs(r - fraction * inter) <= 0.5
 
 
+def test_divided_rows_hold_still_while_the_rate_factor_wobbles(tiny_checkpoints, divide_tiny_experts):
+    # every new split is a new GEMM shape for the GPU lane (a BLAS heuristic query on the feeding thread):
+    # a small drift of the learned CPU factor keeps the split, a real change of rate moves it
+    from test_exactness import load_pair
+
+    from hf_hybrid.assignment import HostWork
+    from hf_hybrid.units import GPU
+
+    _, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral", torch.float32, token_assignment="adaptive")
+    executor = hybrid.hybrid.executor
+    group = next(g for g in executor.groups.values() if g.routed)
+    host = [i for i, home in enumerate(group.homes) if home != GPU]
+    work = [
+        HostWork(group.units[i].name, 1, group.units[i].nbytes, group.units[i].flops_per_token) for i in host
+    ]
+    counts = [1] * len(group.units)
+    first = executor._choose_splits(group, host, counts, work)
+    assert first
+    executor.cpu_scales["small"] *= 1.03
+    assert executor._choose_splits(group, host, counts, work) == first
+    executor.cpu_scales["small"] *= 3
+    moved = executor._choose_splits(group, host, counts, work)
+    assert moved.keys() == first.keys() and all(moved[i] < first[i] for i in first)
+
+
 @pytest.mark.parametrize("backend", ["native", "torch"])
 def test_the_cpu_lane_reads_its_inputs_only_after_they_arrive(tiny_checkpoints, backend):
     """On a GPU the activations and routing weights reach the CPU lane through a device copy that may still
