@@ -22,6 +22,12 @@ bit for bit. Otherwise (a logits processor or sampling changed the token, a fini
 the started step is finished and dropped, the cache position is left where ``generate`` expects it (the
 lookahead puts it back after its write; a claim advances it), layer 0 runs as usual, and the lookahead stays
 off for the rest of the call. The lookahead never runs past the last token of a call.
+
+Measured on S1 on the H200 machine (docs/benchmarks.md, 2026-12-04): the lanes start layer 0 about 2 ms
+sooner, but the next layer starts no sooner and decode is 3% slower, because at the token boundary the
+feeding thread is the longest path (its own work for layer 0, generate's loop and the next forward's
+preamble take longer than layer 0's lanes), and the lookahead adds to it. It is therefore off by default
+(``decode_lookahead=True`` switches it on); it pays where layer 0's lane work is longer than that host path.
 """
 
 from __future__ import annotations

@@ -244,10 +244,10 @@ def _decode_graphs(
         lanes=executor.lanes,
         capture=device.type == "cuda",
     )
-    if options.decode_lookahead:
-        graphs.lookahead = DecodeLookahead(
-            graphs, executor, adapter.embeddings(model), adapter.rotary(model), layer=0
-        )
+    graphs.lookahead = DecodeLookahead(
+        graphs, executor, adapter.embeddings(model), adapter.rotary(model), layer=0
+    )
+    graphs.lookahead.enabled = options.decode_lookahead
     return graphs
 
 

@@ -46,7 +46,9 @@ class HybridOptions:
     each layer's attention half of a decode step as a CUDA graph; ``True`` also on the CPU standing in,
     without capture; ``False``: transformers' dynamic cache and eager attention), ``decode_lookahead``
     (with decode graphs: a greedy decode step starts the next step's first layer on the lanes before
-    ``generate`` asks for it, see :mod:`hf_hybrid.decode_lookahead`; exact), ``attn_implementation``.
+    ``generate`` asks for it, see :mod:`hf_hybrid.decode_lookahead`; exact, but 3% slower decode on S1 on
+    the H200 machine, where the feeding thread, not the lanes, bounds the token boundary; hence off),
+    ``attn_implementation``.
 
     Loading: ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``trust_remote_code`` mean
     what they mean in transformers; ``allow_pickle`` allows ``.bin``/``.pt`` shards;
@@ -70,7 +72,7 @@ class HybridOptions:
     cpu_backend: str = "auto"
     predict_next_layer: bool = False
     decode_graphs: bool | str = "auto"
-    decode_lookahead: bool = True
+    decode_lookahead: bool = False
     attn_implementation: str | None = "sdpa"
     trust_remote_code: bool = False
     allow_cpu_fallback: bool = False

@@ -24,7 +24,11 @@ def placement(family):
 
 def load(directory, family, **options):
     settings = dict(
-        placement=placement(family), token_assignment="adaptive", max_batch_size=2, decode_graphs=True
+        placement=placement(family),
+        token_assignment="adaptive",
+        max_batch_size=2,
+        decode_graphs=True,
+        decode_lookahead=True,
     )
     return load_every_lane(directory, family, **{**settings, **options})
 
@@ -157,6 +161,11 @@ def test_an_interrupted_call_drops_the_step_started_ahead(tiny_checkpoints):
     assert_bitwise(generate(hybrid, ids, new_tokens=8), generate(plain, ids, new_tokens=8))
 
 
-def test_decode_lookahead_option_is_validated(tiny_checkpoints):
+def test_decode_lookahead_option_is_validated_and_off_by_default(tiny_checkpoints):
     with pytest.raises(TypeError, match="decode_lookahead must be True or False"):
         load(tiny_checkpoints["mixtral"], "mixtral", decode_lookahead="yes")
+    hybrid = load_every_lane(tiny_checkpoints["mixtral"], placement=placement("mixtral"), decode_graphs=True)
+    lookahead = hybrid.hybrid.decode_graphs.lookahead
+    assert lookahead.enabled is False
+    generate(hybrid, prompt(), new_tokens=6)
+    assert lookahead.starts == 0

@@ -271,8 +271,8 @@ def _switched(model: Any, variant: str):
     """Inside the block the loaded model runs as ``variant`` asks: "eager" on transformers' dynamic cache
     with eager attention (as ``decode_graphs=False``), "unfused" with attention graphs but routers run by
     their MoE blocks, "rebuilt_masks" with every decode step's attention mask built by transformers (not
-    updated), "predict" with ``predict_next_layer=True``, "no_lookahead" without the decode lookahead
-    (:mod:`hf_hybrid.decode_lookahead`); anything else unchanged."""
+    updated), "predict" with ``predict_next_layer=True``, "lookahead" with the decode lookahead
+    (:mod:`hf_hybrid.decode_lookahead`; built for every model with decode graphs, switched on here); anything else unchanged."""
     runtime = model.hybrid
     graphs, executor = runtime.decode_graphs, runtime.executor
     fuse = graphs.fuse_routers if graphs is not None else None
@@ -288,8 +288,8 @@ def _switched(model: Any, variant: str):
         graphs.masks.enabled = False
     elif variant == "predict":
         executor.predict_next_layer = True
-    elif variant == "no_lookahead" and lookahead is not None:
-        lookahead.enabled = False
+    elif variant == "lookahead" and lookahead is not None:
+        lookahead.enabled = True
     try:
         yield
     finally:

@@ -21,9 +21,9 @@ ASSIGNMENT_VARIANTS = ("stream", "static", "cpu", "whole", "adaptive")
 #: What ``--variants`` may name: the token-assignment modes, "eager" (decode steps without the static cache
 #: and attention graphs, as ``decode_graphs=False``), "unfused" (attention graphs, routers run by their MoE
 #: blocks), "rebuilt_masks" (every decode step's attention mask built by transformers, not updated),
-#: "predict" (``predict_next_layer=True``), "no_lookahead" (``decode_lookahead=False``) and "calibrated" (``model.calibrate`` on random prompts, then
+#: "predict" (``predict_next_layer=True``), "lookahead" (``decode_lookahead=True``) and "calibrated" (``model.calibrate`` on random prompts, then
 #: measured). Each variant runs on the loaded model with the main row's placement.
-SWITCH_VARIANTS = ("eager", "unfused", "rebuilt_masks", "predict", "no_lookahead")
+SWITCH_VARIANTS = ("eager", "unfused", "rebuilt_masks", "predict", "lookahead")
 VARIANTS = (*ASSIGNMENT_VARIANTS, *SWITCH_VARIANTS, "calibrated")
 
 
