@@ -7,7 +7,11 @@ The one definition, shared by the planner's predictions and the bench's "% of bo
   takes ``passes = ceil(prompt / prefill_chunk)`` forwards (one for every prompt that fits the workspace);
 * decode bound (tok/s) = ``batch / (step bytes / (cpu_gemv_bw_during_copy + h2d_bw_during_cpu))``: each
   decode step reads the host-side bytes its tokens need, through the CPU lane and the PCIe lane at once,
-  each at the rate it keeps while the other runs.
+  each at the rate it keeps while the other runs;
+* CPU + PCIe prefill bound (tok/s), a second prefill figure: the host work of a forward divided between
+  the CPU lane, computing at its GEMM rate while copies run (``cpu_lane_gemm_flops_during_copy``), and
+  PCIe, moving bytes at its rate while the CPU computes (``h2d_bw_during_cpu``), so that both finish
+  together: a forward takes ``1 / (gemm / flops + h2d / bytes)`` (never more than PCIe alone takes).
 
 A host item is ``(bytes, p)`` with ``p`` the probability that one token reads it (1 for attention or a
 dense MLP slice, the routing frequency for an expert). A step of ``tokens`` tokens reads it with
@@ -62,6 +66,25 @@ def prefill_passes(prompt: int, chunk: int | None) -> int:
     return -(-prompt // chunk)
 
 
+def prefill_flops(items: Iterable[HostItem], tokens: int, bytes_per_param: float = 2.0) -> float:
+    """FLOPs of a forward of ``tokens`` tokens on the host items: each token that reads an item (with its
+    probability) costs 2 FLOPs per parameter; ``bytes_per_param`` is the weights' element size."""
+    return sum(2.0 * nbytes / bytes_per_param * min(max(p, 0.0), 1.0) * tokens for nbytes, p in items)
+
+
+def _cpu_pcie_seconds(host_bytes: float, flops: float, profile: Any) -> float | None:
+    """Seconds of one forward's host work divided between the CPU's GEMMs and PCIe (module doc)."""
+    gemm = float(getattr(profile, "cpu_lane_gemm_flops_during_copy", 0) or 0)
+    h2d = float(getattr(profile, "h2d_bw", 0) or 0)
+    h2d_during = float(getattr(profile, "h2d_bw_during_cpu", 0) or 0) or h2d
+    if host_bytes <= 0 or not h2d > 0:
+        return None
+    pcie_alone = host_bytes / h2d
+    if not (gemm > 0 and flops > 0):
+        return pcie_alone
+    return min(pcie_alone, 1.0 / (gemm / flops + h2d_during / host_bytes))
+
+
 def _tok_s(tokens: int, nbytes: float, rate: float, unbounded: Any) -> Any:
     if nbytes <= 0 or not rate > 0:
         return unbounded
@@ -77,19 +100,25 @@ def transfer_bounds(
     batch: int,
     unbounded: Any = None,
     prefill_chunk: int | None = None,
+    prefill_flops: float | None = None,
 ) -> dict:
     """Prefill and decode transfer bounds in tok/s (see the module doc for the definition).
 
     ``host_bytes``: the bytes a prefill moves off the host; ``step_bytes``: the expected host-side bytes
     one decode step reads (:func:`host_read_bytes` of the host items at ``batch`` tokens);
-    ``prefill_chunk``: tokens per prefill forward (longer prompts cross the host bytes once per chunk). A
-    bound that nothing limits is ``unbounded``. Returns ``prefill_bound_tok_s``, ``decode_bound_tok_s``,
-    ``host_bytes``, ``decode_host_bytes_per_step``, ``h2d_bw`` and ``decode_bw``.
+    ``prefill_chunk``: tokens per prefill forward (longer prompts cross the host bytes once per chunk);
+    ``prefill_flops``: the FLOPs of the host work of one such forward (:func:`prefill_flops`), for the CPU +
+    PCIe bound. A bound that nothing limits is ``unbounded``. Returns ``prefill_bound_tok_s``,
+    ``prefill_cpu_pcie_bound_tok_s`` (the PCIe-only bound when the profile has no CPU GEMM rate or no FLOPs
+    are given), ``decode_bound_tok_s``, ``host_bytes``, ``decode_host_bytes_per_step``, ``h2d_bw`` and
+    ``decode_bw``.
     """
     h2d, decode_bw = transfer_rates(profile, batch)
     passes = prefill_passes(prompt, prefill_chunk)
+    forward_s = _cpu_pcie_seconds(host_bytes, prefill_flops or 0.0, profile)
     return {
         "prefill_bound_tok_s": _tok_s(prompt * batch, passes * host_bytes, h2d, unbounded),
+        "prefill_cpu_pcie_bound_tok_s": (prompt * batch / (passes * forward_s) if forward_s else unbounded),
         "prefill_passes": passes,
         "decode_bound_tok_s": _tok_s(batch, step_bytes, decode_bw, unbounded),
         "host_bytes": host_bytes,

@@ -182,6 +182,12 @@ class HybridPlan:
                     if math.isfinite(bound)
                     else " (everything resident: no PCIe/CPU bound)"
                 )
+                combined = p.get("prefill_cpu_pcie_bound_tok_s") if phase == "prefill" else None
+                if combined is not None and math.isfinite(bound) and math.isfinite(combined):
+                    tail = (
+                        tail[:-1]
+                        + f"; CPU+PCIe bound {combined:.{digits}f}, {100 * p[f'{phase}_tok_s'] / combined:.0f}%)"
+                    )
                 lines.append(f"predicted {what}: {p[f'{phase}_tok_s']:.{digits}f} tok/s{tail}")
         m = self.measured
         if m.get("prefill_tok_s"):

@@ -417,6 +417,7 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
             last_forward = _forward_cost(result, layers, per_layer, last * wl.batch, {})[0]
             totals[phase] = totals[phase] * (passes - 1) + last_forward
 
+    host_units = [u for u in result.units if result.homes[u.name] != GPU and u.kind != "embed"]
     bounds = transfer_bounds(
         host["prefill"],
         host["decode"],
@@ -425,6 +426,10 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
         B,
         unbounded=math.inf,
         prefill_chunk=chunk,
+        prefill_flops=sum(
+            u.flops_per_token * chunk * wl.batch * usage_probability(u, result.routing, per_layer)
+            for u in host_units
+        ),
     )
     p = result.predicted
     p["prefill_s"] = totals["prefill"]
@@ -432,6 +437,7 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
     p["prefill_tok_s"] = T / totals["prefill"] if totals["prefill"] else math.inf
     p["decode_tok_s"] = B / totals["decode"] if totals["decode"] else math.inf
     p["prefill_bound_tok_s"] = bounds["prefill_bound_tok_s"]
+    p["prefill_cpu_pcie_bound_tok_s"] = bounds["prefill_cpu_pcie_bound_tok_s"]
     p["decode_bound_tok_s"] = bounds["decode_bound_tok_s"]
     p["prefill_fraction_of_bound"] = p["prefill_tok_s"] / p["prefill_bound_tok_s"]
     p["decode_fraction_of_bound"] = p["decode_tok_s"] / p["decode_bound_tok_s"]

@@ -472,6 +472,36 @@ def test_transfer_bounds_fall_back_on_missing_rates():
     assert nothing["prefill_bound_tok_s"] == nothing["decode_bound_tok_s"] == float("inf")
 
 
+def test_cpu_pcie_prefill_bound_divides_the_host_work_between_the_lanes():
+    from types import SimpleNamespace
+
+    from hf_hybrid.bounds import prefill_flops, transfer_bounds
+
+    # S1 at 512 tokens on the PERF.md machine: 52 host experts of 336 MiB, each read by 1/4 of the tokens;
+    # GEMMs at 2.7 TFLOP/s while copies run, 53 GB/s of H2D while the CPU computes (55 alone)
+    items = [(336 * 2**20, 0.25)] * 52
+    profile = SimpleNamespace(h2d_bw=55e9, h2d_bw_during_cpu=53e9, cpu_lane_gemm_flops_during_copy=2.7e12)
+    flops = prefill_flops(items, 512)
+    assert flops == pytest.approx(52 * 336 * 2**20 * 0.25 * 512)  # bf16: 2 FLOPs per 2-byte parameter
+    bytes_ = sum(n for n, _ in items)
+    bounds = transfer_bounds(bytes_, 0.0, profile, prompt=512, batch=1, prefill_flops=flops)
+    both = 512 * (2.7e12 / flops + 53e9 / bytes_)
+    assert bounds["prefill_cpu_pcie_bound_tok_s"] == pytest.approx(both)
+    assert 1.3 < both / bounds["prefill_bound_tok_s"] < 1.4  # ~2,050 against ~1,520 tok/s
+    # in chunks of 128 tokens: 4 forwards, each with a quarter of the FLOPs and all of the bytes
+    chunked = transfer_bounds(
+        bytes_, 0.0, profile, prompt=512, batch=1, prefill_chunk=128, prefill_flops=flops / 4
+    )
+    assert chunked["prefill_cpu_pcie_bound_tok_s"] == pytest.approx(
+        128 * (2.7e12 / (flops / 4) + 53e9 / bytes_)
+    )
+    # a CPU too slow to help, or no GEMM rate in the profile: PCIe alone bounds it
+    slow = SimpleNamespace(h2d_bw=55e9, h2d_bw_during_cpu=20e9, cpu_lane_gemm_flops_during_copy=1e9)
+    for other in (slow, SimpleNamespace(h2d_bw=55e9)):
+        alone = transfer_bounds(bytes_, 0.0, other, prompt=512, batch=1, prefill_flops=flops)
+        assert alone["prefill_cpu_pcie_bound_tok_s"] == pytest.approx(alone["prefill_bound_tok_s"])
+
+
 def test_switch_variants_change_the_loaded_model_only_inside_their_block(tiny_checkpoints):
     from tiny_models import load_every_lane
 

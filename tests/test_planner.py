@@ -312,3 +312,30 @@ def test_a_chunked_prefill_is_predicted_and_bounded_as_one_forward_per_chunk():
     )
     assert ragged.predicted["prefill_passes"] == 3
     assert short.predicted["prefill_s"] * 2 < ragged.predicted["prefill_s"] < 3 * short.predicted["prefill_s"]
+
+
+def test_the_plan_bounds_prefill_by_cpu_and_pcie_together():
+    """The second prefill bound divides the host experts' work between the CPU's GEMMs (at their rate
+    during copies) and PCIe: above the PCIe-only bound when the CPU computes fast enough to help, equal to
+    it when the profile has no CPU GEMM rate."""
+    from dataclasses import replace
+
+    units, base = moe_units(), default_profile("cuda")
+    homes = {u.name: (STREAM if u.kind == "expert" else GPU) for u in units}
+    workload = Workload(prompt_tokens=512)
+    without = plan(
+        units, replace(base, cpu_lane_gemm_flops_during_copy=None), 200 * MIB, workload=workload, forced=homes
+    )
+    assert without.predicted["prefill_cpu_pcie_bound_tok_s"] == pytest.approx(
+        without.predicted["prefill_bound_tok_s"]
+    )
+    fast = replace(base, cpu_lane_gemm_flops_during_copy=2.7e12, h2d_bw_during_cpu=base.h2d_bw)
+    with_cpu = plan(units, fast, 200 * MIB, workload=workload, forced=homes)
+    host = [u for u in units if homes[u.name] != GPU]
+    flops = sum(u.flops_per_token * 512 * 2 / 4 for u in host)  # moe_units: top-2 of 4 experts
+    nbytes = sum(u.nbytes for u in host)
+    assert with_cpu.predicted["prefill_cpu_pcie_bound_tok_s"] == pytest.approx(
+        512 * (2.7e12 / flops + fast.h2d_bw / nbytes), rel=1e-6
+    )
+    assert with_cpu.predicted["prefill_cpu_pcie_bound_tok_s"] > with_cpu.predicted["prefill_bound_tok_s"]
+    assert "CPU+PCIe bound" in str(with_cpu)

@@ -11,7 +11,7 @@ import math
 import re
 from typing import Any
 
-from ..bounds import HostItem, host_read_bytes, transfer_bounds
+from ..bounds import HostItem, host_read_bytes, prefill_flops, transfer_bounds
 
 _LAYER_RE = re.compile(r"layers?[._](\d+)")
 _EXPERT_RE = re.compile(r"experts?[._](\d+)")
@@ -133,8 +133,15 @@ def compute_bounds(
         source = "estimate"
     host_bytes = sum(n for n, _ in items)
     chunk = (plan or {}).get("prefill_chunk") if isinstance(plan, dict) else None
+    forward_tokens = min(chunk or prompt, prompt) * batch
     bounds = transfer_bounds(
-        host_bytes, host_read_bytes(items, batch), profile, prompt, batch, prefill_chunk=chunk
+        host_bytes,
+        host_read_bytes(items, batch),
+        profile,
+        prompt,
+        batch,
+        prefill_chunk=chunk,
+        prefill_flops=prefill_flops(items, forward_tokens),
     )
     bounds["source"] = source
     return bounds
@@ -158,7 +165,7 @@ def row_bounds(
     bounds = compute_bounds(meta, profile, budget_bytes, row["prompt"], batch, plan)
     predicted = (plan or {}).get("predicted") if isinstance(plan, dict) else None
     if isinstance(predicted, dict) and (row["prompt"], row["new_tokens"]) == hybrid_counts:
-        for key in ("prefill_bound_tok_s", "decode_bound_tok_s"):
+        for key in ("prefill_bound_tok_s", "prefill_cpu_pcie_bound_tok_s", "decode_bound_tok_s"):
             value = finite(predicted.get(key))
             if value:
                 bounds[key] = value

@@ -22,6 +22,7 @@ TABLE_COLUMNS = (
     "decode tok/s",
     "end-to-end s",
     "prefill % of bound",
+    "prefill % of CPU+PCIe bound",
     "decode % of bound",
     "speedup vs accelerate (e2e)",
     "note",
@@ -147,11 +148,11 @@ def finish_rows(rows: list[dict], meta: dict, profile: Any, settings: BenchSetti
             else None
         )
         row["bounds"] = bounds
-        for kind in ("prefill", "decode"):
-            bound = (bounds or {}).get(f"{kind}_bound_tok_s")
+        for kind, key in (("prefill", "prefill"), ("prefill", "prefill_cpu_pcie"), ("decode", "decode")):
+            bound = (bounds or {}).get(f"{key}_bound_tok_s")
             measured = row.get(f"{kind}_tok_s")
-            row[f"{kind}_bound_tok_s"] = bound
-            row[f"{kind}_pct_of_bound"] = 100.0 * measured / bound if bound and measured else None
+            row[f"{key}_bound_tok_s"] = bound
+            row[f"{key}_pct_of_bound"] = 100.0 * measured / bound if bound and measured else None
     reference = next((r for r in rows if r["engine"] == "accelerate" and r.get("e2e_projected_s")), None)
     for row in rows:
         mine = row.get("e2e_projected_s")
@@ -173,6 +174,7 @@ def render_table(rows: list[dict], settings: BenchSettings, header: str) -> str:
             _fmt_rate(row.get("decode_tok_s")) if ok else "-",
             _fmt_s(row.get("e2e_s")) if ok else "-",
             _fmt_pct(row.get("prefill_pct_of_bound")),
+            _fmt_pct(row.get("prefill_cpu_pcie_pct_of_bound")),
             _fmt_pct(row.get("decode_pct_of_bound")),
             "-" if speed is None else f"{speed:.2f}x",
             row.get("note", ""),
