@@ -258,6 +258,63 @@ def scenario_figure(plt, scenario: str, records: list[tuple[str, dict]], path: P
     return True
 
 
+def prefill_length_figure(plt, records: list[tuple[str, dict]], path: Path) -> bool:
+    """Prefill tok/s against prompt length (log-log): hf_hybrid, its PCIe-only and CPU+PCIe bounds, and the
+    baselines at the prompts they ran, from bench records of one scenario on one machine (``--prefill-vs-
+    prompt DIR``). False when fewer than two hf_hybrid prompt lengths were measured."""
+    hybrid: dict[int, dict] = {}
+    others: dict[str, list[tuple[int, float]]] = {}
+    for _, record in records:
+        for row in record.get("rows", []):
+            if row.get("status") != "ok" or not row.get("prefill_tok_s"):
+                continue
+            engine, prompt = str(row.get("engine")), int(row.get("prompt") or 0)
+            if engine == "hf_hybrid":
+                hybrid[prompt] = row
+            elif engine in ("accelerate", "cpu"):
+                others.setdefault(engine, []).append((prompt, float(row["prefill_tok_s"])))
+    if len(hybrid) < 2:
+        return False
+    prompts = sorted(hybrid)
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    ax.plot(
+        prompts,
+        [hybrid[n]["prefill_tok_s"] for n in prompts],
+        "o-",
+        color=ENGINE_COLORS["hf_hybrid"],
+        label="hf_hybrid (measured)",
+    )
+    for key, style, label in (
+        ("prefill_bound_tok_s", "--", "bound: PCIe only"),
+        ("prefill_cpu_pcie_bound_tok_s", ":", "bound: CPU + PCIe"),
+    ):
+        points = [(n, hybrid[n].get(key)) for n in prompts if hybrid[n].get(key)]
+        if points:
+            ax.plot(*zip(*points), style, color="#333", label=label)
+    for engine, points in sorted(others.items()):
+        points = sorted(set(points))
+        ax.plot(
+            *zip(*points), "s", color=ENGINE_COLORS[engine], label=ENGINE_LABELS[engine].replace("\n", " ")
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens (longer than the plan's prefill chunk: one forward per chunk)", fontsize=9)
+    ax.set_ylabel("prefill tokens/s", fontsize=9)
+    header = records[-1][1].get("header", {})
+    ax.set_title(
+        f"{header.get('scenario', '')} prefill vs prompt length -- {header.get('device_name', '')}, GPU budget "
+        f"{header.get('gpu_memory', '?')}, {str(header.get('date', ''))[:10]}",
+        fontsize=9.5,
+    )
+    ax.legend(fontsize=8)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130, metadata=PNG_METADATA)
+    plt.close(fig)
+    return True
+
+
 TRACE_COLORS = {"host": "#c8c8c8", "CPU lane": "#55a868", "PCIe copy": "#dd8452", "GPU": "#4c72b0"}
 
 
@@ -344,6 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "docs" / "data", help="bench JSON directory")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images", help="output directory")
+    parser.add_argument(
+        "--prefill-vs-prompt",
+        type=Path,
+        action="append",
+        default=[],
+        help="a directory of bench records of one scenario at several prompt lengths (one machine): writes "
+        "<scenario>-prefill-vs-prompt-<directory name>.png (repeatable)",
+    )
     args = parser.parse_args(argv)
     try:
         import matplotlib
@@ -377,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         target = args.out / (trace.name[: -len(".trace.json")] + "-timeline.png")
         if timeline_figure(plt, trace, target):
             written.append(target)
+    for directory in args.prefill_vs_prompt:
+        for scenario, records in sorted(load_records(directory).items()):
+            target = args.out / f"{scenario.lower()}-prefill-vs-prompt-{directory.name}.png"
+            if prefill_length_figure(plt, records, target):
+                written.append(target)
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -224,3 +224,42 @@ def test_make_figures_without_matplotlib(tmp_path, capsys, monkeypatch):
     assert figures.main(["--out", str(tmp_path)]) == 0
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert not list(tmp_path.iterdir())
+
+
+def test_prefill_vs_prompt_figure_plots_the_runs_and_both_bounds(tmp_path):
+    from unittest.mock import MagicMock
+
+    figures = load("scripts/make_figures.py")
+
+    def record(prompt, rate, bound, combined, baselines=()):
+        rows = [
+            {
+                "engine": "hf_hybrid",
+                "status": "ok",
+                "prompt": prompt,
+                "prefill_tok_s": rate,
+                "prefill_bound_tok_s": bound,
+                "prefill_cpu_pcie_bound_tok_s": combined,
+            }
+        ]
+        rows += [{"engine": e, "status": "ok", "prompt": 128, "prefill_tok_s": r} for e, r in baselines]
+        rows.append({"engine": "gpu", "status": "error"})
+        return (f"s1-{prompt}", {"header": {"scenario": "S1", "date": "2026-12-04 13:00"}, "rows": rows})
+
+    records = [
+        record(512, 1500.0, 1520.0, 2030.0, [("accelerate", 50.0), ("cpu", 220.0)]),
+        record(2048, 5000.0, 5860.0, 6100.0),
+    ]
+    plt = MagicMock()
+    fig, ax = MagicMock(), MagicMock()
+    plt.subplots.return_value = (fig, ax)
+    assert figures.prefill_length_figure(plt, records, tmp_path / "p.png")
+    lines = {call.kwargs.get("label"): call.args for call in ax.plot.call_args_list}
+    assert lines["hf_hybrid (measured)"][:2] == ([512, 2048], [1500.0, 5000.0])
+    assert lines["bound: PCIe only"][:2] == ((512, 2048), (1520.0, 5860.0))
+    assert lines["bound: CPU + PCIe"][:2] == ((512, 2048), (2030.0, 6100.0))
+    assert lines["accelerate offload"][:2] == ((128,), (50.0,))
+    assert lines["CPU only"][:2] == ((128,), (220.0,))
+    fig.savefig.assert_called_once()
+    # one prompt length is not a curve
+    assert not figures.prefill_length_figure(plt, records[:1], tmp_path / "q.png")
