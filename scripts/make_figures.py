@@ -8,6 +8,8 @@
   sweep (``hf-hybrid bench --budgets 4GiB,8GiB,...``).
 * ``<name>-timeline.png``: every ``docs/data/<name>.trace.json`` written by ``model.trace()``, one row per
   lane (host forwards, CPU lane, PCIe copies, GPU).
+* ``<parent>-<directory>-<scenario>.png`` for each ``--prefill-vs-prompt DIR``: prefill tok/s against
+  prompt length from the bench records in DIR (one machine), with both prefill bounds and the baselines.
 * ``<scenario>.png`` (e.g. ``s1.png``): prefill and decode tokens/s of every engine in every
   ``docs/data/*.json`` benchmark record of that scenario (records written by ``hf-hybrid bench --json``;
   files without ``rows``, such as hardware profiles, are skipped). The numbers are the records' own.
@@ -407,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         help="a directory of bench records of one scenario at several prompt lengths (one machine): writes "
-        "<scenario>-prefill-vs-prompt-<directory name>.png (repeatable)",
+        "<parent>-<directory>-<scenario>.png (repeatable)",
     )
     args = parser.parse_args(argv)
     try:
@@ -444,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             written.append(target)
     for directory in args.prefill_vs_prompt:
         for scenario, records in sorted(load_records(directory).items()):
-            target = args.out / f"{scenario.lower()}-prefill-vs-prompt-{directory.name}.png"
+            target = args.out / f"{directory.parent.name}-{directory.name}-{scenario.lower()}.png"
             if prefill_length_figure(plt, records, target):
                 written.append(target)
     for path in written:
