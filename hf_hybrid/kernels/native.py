@@ -7,6 +7,11 @@ weight row once, dots it with every token of its job, runs all jobs of the step 
 its own sleeping thread pool (no OpenMP, so it never shares a team with torch) and adds the weighted results
 into one fp32 output.
 
+Where the CPU has AMX-BF16 (and Linux grants the process the tile state), bf16 jobs with many tokens
+(prefill: at least ``amx_min_tokens``, default 32) run on AMX tiles instead: each weight block is packed
+once and multiplied with every 16-token tile of the job, so a weight is read once for all of a job's tokens
+at matrix-unit rates, where torch's per-expert ops reached only about 0.8 TFLOP/s in-process.
+
 The C source is compiled on first use with the machine's own instruction set (``-march=native``: AVX-512
 with BF16 dot products, AVX-512F, AVX2 or plain C) and cached under ``cache_root()/native``, keyed by the
 source, the compiler's version and the CPU's flags. The library is loaded with :mod:`ctypes`, which releases
@@ -51,7 +56,7 @@ from ..system import cache_root
 logger = logging.get_logger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "expert_lane.c"
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -63,6 +68,11 @@ AVX2_FLAGS = ("-mno-avx512f",)
 #: plain C: on x86 no AVX at all (disabling AVX disables AVX2, FMA and AVX-512 with it); elsewhere no
 #: auto-vectorisation
 SCALAR_FLAGS = ("-mno-avx",) if _X86 else ("-fno-tree-vectorize",)
+#: the AMX path with tiles emulated in C (plain arrays, the tile product computed in fp32): its packing and
+#: edge handling run and are tested on any machine
+AMX_EMULATE_FLAGS = ("-DHF_AMX_EMULATE",)
+#: flags that make the compiler emit the AMX code path whatever the build machine has (compile-only checks)
+AMX_FLAGS = (*AVX512_FLAGS, "-mamx-tile", "-mamx-bf16") if _X86 else ()
 
 _ISA_NAMES = {2: "avx512_bf16", 1: "avx512f", 3: "avx2", 0: "scalar"}
 _SUPPORTED_MACHINES = ("x86_64", "amd64", "aarch64", "arm64")
@@ -74,6 +84,9 @@ _OPT_DPBF16 = 3
 _OPT_MIN_BYTES = 4
 _OPT_IDLE_SPIN_US = 5
 _OPT_K_BLOCK = 6
+_OPT_AMX_MIN_TOKENS = 7
+#: bf16 jobs with at least this many tokens run on AMX tiles, where usable (the C pool's default)
+DEFAULT_AMX_MIN_TOKENS = 32
 
 _ERR_TOKEN = 5
 
@@ -236,6 +249,8 @@ class Library:
             )
         dll.hf_lane_isa.restype = ctypes.c_int
         dll.hf_lane_isa.argtypes = []
+        dll.hf_lane_amx.restype = ctypes.c_int
+        dll.hf_lane_amx.argtypes = []
         dll.hf_lane_create.restype = ctypes.c_void_p
         dll.hf_lane_create.argtypes = [ctypes.c_int]
         dll.hf_lane_destroy.restype = None
@@ -264,6 +279,12 @@ class Library:
     def isa(self) -> str:
         """The code path compiled in: ``"avx512_bf16"``, ``"avx512f"``, ``"avx2"`` or ``"scalar"``."""
         return _ISA_NAMES.get(self.dll.hf_lane_isa(), "unknown")
+
+    @property
+    def amx(self) -> bool:
+        """Whether this build computes prefill-sized bf16 jobs on AMX tiles here: compiled in (an AMX CPU
+        with ``-march=native``, or the emulated build) and, on the hardware, permitted by Linux."""
+        return bool(self.dll.hf_lane_amx())
 
     def strerror(self, code: int) -> str:
         return (self.dll.hf_lane_strerror(code) or b"unknown error").decode()
@@ -464,11 +485,22 @@ class NativeExpertLane:
             raise NativeBuildError(f"could not start a pool of {threads} threads")
         self._handle: int | None = handle
         self.threads = int(library.dll.hf_lane_threads(handle))
+        self._amx_min_tokens = DEFAULT_AMX_MIN_TOKENS
 
     @property
     def isa(self) -> str:
         """The instruction set of this pool's library."""
         return self.library.isa
+
+    @property
+    def amx(self) -> bool:
+        """Whether bf16 jobs with at least :attr:`amx_min_tokens` tokens run on AMX tiles in this pool."""
+        return self.library.amx and self._amx_min_tokens > 0
+
+    @property
+    def amx_min_tokens(self) -> int:
+        """Tokens per job from which bf16 jobs run on AMX tiles (where usable); 0 = never."""
+        return self._amx_min_tokens
 
     def configure(
         self,
@@ -479,13 +511,15 @@ class NativeExpertLane:
         min_bytes_per_thread: int | None = None,
         idle_spin_us: int | None = None,
         k_block: int | None = None,
+        amx_min_tokens: int | None = None,
     ) -> None:
         """Tune the pool (benchmarks): spin before sleeping at the phase barrier (default 50 us), software
         prefetch distance (default 1024 bytes), use of VDPBF16PS where compiled in (default off: no gain
         was measured at 1-8 tokens), weight bytes
         per thread below which fewer threads take part (default 256 KiB), spin after a call before a
         worker sleeps (default 0), k block in elements (a multiple of 32; default 0 = sized so that a
-        block's activations fit in 256 KiB, at least 1024)."""
+        block's activations fit in 256 KiB, at least 1024; it also sets the AMX path's k block), tokens
+        per job from which bf16 jobs run on AMX tiles where usable (default 32; 0 = never)."""
         settings = [
             (_OPT_BARRIER_SPIN_US, barrier_spin_us),
             (_OPT_PREFETCH, prefetch_bytes),
@@ -493,6 +527,7 @@ class NativeExpertLane:
             (_OPT_MIN_BYTES, min_bytes_per_thread),
             (_OPT_IDLE_SPIN_US, idle_spin_us),
             (_OPT_K_BLOCK, k_block),
+            (_OPT_AMX_MIN_TOKENS, amx_min_tokens),
         ]
         handle = self._acquire()
         try:
@@ -502,19 +537,22 @@ class NativeExpertLane:
                 rc = self.library.dll.hf_lane_configure(handle, option, int(value))
                 if rc != 0:
                     raise ValueError(f"bad setting {value!r}: {self.library.strerror(rc)}")
+                if option == _OPT_AMX_MIN_TOKENS:
+                    self._amx_min_tokens = int(value)
         finally:
             self._release()
 
     def last_stats(self) -> dict[str, float]:
         """The last call as the calling thread saw it: ``total_us``, ``phase1_us`` (gate/up, until the
-        barrier opened), ``phase2_us`` (down), ``threads`` that took part, weight ``bytes`` read."""
-        values = (ctypes.c_double * 5)()
+        barrier opened), ``phase2_us`` (down), ``threads`` that took part, weight ``bytes`` read,
+        ``amx_jobs`` computed on AMX tiles."""
+        values = (ctypes.c_double * 6)()
         handle = self._acquire()
         try:
             self.library.dll.hf_lane_last_stats(handle, values)
         finally:
             self._release()
-        return dict(zip(("total_us", "phase1_us", "phase2_us", "threads", "bytes"), values))
+        return dict(zip(("total_us", "phase1_us", "phase2_us", "threads", "bytes", "amx_jobs"), values))
 
     def _acquire(self) -> int:
         with self._cond:
@@ -602,7 +640,7 @@ class NativeExpertLane:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"NativeExpertLane(threads={self.threads}, isa={self.isa!r}, {state})"
+        return f"NativeExpertLane(threads={self.threads}, isa={self.isa!r}, amx={self.amx}, {state})"
 
 
 def _check_x_out(x: Tensor, out: Tensor) -> int:

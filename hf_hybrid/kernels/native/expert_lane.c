@@ -33,10 +33,19 @@
  *   __AVX2__+__FMA__: the same with 256-bit vectors
  *   otherwise      : plain C
  *
+ * AMX-BF16 (where the CPU has it, e.g. Sapphire Rapids): jobs with many tokens (prefill) are compute-bound
+ * matrix products, not matrix-vector ones. For them both phases run on AMX tiles: each weight block is
+ * packed once into the tiles' pair-interleaved layout and multiplied with every 16-token tile of the job,
+ * so each weight is read once for all of a job's tokens at a rate the vector units cannot reach (torch's
+ * per-expert ops reached about 0.8 TFLOP/s in-process on such a CPU). The tile code is written against a
+ * few macros; built with -DHF_AMX_EMULATE the tiles are plain arrays and the tile product is computed in
+ * C, so that the packing and edge handling are tested on machines without AMX.
+ *
  * C11 + POSIX threads; no torch or Python headers (the library is loaded with ctypes, which releases the
  * GIL for the duration of a call).
  */
 #define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE /* syscall() */
 
 #include <math.h>
 #include <pthread.h>
@@ -76,7 +85,7 @@
  * about one chunk's read time apart across threads (128 KiB at ~8 GB/s per core: ~16 us) while the
  * counter is touched rarely. */
 #define HF_CHUNK_BYTES (128 * 1024)
-#define HF_ABI_VERSION 2
+#define HF_ABI_VERSION 3
 
 /* ------------------------------------------------------------------------------------------------------ */
 /* Public types                                                                                           */
@@ -118,6 +127,7 @@ enum {
     HF_OPT_MIN_BYTES = 4,       /* weight bytes per thread below which fewer threads take part            */
     HF_OPT_IDLE_SPIN_US = 5,    /* spin this long after a call before a worker sleeps (default 0)         */
     HF_OPT_K_BLOCK = 6,         /* k block in elements, a multiple of 32; 0 = from HF_X_BUDGET (default)  */
+    HF_OPT_AMX_MIN_TOKENS = 7,  /* bf16 jobs with at least this many tokens run on AMX tiles; 0 = never  */
 };
 
 /* ------------------------------------------------------------------------------------------------------ */
@@ -461,6 +471,11 @@ typedef struct job_plan {
     int64_t nchunks;    /* phase-1 chunks of this job */
     int use_dp1;        /* phase 1 with VDPBF16PS */
     int use_dp2;        /* phase 2 with VDPBF16PS (h is exactly bf16) */
+    int amx;            /* both phases on AMX tiles (bf16, rounded, many tokens) */
+    int64_t rows1;      /* (gate, up) row pairs per phase-1 chunk */
+    int64_t mpad;       /* AMX: tokens rounded up to a tile (16); h rows [ntok, mpad) are zeros */
+    int64_t xoff;       /* AMX: offset of the job's gathered activations in xp (elements) */
+    int64_t kb1, kb2;   /* AMX: k block of phase 1 and phase 2 (elements, a multiple of 32) */
     int rnd;            /* round to bf16 (bf16 dtype and round_bf16) */
 } job_plan;
 
@@ -488,6 +503,8 @@ typedef struct lane_pool {
     int dpbf16;
     int64_t min_bytes;
     int64_t k_block;
+    int64_t amx_min_tokens;
+    int amx_ok; /* AMX compiled in and usable in this process */
 
     /* the call in progress, written by the caller before workers are woken */
     atomic_int stop; /* set once by hf_lane_destroy */
@@ -506,6 +523,11 @@ typedef struct lane_pool {
     int64_t rows_per_chunk1, nchunks1;
     int64_t cols_per_chunk2, nchunks2;
     atomic_llong next1, next2;
+    int amx_jobs;          /* jobs of this call on AMX tiles */
+    int64_t hpad;          /* hidden rounded up to 32 (AMX panels' row length) */
+    const uint16_t *xp;    /* AMX jobs' activations, gathered: [mpad, hpad] per job, zero padded */
+    size_t amx_stride;     /* bytes of one thread's AMX scratch (packed weights, then fp32 sums) */
+    size_t amx_bp_bytes;   /* of which packed weights */
 
     /* buffers kept between calls */
     float *xf_buf;
@@ -515,6 +537,10 @@ typedef struct lane_pool {
     int64_t hf_cap;
     uint16_t *hb_buf;
     int64_t hb_cap;
+    uint16_t *xp_buf;
+    int64_t xp_cap;
+    unsigned char *amx_buf;
+    int64_t amx_cap;
 
     /* barrier between the phases */
     atomic_int bar_count;
@@ -525,6 +551,7 @@ typedef struct lane_pool {
     /* timings of the last call, as the calling thread saw them (microseconds) */
     double t_start, t_barrier, t_end;
     int64_t last_bytes;
+    int last_amx_jobs;
 
     /* completion */
     atomic_int remaining;
@@ -638,6 +665,264 @@ static void panel(const lane_pool *p, const void *const *rows, int nrows, const 
 }
 
 /* ------------------------------------------------------------------------------------------------------ */
+/* AMX-BF16 tiles: C[16 x 16 fp32] += A[16 x 32 bf16] . B[32 x 16 bf16] per TDPBF16PS                    */
+/*                                                                                                        */
+/* Both phases of an AMX job are one product shape: sums[mpad][32] = A[mpad][K] . W[32 rows][K]^T, where  */
+/* A is the job's gathered activations (phase 1) or its h (phase 2), padded with zero rows to a multiple  */
+/* of 16 and zero columns to a multiple of 32, and W is 16 gate rows and the 16 matching up rows (phase   */
+/* 1) or 32 rows of down (phase 2; its columns are the k range). Eight tiles: four C (two token tiles x   */
+/* two weight tiles), two A, two B; each A load feeds two products and so does each B load.               */
+
+#if defined(HF_AMX_EMULATE)
+#define HF_AMX 1
+#define HF_AMX_EMU 1
+#elif defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(HF_ISA_AVX512)
+#define HF_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#if defined(HF_AMX)
+
+/* the tile configuration (palette 1): every tile 16 rows of 64 bytes */
+typedef struct hf_tilecfg {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((aligned(64))) hf_tilecfg;
+
+static const hf_tilecfg hf_tiles_all16 = {
+    1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+#if defined(HF_AMX_EMU)
+/* Tiles as per-thread arrays, as the hardware keeps them per thread; a tile instruction before this
+ * thread loaded a configuration traps, as it does on the hardware (#UD), so a thread that forgets its own
+ * configuration fails the tests here too. */
+typedef struct emu_tile {
+    int rows, colsb;
+    unsigned char d[16][64];
+} emu_tile;
+static _Thread_local emu_tile emu_t[8];
+static _Thread_local int emu_configured;
+
+static void emu_loadconfig(const hf_tilecfg *c) {
+    for (int i = 0; i < 8; i++) {
+        emu_t[i].rows = c->rows[i];
+        emu_t[i].colsb = c->colsb[i];
+    }
+    emu_configured = 1;
+}
+
+static void emu_check(void) {
+    if (!emu_configured) __builtin_trap();
+}
+
+static void emu_load(int t, const void *base, int64_t stride) {
+    emu_check();
+    for (int r = 0; r < emu_t[t].rows; r++) memcpy(emu_t[t].d[r], (const char *)base + r * stride, (size_t)emu_t[t].colsb);
+}
+
+static void emu_store(int t, void *base, int64_t stride) {
+    emu_check();
+    for (int r = 0; r < emu_t[t].rows; r++) memcpy((char *)base + r * stride, emu_t[t].d[r], (size_t)emu_t[t].colsb);
+}
+
+static void emu_zero(int t) {
+    emu_check();
+    memset(emu_t[t].d, 0, sizeof emu_t[t].d);
+}
+
+/* TDPBF16PS: for each pair k of A's row m and B's row k: C[m][n] += A[m][2k] B[k][2n] + A[m][2k+1] B[k][2n+1],
+ * products exact in fp32, sums in fp32 */
+static void emu_dp(int c, int a, int b) {
+    emu_check();
+    const int m_rows = emu_t[a].rows, pairs = emu_t[a].colsb / 4, n_cols = emu_t[c].colsb / 4;
+    for (int m = 0; m < m_rows; m++) {
+        uint16_t arow[32];
+        memcpy(arow, emu_t[a].d[m], sizeof arow);
+        for (int n = 0; n < n_cols; n++) {
+            float acc;
+            memcpy(&acc, emu_t[c].d[m] + 4 * n, sizeof acc);
+            for (int k = 0; k < pairs; k++) {
+                uint16_t bb[2];
+                memcpy(bb, emu_t[b].d[k] + 4 * n, sizeof bb);
+                acc += bf16_to_f32(arow[2 * k]) * bf16_to_f32(bb[0]);
+                acc += bf16_to_f32(arow[2 * k + 1]) * bf16_to_f32(bb[1]);
+            }
+            memcpy(emu_t[c].d[m] + 4 * n, &acc, sizeof acc);
+        }
+    }
+}
+
+#define HF_T_LOADCFG(cfg) emu_loadconfig(cfg)
+#define HF_T_RELEASE() (emu_configured = 0)
+#define HF_T_ZERO(t) emu_zero(t)
+#define HF_T_LOAD(t, base, stride) emu_load(t, base, stride)
+#define HF_T_STORE(t, base, stride) emu_store(t, base, stride)
+#define HF_T_DP(c, a, b) emu_dp(c, a, b)
+
+static int amx_usable(void) { return 1; }
+
+#else /* the hardware */
+
+#define HF_T_LOADCFG(cfg) _tile_loadconfig(cfg)
+#define HF_T_RELEASE() _tile_release()
+#define HF_T_ZERO(t) _tile_zero(t)
+#define HF_T_LOAD(t, base, stride) _tile_loadd(t, base, stride)
+#define HF_T_STORE(t, base, stride) _tile_stored(t, base, stride)
+#define HF_T_DP(c, a, b) _tile_dpbf16ps(c, a, b)
+
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+static int amx_ok;
+
+/* cpuid says AMX-TILE and AMX-BF16, and Linux lets this process use the tile data state (permission is
+ * per process and must be asked for before any thread touches a tile; without it TILELOADD faults) */
+static void amx_probe(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return;
+    if (!(d & (1u << 22)) || !(d & (1u << 24))) return; /* AMX-BF16, AMX-TILE */
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) != 0) return;
+    amx_ok = 1;
+}
+
+static int amx_usable(void) {
+    pthread_once(&amx_once, amx_probe);
+    return amx_ok;
+}
+
+#endif
+
+/* One B tile of weights in the layout TDPBF16PS reads (pairs of k interleaved):
+ * dst[k/2][2n + k%2] = w[n][k] for n < nrows, k < kvalid (<= 32), zero elsewhere. Row n's 32 values are 16
+ * pairs, so this is a transpose of a 16 x 16 matrix of 32-bit pairs. */
+#if defined(HF_ISA_AVX512) && defined(__AVX512BW__)
+static void pack_b(uint16_t *dst, const uint16_t *w, int64_t ld, int nrows, int64_t kvalid) {
+    const __mmask32 km = kvalid >= 32 ? 0xffffffffu : (((__mmask32)1 << kvalid) - 1);
+    __m512i r[16], t[16];
+    for (int n = 0; n < 16; n++)
+        r[n] = n < nrows ? _mm512_maskz_loadu_epi16(km, w + n * ld) : _mm512_setzero_si512();
+    /* pairs of rows interleaved, then quadruples: u[4g + c] holds rows 4g..4g+3 of pair columns c, c + 4,
+     * c + 8, c + 12 in its four 128-bit lanes */
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int g = 0; g < 16; g += 4) {
+        r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+        r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+        r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+        r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+    }
+    /* then the lanes: pair column c + 4L takes lane L of r[c], r[4 + c], r[8 + c], r[12 + c] */
+    for (int c = 0; c < 4; c++) {
+        const __m512i v = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), w2 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
+        const __m512i v3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88), w3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+        _mm512_store_si512((void *)(dst + (c + 0) * 32), _mm512_shuffle_i32x4(v, v3, 0x88));
+        _mm512_store_si512((void *)(dst + (c + 8) * 32), _mm512_shuffle_i32x4(v, v3, 0xDD));
+        _mm512_store_si512((void *)(dst + (c + 4) * 32), _mm512_shuffle_i32x4(w2, w3, 0x88));
+        _mm512_store_si512((void *)(dst + (c + 12) * 32), _mm512_shuffle_i32x4(w2, w3, 0xDD));
+    }
+}
+#else
+static void pack_b(uint16_t *dst, const uint16_t *w, int64_t ld, int nrows, int64_t kvalid) {
+    for (int k = 0; k < 32; k++)
+        for (int n = 0; n < 16; n++) dst[(k / 2) * 32 + 2 * n + (k % 2)] = n < nrows && k < kvalid ? w[n * ld + k] : 0;
+}
+#endif
+
+/* acc[mtiles * 16][32] (+)= a[mtiles * 16][steps * 32] . packed weights (steps x two B tiles) */
+static void amx_gemm(const uint16_t *a, int64_t lda, int64_t mtiles, const uint16_t *bp, int steps, float *acc,
+                     int first) {
+    const int64_t sa = lda * (int64_t)sizeof(uint16_t), sc = 32 * (int64_t)sizeof(float);
+    int64_t m = 0;
+    for (; m + 2 <= mtiles; m += 2) {
+        float *c0 = acc + m * 16 * 32, *c1 = c0 + 16 * 32;
+        const uint16_t *a0 = a + m * 16 * lda, *a1 = a0 + 16 * lda;
+        if (first) {
+            HF_T_ZERO(0);
+            HF_T_ZERO(1);
+            HF_T_ZERO(2);
+            HF_T_ZERO(3);
+        } else {
+            HF_T_LOAD(0, c0, sc);
+            HF_T_LOAD(1, c0 + 16, sc);
+            HF_T_LOAD(2, c1, sc);
+            HF_T_LOAD(3, c1 + 16, sc);
+        }
+        for (int s = 0; s < steps; s++) {
+            HF_T_LOAD(4, a0 + s * 32, sa);
+            HF_T_LOAD(5, a1 + s * 32, sa);
+            HF_T_LOAD(6, bp + s * 1024, 64);
+            HF_T_LOAD(7, bp + s * 1024 + 512, 64);
+            HF_T_DP(0, 4, 6);
+            HF_T_DP(1, 4, 7);
+            HF_T_DP(2, 5, 6);
+            HF_T_DP(3, 5, 7);
+        }
+        HF_T_STORE(0, c0, sc);
+        HF_T_STORE(1, c0 + 16, sc);
+        HF_T_STORE(2, c1, sc);
+        HF_T_STORE(3, c1 + 16, sc);
+    }
+    if (m < mtiles) { /* an odd last token tile */
+        float *c0 = acc + m * 16 * 32;
+        const uint16_t *a0 = a + m * 16 * lda;
+        if (first) {
+            HF_T_ZERO(0);
+            HF_T_ZERO(1);
+        } else {
+            HF_T_LOAD(0, c0, sc);
+            HF_T_LOAD(1, c0 + 16, sc);
+        }
+        for (int s = 0; s < steps; s++) {
+            HF_T_LOAD(4, a0 + s * 32, sa);
+            HF_T_LOAD(6, bp + s * 1024, 64);
+            HF_T_LOAD(7, bp + s * 1024 + 512, 64);
+            HF_T_DP(0, 4, 6);
+            HF_T_DP(1, 4, 7);
+        }
+        HF_T_STORE(0, c0, sc);
+        HF_T_STORE(1, c0 + 16, sc);
+    }
+}
+
+/* k block of an AMX job: its activation slice (mpad x kb bf16) about HF_X_BUDGET, so that it stays in L2
+ * while every row block of weights is multiplied with it; the packed weights are 64 bytes per element of
+ * kb. The pool's k_block option, where set, overrides (tests force several blocks with it). */
+static int64_t amx_kblock(const lane_pool *p, int64_t mpad, int64_t kpad) {
+    int64_t kb = p->k_block;
+    if (kb <= 0) {
+        kb = ((int64_t)HF_X_BUDGET / (mpad * 2)) & ~(int64_t)31;
+        if (kb < 256) kb = 256;
+        if (kb > 2048) kb = 2048;
+    }
+    return kb < kpad ? kb : kpad;
+}
+
+/* sums[mpad][32] = A . W^T over k in [0, kpad), W's rows given as two blocks of 16 (w0 with n0 rows, w1
+ * with n1 rows; rows past those are zeros), each row `kvalid` long (zeros up to kpad), row stride ld */
+static void amx_product(const uint16_t *a, int64_t lda, int64_t mpad, const uint16_t *w0, int n0,
+                        const uint16_t *w1, int n1, int64_t ld, int64_t kvalid, int64_t kpad, int64_t kb,
+                        uint16_t *bp, float *acc) {
+    for (int64_t k0 = 0; k0 < kpad; k0 += kb) {
+        const int steps = (int)((kpad - k0 < kb ? kpad - k0 : kb) / 32);
+        for (int s = 0; s < steps; s++) {
+            const int64_t k = k0 + 32 * (int64_t)s;
+            pack_b(bp + s * 1024, n0 > 0 ? w0 + k : w0, ld, n0, kvalid - k);
+            pack_b(bp + s * 1024 + 512, n1 > 0 ? w1 + k : w1, ld, n1, kvalid - k);
+        }
+        amx_gemm(a + k0, lda, mpad / 16, bp, steps, acc, k0 == 0);
+    }
+}
+
+#else
+static int amx_usable(void) { return 0; }
+#endif
+
+/* ------------------------------------------------------------------------------------------------------ */
 /* Phase 1: h = silu(x . gate_j) * (x . up_j) for a range of rows of one job                             */
 
 static void store_h(const lane_pool *p, const job_plan *pl, int64_t row, int64_t t, float g, float u) {
@@ -682,6 +967,30 @@ static void phase1_rows(const lane_pool *p, const job_plan *pl, int64_t r0, int6
     }
 }
 
+#if defined(HF_AMX)
+/* Rows [r0, r1) (at most 16) of an AMX job, for all its tokens at once; the padding tokens' h comes out
+ * zero (their activations are zeros), and the chunk with the last row also zeros h's padding columns
+ * [r, rpad): phase 2 reads both as tile padding. */
+static void phase1_amx(const lane_pool *p, const job_plan *pl, int64_t r0, int64_t r1, unsigned char *mine) {
+    const hf_job *jb = pl->job;
+    uint16_t *bp = (uint16_t *)mine;
+    float *acc = (float *)(mine + p->amx_bp_bytes);
+    const int nr = (int)(r1 - r0);
+    const uint16_t *gate = (const uint16_t *)jb->gate + r0 * jb->ld_gate_up;
+    const uint16_t *up = (const uint16_t *)jb->up + r0 * jb->ld_gate_up;
+    amx_product(p->xp + pl->xoff, p->hpad, pl->mpad, gate, nr, up, nr, jb->ld_gate_up, p->hidden, p->hpad, pl->kb1,
+                bp, acc);
+    for (int64_t t = 0; t < pl->mpad; t++)
+        for (int i = 0; i < nr; i++) store_h(p, pl, r0 + i, t, acc[t * 32 + i], acc[t * 32 + 16 + i]);
+    if (r1 == jb->r)
+        for (int64_t t = 0; t < pl->mpad; t++)
+            for (int64_t c = r1; c < pl->rpad; c++) {
+                p->hf[pl->hoff + t * pl->rpad + c] = 0.0f;
+                p->hb[pl->hoff + t * pl->rpad + c] = 0;
+            }
+}
+#endif
+
 /* ------------------------------------------------------------------------------------------------------ */
 /* Phase 2: out[token, c] += w_t * (h_t . down[c, 0:r]) for a range of hidden columns c, all jobs         */
 
@@ -697,7 +1006,25 @@ static void finish_y(const lane_pool *p, const job_plan *pl, int64_t c, int64_t 
     p->out[row * p->hidden + c] += y;
 }
 
-static void phase2_cols(const lane_pool *p, int64_t c0, int64_t c1, float *scratch) {
+#if defined(HF_AMX)
+/* Hidden columns [c0, c1) of an AMX job, 32 at a time, for all its tokens at once */
+static void phase2_amx(const lane_pool *p, const job_plan *pl, int64_t c0, int64_t c1, unsigned char *mine) {
+    const hf_job *jb = pl->job;
+    uint16_t *bp = (uint16_t *)mine;
+    float *acc = (float *)(mine + p->amx_bp_bytes);
+    const uint16_t *down = (const uint16_t *)jb->down;
+    for (int64_t n0 = c0; n0 < c1; n0 += 32) {
+        const int nn = (int)(c1 - n0 < 32 ? c1 - n0 : 32), na = nn < 16 ? nn : 16, nb = nn - na;
+        const uint16_t *w0 = down + n0 * jb->ld_down, *w1 = nb > 0 ? w0 + 16 * jb->ld_down : w0;
+        amx_product(p->hb + pl->hoff, pl->rpad, pl->mpad, w0, na, w1, nb, jb->ld_down, jb->r, pl->rpad, pl->kb2, bp,
+                    acc);
+        for (int i = 0; i < nn; i++)
+            for (int64_t t = 0; t < jb->ntok; t++) finish_y(p, pl, n0 + i, t, acc[t * 32 + i]);
+    }
+}
+#endif
+
+static void phase2_cols(const lane_pool *p, int64_t c0, int64_t c1, float *scratch, unsigned char *amx_mine) {
     const size_t esz = p->dtype == 1 ? 2 : 4;
     const void *rows[HF_ROWS_MAX];
     const void *hs[HF_TOK_GROUP];
@@ -707,6 +1034,14 @@ static void phase2_cols(const lane_pool *p, int64_t c0, int64_t c1, float *scrat
         const job_plan *pl = &p->plans[j];
         const hf_job *jb = pl->job;
         if (jb->ntok == 0 || jb->r == 0) continue;
+#if defined(HF_AMX)
+        if (pl->amx) {
+            phase2_amx(p, pl, c0, c1, amx_mine);
+            continue;
+        }
+#else
+        (void)amx_mine;
+#endif
         const int kind = pl->use_dp2 ? 2 : (p->dtype == 1 ? 1 : 0);
         const int nrows = (int)(c1 - c0);
         for (int i = 0; i < nrows; i++) rows[i] = (const char *)jb->down + (size_t)((c0 + i) * jb->ld_down) * esz;
@@ -728,6 +1063,13 @@ static void phase2_cols(const lane_pool *p, int64_t c0, int64_t c1, float *scrat
 
 static void do_work(lane_pool *p, int tid) {
     float *scratch = p->scratch + (size_t)tid * HF_ROWS_MAX * HF_TOK_GROUP;
+    unsigned char *amx_mine = NULL;
+#if defined(HF_AMX)
+    if (p->amx_jobs) {
+        amx_mine = p->amx_buf + (size_t)tid * p->amx_stride;
+        HF_T_LOADCFG(&hf_tiles_all16); /* the tile configuration is per thread */
+    }
+#endif
     /* phase 1: chunks of rows, taken in turn; all rows of a phase cost the same bytes (2 * hidden elements),
      * so equal row counts are equal work */
     for (;;) {
@@ -736,9 +1078,15 @@ static void do_work(lane_pool *p, int tid) {
         int j = 0;
         while (j + 1 < p->njobs && p->plans[j + 1].chunk0 <= c) j++;
         const job_plan *pl = &p->plans[j];
-        int64_t r0 = (c - pl->chunk0) * p->rows_per_chunk1;
-        int64_t r1 = r0 + p->rows_per_chunk1;
+        int64_t r0 = (c - pl->chunk0) * pl->rows1;
+        int64_t r1 = r0 + pl->rows1;
         if (r1 > pl->job->r) r1 = pl->job->r;
+#if defined(HF_AMX)
+        if (pl->amx) {
+            phase1_amx(p, pl, r0, r1, amx_mine);
+            continue;
+        }
+#endif
         phase1_rows(p, pl, r0, r1, scratch);
     }
     barrier_wait(p);
@@ -750,8 +1098,11 @@ static void do_work(lane_pool *p, int tid) {
         int64_t c0 = c * p->cols_per_chunk2;
         int64_t c1 = c0 + p->cols_per_chunk2;
         if (c1 > p->hidden) c1 = p->hidden;
-        phase2_cols(p, c0, c1, scratch);
+        phase2_cols(p, c0, c1, scratch, amx_mine);
     }
+#if defined(HF_AMX)
+    if (p->amx_jobs) HF_T_RELEASE(); /* a thread holding no tile state costs less at context switches */
+#endif
 }
 
 /* Wake threads in a binary tree: thread k wakes 2k+1 and 2k+2, so the calling thread signals two condition
@@ -817,6 +1168,10 @@ int hf_lane_isa(void) {
 #endif
 }
 
+/* 1 when the AMX path is compiled in and this process may use it (cpuid and Linux's permission; always 1
+ * in an emulated build), else 0 */
+int hf_lane_amx(void) { return amx_usable(); }
+
 const char *hf_lane_strerror(int code) {
     switch (code) {
     case HF_OK: return "ok";
@@ -850,6 +1205,8 @@ void *hf_lane_create(int threads) {
     p->prefetch = 1024;
     p->dpbf16 = 0;
     p->min_bytes = 256 * 1024;
+    p->amx_ok = amx_usable(); /* asks for the permission now, before any thread touches a tile */
+    p->amx_min_tokens = 32;
     pthread_mutex_init(&p->run_mu, NULL);
     pthread_mutex_init(&p->bar_mu, NULL);
     pthread_cond_init(&p->bar_cv, NULL);
@@ -928,6 +1285,8 @@ void hf_lane_destroy(void *handle) {
     free(p->xf_buf);
     free(p->hf_buf);
     free(p->hb_buf);
+    free(p->xp_buf);
+    free(p->amx_buf);
     pthread_mutex_destroy(&p->run_mu);
     pthread_mutex_destroy(&p->bar_mu);
     pthread_cond_destroy(&p->bar_cv);
@@ -943,7 +1302,7 @@ int hf_lane_threads(void *handle) {
 
 /* The last call, as the calling thread saw it: out[0] = microseconds in all, out[1] = until the phase
  * barrier opened (phase 1), out[2] = after it (phase 2), out[3] = threads that took part, out[4] = weight
- * bytes read. Returns 0, or HF_ERR_POOL. */
+ * bytes read, out[5] = jobs computed on AMX tiles. Returns 0, or HF_ERR_POOL. */
 int hf_lane_last_stats(void *handle, double *out) {
     lane_pool *p = (lane_pool *)handle;
     if (!p || !out) return HF_ERR_POOL;
@@ -953,6 +1312,7 @@ int hf_lane_last_stats(void *handle, double *out) {
     out[2] = p->t_end - p->t_barrier;
     out[3] = p->nactive;
     out[4] = (double)p->last_bytes;
+    out[5] = p->last_amx_jobs;
     pthread_mutex_unlock(&p->run_mu);
     return HF_OK;
 }
@@ -986,6 +1346,10 @@ int hf_lane_configure(void *handle, int option, int64_t value) {
     case HF_OPT_K_BLOCK:
         if (value < 0 || value % 32 != 0) rc = HF_ERR_OPTION;
         else p->k_block = value;
+        break;
+    case HF_OPT_AMX_MIN_TOKENS:
+        if (value < 0) rc = HF_ERR_OPTION;
+        else p->amx_min_tokens = value;
         break;
     default: rc = HF_ERR_OPTION;
     }
@@ -1064,27 +1428,45 @@ int hf_lane_run(void *handle, const hf_job *jobs, int njobs, const void *x, int6
     if (rows1 < 2) rows1 = 2;
     if (rows1 > HF_ROWS_MAX / 2) rows1 = HF_ROWS_MAX / 2;
 
-    int64_t hneed = 0, nchunks1 = 0, sum_r = 0, bytes = 0;
-    int need_xf = 0, need_hb = 0;
+    int64_t hneed = 0, nchunks1 = 0, sum_r = 0, bytes = 0, xneed = 0, kb_most = 0, m_most = 0;
+    int need_xf = 0, need_hb = 0, amx_jobs = 0;
+    const int64_t hpad = (hidden + 31) & ~(int64_t)31;
     for (int j = 0; j < njobs; j++) {
         const hf_job *jb = &jobs[j];
         job_plan *pl = &p->plans[j];
         int live = jb->r > 0 && jb->ntok > 0;
         pl->job = jb;
-        pl->rpad = (jb->r + 15) & ~(int64_t)15;
+        pl->rnd = dtype == 1 && jb->round_bf16;
+        /* AMX for bf16 jobs rounded as torch rounds (h is then exactly bf16, the tiles' input type) */
+        pl->amx = live && p->amx_ok && pl->rnd && p->amx_min_tokens > 0 && jb->ntok >= p->amx_min_tokens;
+        pl->rpad = pl->amx ? (jb->r + 31) & ~(int64_t)31 : (jb->r + 15) & ~(int64_t)15;
+        pl->mpad = pl->amx ? (jb->ntok + 15) & ~(int64_t)15 : jb->ntok;
+        pl->rows1 = pl->amx ? 16 : rows1;
         pl->hoff = hneed;
         pl->chunk0 = nchunks1;
-        pl->nchunks = live ? (jb->r + rows1 - 1) / rows1 : 0;
-        pl->rnd = dtype == 1 && jb->round_bf16;
-        pl->use_dp1 = dp;
-        pl->use_dp2 = dp && pl->rnd;
+        pl->nchunks = live ? (jb->r + pl->rows1 - 1) / pl->rows1 : 0;
+        pl->use_dp1 = dp && !pl->amx;
+        pl->use_dp2 = (dp && pl->rnd) || pl->amx;
+        pl->xoff = xneed;
+        pl->kb1 = pl->kb2 = 0;
         if (live) {
-            hneed += jb->ntok * pl->rpad;
+            hneed += pl->mpad * pl->rpad;
             sum_r += jb->r;
             bytes += jb->r * (2 * hidden + hidden) * (int64_t)esz;
-            need_xf |= dtype == 1 && !pl->use_dp1;
+            need_xf |= dtype == 1 && !pl->use_dp1 && !pl->amx;
             need_hb |= pl->use_dp2;
         }
+#if defined(HF_AMX)
+        if (pl->amx) {
+            amx_jobs++;
+            xneed += pl->mpad * hpad;
+            pl->kb1 = amx_kblock(p, pl->mpad, hpad);
+            pl->kb2 = amx_kblock(p, pl->mpad, pl->rpad);
+            kb_most = pl->kb1 > kb_most ? pl->kb1 : kb_most;
+            kb_most = pl->kb2 > kb_most ? pl->kb2 : kb_most;
+            m_most = pl->mpad > m_most ? pl->mpad : m_most;
+        }
+#endif
         nchunks1 += pl->nchunks;
     }
     if (nchunks1 == 0) {
@@ -1111,6 +1493,34 @@ int hf_lane_run(void *handle, const hf_job *jobs, int njobs, const void *x, int6
         pthread_mutex_unlock(&p->run_mu);
         return HF_ERR_NOMEM;
     }
+    if (amx_jobs) {
+        /* per thread: the packed weights of a k block (two B tiles of 1 KiB per 32 elements), then the fp32
+         * sums of all the job's tokens for 32 weight rows */
+        p->amx_bp_bytes = (size_t)(kb_most / 32) * 2048;
+        p->amx_stride = (p->amx_bp_bytes + (size_t)m_most * 32 * sizeof(float) + 63) & ~(size_t)63;
+        p->amx_buf = (unsigned char *)grow(p->amx_buf, &p->amx_cap, (int64_t)p->amx_stride * p->nthreads, 1);
+        p->xp_buf = (uint16_t *)grow(p->xp_buf, &p->xp_cap, xneed, sizeof(uint16_t));
+        if (!p->amx_buf || !p->xp_buf) {
+            pthread_mutex_unlock(&p->run_mu);
+            return HF_ERR_NOMEM;
+        }
+        /* each AMX job's tokens gathered into a contiguous panel of whole tiles, zero padded */
+        const uint16_t *xb = (const uint16_t *)x;
+        for (int j = 0; j < njobs; j++) {
+            const job_plan *pl = &p->plans[j];
+            if (!pl->amx) continue;
+            for (int64_t t = 0; t < pl->mpad; t++) {
+                uint16_t *dst = p->xp_buf + pl->xoff + t * hpad;
+                int64_t filled = 0;
+                if (t < pl->job->ntok) {
+                    const int64_t row = pl->job->tokens ? pl->job->tokens[t] : t;
+                    memcpy(dst, xb + row * hidden, (size_t)hidden * sizeof(uint16_t));
+                    filled = hidden;
+                }
+                memset(dst + filled, 0, (size_t)(hpad - filled) * sizeof(uint16_t));
+            }
+        }
+    }
 
     /* hidden columns per phase-2 chunk: about HF_CHUNK_BYTES of down weights (all jobs), a multiple of 4
      * (passes of four rows), at most HF_ROWS_MAX */
@@ -1118,6 +1528,7 @@ int hf_lane_run(void *handle, const hf_job *jobs, int njobs, const void *x, int6
     int64_t cols2 = (HF_CHUNK_BYTES / (col_bytes > 0 ? col_bytes : 1)) & ~(int64_t)3;
     if (cols2 < 4) cols2 = 4;
     if (cols2 > HF_ROWS_MAX) cols2 = HF_ROWS_MAX;
+    if (amx_jobs) cols2 = (cols2 + 31) & ~(int64_t)31; /* whole pairs of B tiles */
     if (cols2 > hidden) cols2 = hidden;
 
     p->jobs = jobs;
@@ -1130,6 +1541,9 @@ int hf_lane_run(void *handle, const hf_job *jobs, int njobs, const void *x, int6
     p->hf = p->hf_buf;
     p->hb = p->hb_buf;
     p->rows_per_chunk1 = rows1;
+    p->amx_jobs = amx_jobs;
+    p->hpad = hpad;
+    p->xp = p->xp_buf;
     p->nchunks1 = nchunks1;
     p->cols_per_chunk2 = cols2;
     p->nchunks2 = (hidden + cols2 - 1) / cols2;
@@ -1147,6 +1561,7 @@ int hf_lane_run(void *handle, const hf_job *jobs, int njobs, const void *x, int6
     atomic_store_explicit(&p->bar_count, 0, memory_order_relaxed);
 
     p->last_bytes = bytes;
+    p->last_amx_jobs = amx_jobs;
     p->t_start = now_us();
     wake_children(p, 0);
     do_work(p, 0);
@@ -1167,6 +1582,16 @@ int hf_lane_run(void *handle, const hf_job *jobs, int njobs, const void *x, int6
         free(p->hb_buf);
         p->hb_buf = NULL;
         p->hb_cap = 0;
+    }
+    if (p->xp_cap > HF_KEEP_BYTES / (int64_t)sizeof(uint16_t)) {
+        free(p->xp_buf);
+        p->xp_buf = NULL;
+        p->xp_cap = 0;
+    }
+    if (p->amx_cap > HF_KEEP_BYTES) {
+        free(p->amx_buf);
+        p->amx_buf = NULL;
+        p->amx_cap = 0;
     }
     if (p->xf_cap > HF_KEEP_BYTES / (int64_t)sizeof(float)) {
         free(p->xf_buf);
