@@ -1,8 +1,10 @@
 """Which code computes a CPU unit: the torch kernels (one per unit, with the profile's fastest method per
-token count, packed copies for CPU-home units) and the native lane for decode-sized jobs."""
+token count, packed copies for CPU-home units) and the native lane for decode-sized jobs, and for bf16 jobs
+of any size where the native lane has AMX-BF16 tiles."""
 
 from __future__ import annotations
 
+import torch
 from transformers.utils.logging import tqdm
 
 from .errors import ExecutionError
@@ -13,7 +15,7 @@ from .weights import ExpertGroup
 
 #: Tokens per unit up to which the native kernel computes a CPU job (decode and small batches): a
 #: memory-bound GEMV, where torch's per-op overheads lose half the DRAM rate. Bigger jobs go to torch's
-#: GEMMs (oneDNN, AMX).
+#: GEMMs (oneDNN), unless the native lane has AMX tiles (see :meth:`CpuKernels.native_applies`).
 NATIVE_MAX_TOKENS = 16
 
 
@@ -26,8 +28,19 @@ class CpuKernels:
         self.native_lane = _native_lane(backend, threads)
 
     def native_applies(self, group: ExpertGroup, counts: list[int]) -> bool:
-        """Whether a CPU job of ``group`` with these per-unit token counts runs on the native lane."""
-        if self.native_lane is None or max(counts, default=0) > NATIVE_MAX_TOKENS:
+        """Whether a CPU job of ``group`` with these per-unit token counts runs on the native lane.
+
+        Decode-sized jobs (up to :data:`NATIVE_MAX_TOKENS` tokens per unit) always do. Bigger bf16 jobs do
+        where the lane computes them on AMX tiles: torch's per-expert ops (oneDNN, one expert at a time from
+        a worker thread) reached only about 0.8 TFLOP/s in-process on a 16-core Sapphire Rapids-class Xeon,
+        while the tiles read each weight once for all of a job's tokens, all jobs of the step in one
+        parallel region. Without AMX the native kernel's vector path is compute-bound past ~16 tokens, and
+        torch's GEMMs keep those jobs.
+        """
+        lane = self.native_lane
+        if lane is None:
+            return False
+        if max(counts, default=0) > NATIVE_MAX_TOKENS and not (lane.amx and group.dtype == torch.bfloat16):
             return False
         from .kernels.native import supports
 

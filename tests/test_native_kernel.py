@@ -21,6 +21,18 @@ HAS_GCC = shutil.which("gcc") is not None
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 AVX512_RUN = X86 and native.cpu_has("avx512f", "avx512bw", "avx512vl")
 AVX512_BF16_RUN = AVX512_RUN and native.cpu_has("avx512_bf16")
+AMX_RUN = AVX512_BF16_RUN and native.cpu_has("amx_bf16", "amx_tile")
+
+
+def _kernel_version() -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in platform.release().split("-")[0].split(".")[:2])
+    except ValueError:
+        return (0,)
+
+
+#: Linux grants AMX's tile state to a process that asks (ARCH_REQ_XCOMP_PERM) from 5.16 on
+AMX_PERMITTED = AMX_RUN and platform.system() == "Linux" and _kernel_version() >= (5, 16)
 
 #: variant -> (extra compile flags, whether it runs here and differs from the native build, its isa).
 #: The native build is the AVX-512 one where the CPU has AVX-512 (with VDPBF16PS where it has AVX512_BF16),
@@ -32,7 +44,16 @@ VARIANTS = {
     "avx512f": (("-mavx512f", "-mavx512bw", "-mavx512vl", "-mno-avx512bf16"), AVX512_BF16_RUN, "avx512f"),
     # the native AVX-512 BF16 build with its VDPBF16PS path switched on (off by default)
     "native_dpbf16": (None, AVX512_BF16_RUN, "avx512_bf16"),
+    # the AMX path, every bf16 job on tiles (amx_min_tokens=1): emulated tiles (everywhere; the native
+    # instruction set packs the weights, and plain C packs them in the scalar build), and the hardware
+    "amx_emulated": (native.AMX_EMULATE_FLAGS, True, None),
+    "amx_emulated_scalar": ((*native.SCALAR_FLAGS, *native.AMX_EMULATE_FLAGS), True, "scalar"),
+    "amx": (None, AMX_PERMITTED, None),
 }
+#: the variants whose pools run bf16 jobs on AMX tiles, and the libraries they use
+AMX_VARIANTS = {"amx_emulated": "amx_emulated", "amx_emulated_scalar": "amx_emulated_scalar", "amx": "native"}
+#: variants that share another's library (with other settings)
+SHARED_LIBRARY = {"native_dpbf16": "native", "amx": "native"}
 
 needs_gcc = pytest.mark.skipif(not HAS_GCC, reason="gcc is not installed")
 
@@ -42,7 +63,9 @@ def libraries():
     """Every variant this CPU runs, compiled concurrently (compiles are single-threaded and take seconds)."""
     if not HAS_GCC:
         pytest.skip("gcc is not installed")
-    wanted = {name: flags for name, (flags, runs, _) in VARIANTS.items() if runs and name != "native_dpbf16"}
+    wanted = {
+        name: flags for name, (flags, runs, _) in VARIANTS.items() if runs and name not in SHARED_LIBRARY
+    }
     with ThreadPoolExecutor(len(wanted)) as pool:
         futures = {name: pool.submit(native.load, flags) for name, flags in wanted.items()}
         return {name: f.result() for name, f in futures.items()}
@@ -55,14 +78,41 @@ def lane(request, libraries):
     _, runs, isa = VARIANTS[name]
     if not runs:
         pytest.skip(f"the {name} variant does not run here or is the native build")
-    library = libraries["native" if name == "native_dpbf16" else name]
+    library = libraries[SHARED_LIBRARY.get(name, name)]
     if isa is not None:
         assert library.isa == isa
-    if name not in ("native", "native_dpbf16") and library.isa == libraries["native"].isa:
+    if name in VARIANTS_OF_ISA and library.isa == libraries["native"].isa:
         pytest.skip(f"the {name} variant is the native build on this CPU")
-    lane = NativeExpertLane(3, library=library)
+    lane = _amx_lane(library) if name in AMX_VARIANTS else NativeExpertLane(3, library=library)
     if name == "native_dpbf16":
         lane.configure(dpbf16=True)
+    yield lane
+    lane.close()
+
+
+#: variants that differ from the native build only by instruction set (skipped where they are the same)
+VARIANTS_OF_ISA = ("scalar", "avx2", "avx512f")
+
+
+def _amx_lane(library: native.Library, threads: int = 3) -> NativeExpertLane:
+    """A pool of ``library`` that runs every bf16 job on AMX tiles (and must be able to)."""
+    assert library.amx, "the AMX path is not usable in this build"
+    lane = NativeExpertLane(threads, library=library)
+    lane.configure(amx_min_tokens=1)
+    assert lane.amx and lane.amx_min_tokens == 1
+    return lane
+
+
+@pytest.fixture(scope="module", params=list(AMX_VARIANTS))
+def amx_lane(request, libraries):
+    """A 3-thread pool of an AMX variant with the default AMX threshold (16 tokens)."""
+    name = request.param
+    if not VARIANTS[name][1]:
+        pytest.skip(f"the {name} variant does not run here (no AMX-BF16, or a Linux without its permission)")
+    library = libraries[AMX_VARIANTS[name]]
+    assert library.amx
+    lane = NativeExpertLane(3, library=library)
+    assert lane.amx and lane.amx_min_tokens == native.DEFAULT_AMX_MIN_TOKENS
     yield lane
     lane.close()
 
@@ -182,6 +232,19 @@ def _abs_terms(x: torch.Tensor, jobs: list[ExpertJob]) -> torch.Tensor:
     return total
 
 
+def _amx_jobs(lane: NativeExpertLane, x: torch.Tensor, jobs: list[ExpertJob]) -> int:
+    """The jobs of a call that the lane must compute on AMX tiles: bf16, rows and at least
+    ``amx_min_tokens`` tokens."""
+    if not lane.amx or x.dtype != torch.bfloat16:
+        return 0
+    count = 0
+    for job in jobs:
+        ntok = x.shape[0] if job.tokens is None else job.tokens.numel()
+        rows = job.gate_up.shape[0] // 2 if job.rows is None else job.rows
+        count += rows > 0 and ntok >= lane.amx_min_tokens
+    return count
+
+
 def _run(lane: NativeExpertLane, x: torch.Tensor, jobs: list[ExpertJob]) -> tuple[torch.Tensor, torch.Tensor]:
     """(out before, out after) for a random nonzero starting out: the kernel must add, not overwrite."""
     before = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
@@ -201,6 +264,7 @@ def test_matches_torch(lane, dtype, hidden, ntokens):
     x = _grid((ntokens, hidden), 1 / 8, torch.Generator().manual_seed(hidden * 100 + ntokens)).to(dtype)
     jobs = _jobs(hidden, ntokens, dtype, seed=hidden + ntokens)
     before, out = _run(lane, x, jobs)
+    assert lane.last_stats()["amx_jobs"] == _amx_jobs(lane, x, jobs)
     ref = torch_reference(x, jobs, before.clone())
     scale = _scale(x, jobs)
     assert (ref - before).abs().gt(0).float().mean() > 0.9  # the jobs do contribute
@@ -246,6 +310,98 @@ def test_random_data_k_blocks_and_token_groups(lane):
             assert (err <= 2.0**-7 * _abs_terms(x, jobs) + 2 * _ulp_bf16(_scale(x, jobs))).all()
     finally:
         lane.configure(k_block=0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the AMX path
+
+
+def _amx_case(hidden: int, token_counts: list[int], ntokens: int, seed: int) -> tuple[torch.Tensor, list]:
+    """bf16 grid data and one job per entry of ``token_counts`` (routed subsets with repeats, bf16 and fp32
+    routing weights, rows not a multiple of 16, a partial job, a dense job when the count is ``ntokens``)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = _grid((ntokens, hidden), 1 / 8, gen).bfloat16()
+    jobs = []
+    for n, count in enumerate(token_counts):
+        inter = (48, 100, 37, 64)[n % 4]
+        gate_up, down = _expert(hidden, inter, torch.bfloat16, gen, pad=3 * (n % 2))
+        if count == ntokens and n % 4 == 3:
+            jobs.append(ExpertJob(gate_up, down))  # every token, weight 1
+            continue
+        tokens = torch.randint(0, ntokens, (count,), generator=gen)
+        tokens[count // 2] = tokens[0]  # a repeated token
+        w_dtype = torch.bfloat16 if n % 2 == 0 else torch.float32
+        weights = torch.rand(count, generator=gen).to(w_dtype)
+        rows = 29 if n % 3 == 2 else None
+        jobs.append(ExpertJob(gate_up, down, rows=rows, tokens=tokens, weights=weights, partial=n % 3 == 2))
+    return x, jobs
+
+
+@pytest.mark.parametrize(
+    ("hidden", "token_counts", "ntokens"),
+    [
+        (72, [17, 33, 9], 40),
+        (40, [64, 100, 128, 100], 128),
+        (200, [300, 33, 64, 300], 300),
+        (136, [128, 17, 4, 15], 150),
+    ],
+    ids=lambda v: "-".join(map(str, v)) if isinstance(v, list) else str(v),
+)
+def test_amx_matches_torch(amx_lane, hidden, token_counts, ntokens):
+    """Jobs of 17-300 tokens on tiles (hidden and rows not multiples of a tile, repeated tokens, bf16 and
+    fp32 routing weights, partial jobs, jobs of several sizes in one call) agree with torch as closely as the
+    vector path does; jobs under the threshold (16 tokens) take the vector path in the same call."""
+    x, jobs = _amx_case(hidden, token_counts, ntokens, seed=hidden + ntokens)
+    before, out = _run(amx_lane, x, jobs)
+    expected = sum(c >= native.DEFAULT_AMX_MIN_TOKENS for c in token_counts)
+    assert amx_lane.last_stats()["amx_jobs"] == expected == _amx_jobs(amx_lane, x, jobs) > 0
+    ref = torch_reference(x, jobs, before.clone())
+    assert (ref - before).abs().gt(0).float().mean() > 0.5  # (random routing leaves some tokens out)
+    _check(out, ref, _scale(x, jobs), torch.bfloat16, ulps=2)
+    assert torch.equal(out, ref) or (out == ref).float().mean() > 0.95
+
+
+def test_amx_threshold_and_switch(amx_lane):
+    """amx_min_tokens decides which jobs take the tiles (0: none); both paths give the same result here
+    (grid data: every dot product is exact, so only the down sums' order differs)."""
+    x, jobs = _amx_case(72, [40, 20], 48, seed=1)
+    results = {}
+    try:
+        for threshold, expected in ((32, 1), (20, 2), (41, 0), (0, 0)):
+            amx_lane.configure(amx_min_tokens=threshold)
+            assert amx_lane.amx == (threshold > 0)
+            out = torch.zeros(x.shape)
+            amx_lane.run(x, jobs, out)
+            assert amx_lane.last_stats()["amx_jobs"] == expected
+            results[threshold] = out
+    finally:
+        amx_lane.configure(amx_min_tokens=native.DEFAULT_AMX_MIN_TOKENS)
+    scale = _scale(x, jobs)
+    for threshold in (32, 20, 41):
+        _check(results[threshold], results[0], scale, torch.bfloat16, ulps=2)
+    # fp32 jobs never take the tiles
+    x32 = x.float()
+    jobs32 = [
+        ExpertJob(j.gate_up.float(), j.down.float(), j.rows, j.tokens, j.weights, j.partial) for j in jobs
+    ]
+    out = torch.zeros(x.shape)
+    amx_lane.run(x32, jobs32, out)
+    assert amx_lane.last_stats()["amx_jobs"] == 0
+
+
+def test_amx_same_result_for_any_thread_count(libraries):
+    """On tiles too each element gets its jobs' terms in job order, whatever the threads."""
+    x, jobs = _amx_case(136, [64, 40, 33], 80, seed=4)
+    results = []
+    for threads in (1, 2, 4):
+        with _amx_lane(libraries["amx_emulated"], threads) as lane:
+            lane.configure(min_bytes_per_thread=0)
+            out = torch.zeros(x.shape)
+            lane.run(x, jobs, out)
+            assert lane.last_stats()["amx_jobs"] == 3
+            results.append(out)
+    assert results[0].abs().max() > 0
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
 def test_split_parts_add_up_to_the_whole(lane):
@@ -347,6 +503,9 @@ def test_configure_rejects_bad_values(libraries):
             lane.configure(prefetch_bytes=-1)
         with pytest.raises(ValueError):
             lane.configure(k_block=48)  # not a multiple of 32
+        with pytest.raises(ValueError):
+            lane.configure(amx_min_tokens=-1)
+        assert lane.amx_min_tokens == native.DEFAULT_AMX_MIN_TOKENS
 
 
 def _bad_calls():
@@ -472,3 +631,37 @@ def test_avx512_code_compiles_here():
     assert path != native.compile_library(native.SCALAR_FLAGS)  # other flags, other library
     if AVX512_BF16_RUN:
         assert native.load(native.AVX512_FLAGS).isa == "avx512_bf16"
+
+
+@needs_gcc
+@pytest.mark.skipif(not X86, reason="AMX is an x86 instruction set")
+def test_amx_code_compiles_here():
+    """The AMX tile path must compile on any x86 machine with gcc (it runs only where the CPU has AMX-BF16
+    and Linux grants the tile state); elsewhere the native build reports it unusable."""
+    path = native.compile_library(native.AMX_FLAGS)
+    assert path.exists() and path.stat().st_size > 0
+    if AMX_PERMITTED:
+        assert native.load(native.AMX_FLAGS).amx
+    if not AMX_RUN:
+        assert not native.load().amx
+
+
+def test_native_lane_takes_big_bf16_jobs_only_with_amx(monkeypatch):
+    """Jobs over NATIVE_MAX_TOKENS go to the native lane only where it has AMX tiles, and only bf16 ones."""
+    from types import SimpleNamespace
+
+    from hf_hybrid.cpu_kernels import NATIVE_MAX_TOKENS, CpuKernels
+
+    monkeypatch.setattr(native, "supports", lambda dtype, act_fn: True)
+    kernels = CpuKernels.__new__(CpuKernels)
+    bf16 = SimpleNamespace(dtype=torch.bfloat16, act_fn=F.silu)
+    fp32 = SimpleNamespace(dtype=torch.float32, act_fn=F.silu)
+    kernels.native_lane = SimpleNamespace(amx=False)
+    assert kernels.native_applies(bf16, [1, NATIVE_MAX_TOKENS])
+    assert not kernels.native_applies(bf16, [1, NATIVE_MAX_TOKENS + 1])
+    kernels.native_lane = SimpleNamespace(amx=True)
+    assert kernels.native_applies(bf16, [3, 512])
+    assert kernels.native_applies(fp32, [NATIVE_MAX_TOKENS])
+    assert not kernels.native_applies(fp32, [NATIVE_MAX_TOKENS + 1])
+    kernels.native_lane = None
+    assert not kernels.native_applies(bf16, [1])

@@ -8,7 +8,7 @@ its own sleeping thread pool (no OpenMP, so it never shares a team with torch) a
 into one fp32 output.
 
 Where the CPU has AMX-BF16 (and Linux grants the process the tile state), bf16 jobs with many tokens
-(prefill: at least ``amx_min_tokens``, default 32) run on AMX tiles instead: each weight block is packed
+(prefill: at least ``amx_min_tokens``, default 16) run on AMX tiles instead: each weight block is packed
 once and multiplied with every 16-token tile of the job, so a weight is read once for all of a job's tokens
 at matrix-unit rates, where torch's per-expert ops reached only about 0.8 TFLOP/s in-process.
 
@@ -86,7 +86,7 @@ _OPT_IDLE_SPIN_US = 5
 _OPT_K_BLOCK = 6
 _OPT_AMX_MIN_TOKENS = 7
 #: bf16 jobs with at least this many tokens run on AMX tiles, where usable (the C pool's default)
-DEFAULT_AMX_MIN_TOKENS = 32
+DEFAULT_AMX_MIN_TOKENS = 16
 
 _ERR_TOKEN = 5
 
@@ -519,7 +519,7 @@ class NativeExpertLane:
         per thread below which fewer threads take part (default 256 KiB), spin after a call before a
         worker sleeps (default 0), k block in elements (a multiple of 32; default 0 = sized so that a
         block's activations fit in 256 KiB, at least 1024; it also sets the AMX path's k block), tokens
-        per job from which bf16 jobs run on AMX tiles where usable (default 32; 0 = never)."""
+        per job from which bf16 jobs run on AMX tiles where usable (default 16; 0 = never)."""
         settings = [
             (_OPT_BARRIER_SPIN_US, barrier_spin_us),
             (_OPT_PREFETCH, prefetch_bytes),
