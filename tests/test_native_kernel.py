@@ -665,3 +665,14 @@ def test_native_lane_takes_big_bf16_jobs_only_with_amx(monkeypatch):
     assert not kernels.native_applies(fp32, [NATIVE_MAX_TOKENS + 1])
     kernels.native_lane = None
     assert not kernels.native_applies(bf16, [1])
+
+
+@needs_gcc
+def test_amx_can_be_switched_off_by_environment(monkeypatch):
+    library = native.load(("-DHF_AMX_EMULATE",))
+    assert library.amx
+    with NativeExpertLane(2, library=library) as lane:
+        assert lane.amx and lane.amx_min_tokens > 0
+    monkeypatch.setenv("HF_HYBRID_AMX", "0")
+    with NativeExpertLane(2, library=library) as lane:
+        assert not lane.amx and lane.amx_min_tokens == 0

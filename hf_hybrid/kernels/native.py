@@ -17,7 +17,7 @@ with BF16 dot products, AVX-512F, AVX2 or plain C) and cached under ``cache_root
 source, the compiler's version and the CPU's flags. The library is loaded with :mod:`ctypes`, which releases
 the GIL for the duration of a call.
 
-Environment: ``HF_HYBRID_NATIVE=0`` disables the native path; ``HF_HYBRID_CC`` names the C compiler
+Environment: ``HF_HYBRID_NATIVE=0`` disables the native path; ``HF_HYBRID_AMX=0`` keeps it off AMX tiles; ``HF_HYBRID_CC`` names the C compiler
 (default ``gcc``).
 
 Usage::
@@ -323,7 +323,7 @@ def _default_library() -> Library | None:
             return None
     reason = None
     lib = None
-    if os.environ.get("HF_HYBRID_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _switched_off("HF_HYBRID_NATIVE"):
         reason = "disabled by HF_HYBRID_NATIVE=0"
     else:
         try:
@@ -343,6 +343,11 @@ def _default_library() -> Library | None:
                 "The native CPU expert kernel is unavailable (%s); the CPU lane uses the torch path.", reason
             )
     return None
+
+
+def _switched_off(name: str) -> bool:
+    """Whether the environment variable ``name`` says 0 / false / no / off."""
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def available() -> bool:
@@ -486,6 +491,8 @@ class NativeExpertLane:
         self._handle: int | None = handle
         self.threads = int(library.dll.hf_lane_threads(handle))
         self._amx_min_tokens = DEFAULT_AMX_MIN_TOKENS
+        if self.library.amx and _switched_off("HF_HYBRID_AMX"):
+            self.configure(amx_min_tokens=0)
 
     @property
     def isa(self) -> str:
