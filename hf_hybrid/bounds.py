@@ -9,7 +9,8 @@ The one definition, shared by the planner's predictions and the bench's "% of bo
   decode step reads the host-side bytes its tokens need, through the CPU lane and the PCIe lane at once,
   each at the rate it keeps while the other runs;
 * CPU + PCIe prefill bound (tok/s), a second prefill figure: the host work of a forward divided between
-  the CPU lane, computing at its GEMM rate while copies run (``cpu_lane_gemm_flops_during_copy``), and
+  the CPU lane, computing at its GEMM rate while copies run (``cpu_lane_gemm_flops_during_copy``, or the
+  native lane's AMX rate ``cpu_native_gemm_flops_during_copy`` where measured and higher), and
   PCIe, moving bytes at its rate while the CPU computes (``h2d_bw_during_cpu``), so that both finish
   together: a forward takes ``1 / (gemm / flops + h2d / bytes)`` (never more than PCIe alone takes).
 
@@ -74,7 +75,11 @@ def prefill_flops(items: Iterable[HostItem], tokens: int, bytes_per_param: float
 
 def _cpu_pcie_seconds(host_bytes: float, flops: float, profile: Any) -> float | None:
     """Seconds of one forward's host work divided between the CPU's GEMMs and PCIe (module doc)."""
-    gemm = float(getattr(profile, "cpu_lane_gemm_flops_during_copy", 0) or 0)
+    # the CPU lane's GEMMs while copies run: torch's kernels, or the native lane's AMX tiles where measured
+    gemm = max(
+        float(getattr(profile, "cpu_lane_gemm_flops_during_copy", 0) or 0),
+        float(getattr(profile, "cpu_native_gemm_flops_during_copy", 0) or 0),
+    )
     h2d = float(getattr(profile, "h2d_bw", 0) or 0)
     h2d_during = float(getattr(profile, "h2d_bw_during_cpu", 0) or 0) or h2d
     if host_bytes <= 0 or not h2d > 0:

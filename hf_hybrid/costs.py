@@ -50,9 +50,10 @@ def gpu_time(unit: Unit, tokens: float, profile: HardwareProfile) -> float:
 def cpu_time(unit: Unit, tokens: float, profile: HardwareProfile) -> float:
     """Seconds for the CPU lane to compute ``unit`` on ``tokens`` tokens (weights read from DRAM).
 
-    Decode-sized jobs run on the native lane where the profile measured it (its rate is the lane's own);
-    otherwise the torch kernels' rates, measured on the profiling thread, scaled to the CPU lane's worker
-    thread with one core fewer (:func:`lane_factor`).
+    Decode-sized jobs run on the native lane where the profile measured it (its rate is the lane's own), and
+    so do prefill-sized ones where it measured the lane's AMX tiles (the weights read once from DRAM, the
+    products at the tiles' measured rate); otherwise the torch kernels' rates, measured on the profiling
+    thread, scaled to the CPU lane's worker thread with one core fewer (:func:`lane_factor`).
     """
     if tokens <= 0:
         return 0.0
@@ -60,6 +61,9 @@ def cpu_time(unit: Unit, tokens: float, profile: HardwareProfile) -> float:
     native = native_rate(profile, m)
     if native:
         return unit.nbytes / native
+    tiles = native_gemm_rate(profile, m)
+    if tiles:
+        return max(unit.nbytes / profile.dram_read_bw, tokens * unit.flops_per_token / tiles)
     solo = max(unit.nbytes / profile.cpu_weight_bw(m), tokens * unit.flops_per_token / profile.cpu_flops(m))
     return solo / lane_factor(profile, m)
 
@@ -70,6 +74,14 @@ def native_rate(profile: HardwareProfile, tokens: int) -> float | None:
     if tokens > SPLIT_MAX_TOKENS or not profile.cpu_native_bw:
         return None
     return profile.native_bw(tokens)
+
+
+def native_gemm_rate(profile: HardwareProfile, tokens: int) -> float | None:
+    """The native CPU lane's FLOP rate on AMX tiles for a job of ``tokens`` tokens per unit, None where the
+    lane does not take such jobs (decode-sized ones, or no AMX measured)."""
+    if tokens <= SPLIT_MAX_TOKENS or not profile.cpu_native_gemm_flops:
+        return None
+    return profile.cpu_native_gemm_flops
 
 
 def lane_factor(profile: HardwareProfile, tokens: int) -> float:
@@ -85,6 +97,8 @@ def lane_factor(profile: HardwareProfile, tokens: int) -> float:
 
 def cpu_share(profile: HardwareProfile, tokens: int = 1) -> float:
     """Fraction of its own rate the CPU lane keeps while PCIe copies run (they share DRAM and cores)."""
+    if native_gemm_rate(profile, tokens) and profile.cpu_native_gemm_flops_during_copy:
+        return max(0.05, min(1.0, profile.cpu_native_gemm_flops_during_copy / profile.cpu_native_gemm_flops))
     if tokens > SPLIT_MAX_TOKENS and profile.cpu_lane_gemm_flops and profile.cpu_lane_gemm_flops_during_copy:
         return max(0.05, min(1.0, profile.cpu_lane_gemm_flops_during_copy / profile.cpu_lane_gemm_flops))
     if native_rate(profile, tokens) and profile.cpu_native_bw_during_copy:

@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -278,17 +278,29 @@ def _measure_overlap(
 NATIVE_TOKEN_COUNTS = tuple(m for m in TOKEN_COUNTS if m <= 16)
 
 
+@dataclass
+class _NativeRates:
+    """What :func:`_measure_native` found (empty/None where the native kernel is unavailable)."""
+
+    bw: dict[int, float] = field(default_factory=dict)  # weight-read rate per decode-sized token count
+    bw_during_copy: float | None = None  # at 1 token while copies run
+    h2d_during: float | None = None  # the copies' rate meanwhile
+    gemm_flops: float | None = None  # a prefill-sized job on AMX tiles, alone (None without AMX)
+    gemm_flops_during_copy: float | None = None
+
+
 def _measure_native(
-    plan: _Plan, lanes: DeviceLanes, cpu_lane: CpuLane, experts, dtype: torch.dtype
-) -> tuple[dict[int, float], float | None, float | None]:
+    plan: _Plan, lanes: DeviceLanes, cpu_lane: CpuLane, experts, dtype: torch.dtype, library=None
+) -> _NativeRates:
     """The native CPU lane as the executor runs it: one call per step over all experts, from the CPU-lane
-    thread. Returns (weight-read rate per token count alone, rate at 1 token while copies run, the copies'
-    rate meanwhile); empty/None where the native kernel is unavailable."""
+    thread: decode-sized steps (alone, and at 1 token while copies run), and where the lane has AMX tiles
+    a prefill-sized step of ``LANE_GEMM_TOKENS`` tokens per expert (alone and while copies run), the jobs
+    the executor then gives it. ``library``: a loaded build (tests), default the machine's own."""
     from .kernels import native
 
     if not native.supports(dtype, F.silu):
-        return {}, None, None
-    lane = native.NativeExpertLane(cpu_lane.threads)
+        return _NativeRates()
+    lane = native.NativeExpertLane(cpu_lane.threads, library=library)
     try:
         # two experts a step (top-2), rotating over the rest so that weights come from DRAM
         steps = [experts[i : i + 2] for i in range(0, len(experts) - 1, 2)] or [experts]
@@ -320,9 +332,41 @@ def _measure_native(
             chunk_bytes=min(plan.copy_bytes, 64 * _MiB),
             copies_per_wait=plan.copies_per_wait,
         )
-        return rates, step_bytes * len(steps) / per_pass, h2d
+        found = _NativeRates(rates, step_bytes * len(steps) / per_pass, h2d)
+        if lane.amx and dtype == torch.bfloat16:
+            found.gemm_flops, found.gemm_flops_during_copy = _measure_native_gemm(
+                plan, lanes, cpu_lane, lane, steps, native.ExpertJob
+            )
+        return found
     finally:
         lane.close()
+
+
+def _measure_native_gemm(plan: _Plan, lanes: DeviceLanes, cpu_lane: CpuLane, lane, steps, job) -> tuple:
+    """FLOP/s of the native lane on prefill-sized steps (``LANE_GEMM_TOKENS`` tokens per expert, AMX
+    tiles), alone and while copies run."""
+    m = LANE_GEMM_TOKENS
+    x = torch.randn(m, plan.hidden).to(torch.bfloat16)
+    out = torch.zeros(m, plan.hidden)
+    step_flops = sum(2 * m * (gu.numel() + d.numel()) for gu, d in steps[0])
+
+    def one_pass() -> None:
+        for step in steps:
+            lane.run(x, [job(gu, d) for gu, d in step], out)
+
+    calls = [functools.partial(lane.run, x, [job(gu, d) for gu, d in step], out) for step in steps]
+    alone = step_flops / cpu_lane.run(lambda: _timed_median(calls, plan.min_time, plan.min_passes))
+    passes = max(2, math.ceil(plan.overlap_time * alone / (step_flops * len(steps))))
+    per_pass, _ = run_with_copies(
+        lanes,
+        cpu_lane,
+        warm_up=one_pass,
+        cpu_work=one_pass,
+        passes=passes,
+        chunk_bytes=min(plan.copy_bytes, 64 * _MiB),
+        copies_per_wait=plan.copies_per_wait,
+    )
+    return alone, step_flops * len(steps) / per_pass
 
 
 @contextlib.contextmanager
@@ -419,9 +463,7 @@ def measure(
         bar.update(1)
 
         bar.set_postfix_str("native CPU lane")
-        native_bw, native_during_copy, h2d_during_native = _measure_native(
-            plan, lanes, cpu_lane, experts, dtype
-        )
+        native_rates = _measure_native(plan, lanes, cpu_lane, experts, dtype)
         bar.update(1)
         del experts, kernels_by_method, decode_kernels, prefill_kernels
 
@@ -453,9 +495,11 @@ def measure(
         cpu_lane_gemv_bw=lane_gemv,
         cpu_lane_gemm_flops=lane_gemm,
         cpu_lane_gemm_flops_during_copy=lane_gemm_copy,
-        cpu_native_bw=native_bw,
-        cpu_native_bw_during_copy=native_during_copy,
-        h2d_bw_during_native=h2d_during_native,
+        cpu_native_bw=native_rates.bw,
+        cpu_native_bw_during_copy=native_rates.bw_during_copy,
+        h2d_bw_during_native=native_rates.h2d_during,
+        cpu_native_gemm_flops=native_rates.gemm_flops,
+        cpu_native_gemm_flops_during_copy=native_rates.gemm_flops_during_copy,
     )
     logger.info(
         "Measured hardware profile in %.1f s:\n%s", time.perf_counter() - started, format_profile(profile)

@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 64, 512)
 #: Bumped when a measurement is added, so a cached profile without it is measured again rather than
-#: planned with (2: the CPU lane's own rates; 3: the native CPU lane's rates).
-PROFILE_FORMAT = 3
+#: planned with (2: the CPU lane's own rates; 3: the native CPU lane's rates; 4: its prefill-sized jobs on AMX
+#: tiles).
+PROFILE_FORMAT = 4
 #: Token count of the CPU lane's prefill-sized measurement (one of TOKEN_COUNTS).
 LANE_GEMM_TOKENS = 64
 #: The CPU kernels a profile may choose (``hf_hybrid.kernels.cpu.METHODS``, named here so that this module
@@ -66,6 +67,10 @@ class HardwareProfile:
     cpu_native_bw: dict[int, float] = field(default_factory=dict)
     cpu_native_bw_during_copy: float | None = None
     h2d_bw_during_native: float | None = None
+    # the native lane on a prefill-sized job (LANE_GEMM_TOKENS tokens per expert) on AMX tiles, alone and
+    # while copies run (FLOP/s): the lane the executor gives such jobs where it has AMX. None elsewhere.
+    cpu_native_gemm_flops: float | None = None
+    cpu_native_gemm_flops_during_copy: float | None = None
 
     def cpu_weight_bw(self, tokens: int) -> float:
         """Interpolated CPU weight-read rate at ``tokens`` tokens."""
@@ -305,4 +310,10 @@ def format_profile(p: HardwareProfile) -> str:
             f"{'native CPU lane + copies at once':<34} {both / 1e9:>9.1f} GB/s  ({100 * both / dram:.0f}% of "
             f"DRAM read: CPU {p.cpu_native_bw_during_copy / 1e9:.1f} + copy {p.h2d_bw_during_native / 1e9:.1f})"
         )
+    if p.cpu_native_gemm_flops:
+        label = f"native CPU lane, AMX ({m} tokens)"
+        lines.append(f"{label:<34} {p.cpu_native_gemm_flops / 1e12:>9.2f} TFLOP/s")
+    if p.cpu_native_gemm_flops_during_copy:
+        label = "native lane, AMX, during copy"
+        lines.append(f"{label:<34} {p.cpu_native_gemm_flops_during_copy / 1e12:>9.2f} TFLOP/s")
     return "\n".join(lines)

@@ -35,9 +35,15 @@ def test_measure_quick_fills_every_field(quick_profile):
     p = quick_profile
     assert p.measured and p.device == "cpu" and p.dtype == "bfloat16"
     assert p.cpu_threads == torch.get_num_threads()
+    from hf_hybrid.kernels import native
+
+    amx = native.available() and native.load().amx  # the native lane's prefill rates exist only with AMX
     for f in dataclasses.fields(HardwareProfile):
         value = getattr(p, f.name)
         if f.name in ("device", "dtype", "measured", "cpu_kernel"):
+            continue
+        if f.name.startswith("cpu_native_gemm_flops") and not amx:
+            assert value is None, f.name
             continue
         numbers = list(_numbers(value))
         assert numbers, f.name
@@ -266,3 +272,43 @@ def test_cache_is_not_written_through_a_symlink(tmp_path, fake_measure, caplog):
     assert path.is_symlink() and target.read_text() == "not yours"
     assert any("symbolic link" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
     assert list(path.parent.iterdir()) == [path]
+
+
+def test_the_native_lane_on_amx_tiles_is_measured_on_prefill_sized_jobs():
+    """Where the native lane has AMX tiles (here: the emulated build) the profile measures it on the
+    prefill-sized jobs it then takes, alone and while copies run; the cost model prices such jobs with it."""
+    import shutil
+
+    from hf_hybrid.costs import cpu_share, cpu_time
+    from hf_hybrid.kernels import native
+    from hf_hybrid.lanes import CpuLane, DeviceLanes
+    from hf_hybrid.measure import _make_experts, _make_plan, _measure_native
+    from hf_hybrid.units import CPU, GPU, Unit
+
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    plan = _make_plan(True)
+    experts = _make_experts(plan, torch.bfloat16)[:2]
+    cpu_lane = CpuLane(2)
+    try:
+        emulated = native.load(("-DHF_AMX_EMULATE",))
+        found = _measure_native(
+            plan, DeviceLanes(torch.device("cpu")), cpu_lane, experts, torch.bfloat16, emulated
+        )
+        assert found.bw and found.gemm_flops > 0 and found.gemm_flops_during_copy > 0
+        without = native.load(("-mno-avx512f",) if native.cpu_has("avx512f") else None)
+        if not without.amx:
+            plain = _measure_native(
+                plan, DeviceLanes(torch.device("cpu")), cpu_lane, experts, torch.bfloat16, without
+            )
+            assert plain.bw and plain.gemm_flops is None and plain.gemm_flops_during_copy is None
+    finally:
+        cpu_lane.close()
+    profile = dataclasses.replace(
+        default_profile("cuda"), cpu_native_gemm_flops=4e12, cpu_native_gemm_flops_during_copy=3e12
+    )
+    expert = Unit("layers.0.experts.0", "expert", 0, 336 << 20, 336 << 20, (GPU, CPU))
+    assert cpu_time(expert, 128, profile) == pytest.approx(128 * expert.flops_per_token / 4e12)
+    assert cpu_share(profile, 128) == pytest.approx(0.75)
+    # decode-sized jobs keep their own rates
+    assert cpu_time(expert, 1, profile) == cpu_time(expert, 1, default_profile("cuda"))
