@@ -168,8 +168,14 @@ def test_ctrl_c_while_waiting_for_the_cpu_lane_is_keyboard_interrupt(model, refe
                 time.sleep(0.1)
 
     model.hybrid.executor.fault_injector = inject
-    with pytest.raises(KeyboardInterrupt):
-        generate(model, reference[0])
+    # Python turns SIGINT into KeyboardInterrupt only where it installed its handler: a process started in
+    # the background by a shell without job control inherits SIGINT ignored, and Python leaves it ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            generate(model, reference[0])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert_recovered(model, reference, before)
 
 
