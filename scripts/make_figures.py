@@ -66,6 +66,19 @@ def measured_rows(record: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- figures
+def _plain_axes(ax) -> None:
+    """No top or right frame line."""
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def _save_figure(plt, fig, path: Path, dpi: int, rect=None) -> None:
+    """Lay out, write with fixed PNG metadata (unchanged figures give identical files) and close."""
+    fig.tight_layout(**({} if rect is None else {"rect": rect}))
+    fig.savefig(path, dpi=dpi, metadata=PNG_METADATA)
+    plt.close(fig)
+
+
 def lanes_figure(plt, path: Path) -> None:
     """The planner pipeline (top) and a timeline of the three lanes during one MoE layer step (bottom)."""
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
@@ -169,8 +182,7 @@ def lanes_figure(plt, path: Path) -> None:
         "expert's tokens to the CPU lane or streams its weights to the GPU, whichever finishes sooner",
         fontsize=8.5,
     )
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+    _plain_axes(ax)
     fig.savefig(path, dpi=130, metadata=PNG_METADATA)
     plt.close(fig)
 
@@ -219,8 +231,7 @@ def scenario_figure(plt, scenario: str, records: list[tuple[str, dict]], path: P
         ax.set_xlabel(f"{title} (log scale)", fontsize=9)
         ax.set_title(title, fontsize=10)
         ax.margins(x=0.15)
-        for side in ("top", "right"):
-            ax.spines[side].set_visible(False)
+        _plain_axes(ax)
     axes[0].set_yticks(positions, labels, fontsize=8)
     # the run each block of rows belongs to, above its first row
     first = {}
@@ -254,9 +265,7 @@ def scenario_figure(plt, scenario: str, records: list[tuple[str, dict]], path: P
         fontsize=7.5,
         color="#444",
     )
-    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
-    fig.savefig(path, dpi=130, metadata=PNG_METADATA)
-    plt.close(fig)
+    _save_figure(plt, fig, path, 130, rect=(0, 0.03, 1, 0.97))
     return True
 
 
@@ -309,11 +318,8 @@ def prefill_length_figure(plt, records: list[tuple[str, dict]], path: Path) -> b
         fontsize=9.5,
     )
     ax.legend(fontsize=8)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130, metadata=PNG_METADATA)
-    plt.close(fig)
+    _plain_axes(ax)
+    _save_figure(plt, fig, path, 130)
     return True
 
 
@@ -347,11 +353,8 @@ def timeline_figure(plt, trace_path: Path, path: Path) -> bool:
     ax.set_xlabel("milliseconds", fontsize=9)
     ax.invert_yaxis()
     ax.set_title(f"timeline: {trace_path.name}", fontsize=10)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, metadata=PNG_METADATA)
-    plt.close(fig)
+    _plain_axes(ax)
+    _save_figure(plt, fig, path, 120)
     return True
 
 
@@ -384,17 +387,14 @@ def budget_figure(plt, stem: str, record: dict, path: Path) -> bool:
         ax.plot(xs, predicted, "s--", color="#999", label="plan's prediction")
         ax.set_xlabel("GPU budget (GiB)", fontsize=9)
         ax.set_title(title, fontsize=10)
-        for side in ("top", "right"):
-            ax.spines[side].set_visible(False)
+        _plain_axes(ax)
         ax.legend(fontsize=8, frameon=False)
     header = record.get("header", {})
     fig.suptitle(
         f"{header.get('scenario', stem)}: throughput vs GPU budget ({header.get('device_name', '')})",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, metadata=PNG_METADATA)
-    plt.close(fig)
+    _save_figure(plt, fig, path, 120)
     return True
 
 
