@@ -305,68 +305,65 @@ def _measure_native(
         # two experts a step (top-2), rotating over the rest so that weights come from DRAM
         steps = [experts[i : i + 2] for i in range(0, len(experts) - 1, 2)] or [experts]
         step_bytes = sum(gu.nbytes + d.nbytes for gu, d in steps[0])
-        rates: dict[int, float] = {}
-        for m in NATIVE_TOKEN_COUNTS:
-            x = torch.randn(m, plan.hidden).to(dtype)
-            out = torch.zeros(m, plan.hidden)
-            calls = [
-                functools.partial(lane.run, x, [native.ExpertJob(gu, d) for gu, d in step], out)
-                for step in steps
-            ]
-            seconds = cpu_lane.run(lambda calls=calls: _timed_median(calls, plan.min_time, plan.min_passes))
-            rates[m] = step_bytes / seconds
-        x = torch.randn(1, plan.hidden).to(dtype)
-        out = torch.zeros(1, plan.hidden)
-
-        def one_pass() -> None:
-            for step in steps:
-                lane.run(x, [native.ExpertJob(gu, d) for gu, d in step], out)
-
-        passes = max(2, math.ceil(plan.overlap_time * rates[1] / (step_bytes * len(steps))))
-        per_pass, h2d = run_with_copies(
-            lanes,
-            cpu_lane,
-            warm_up=one_pass,
-            cpu_work=one_pass,
-            passes=passes,
-            chunk_bytes=min(plan.copy_bytes, 64 * _MiB),
-            copies_per_wait=plan.copies_per_wait,
+        rates = {
+            m: step_bytes / _native_steps_alone(plan, cpu_lane, lane, steps, m, dtype)
+            for m in NATIVE_TOKEN_COUNTS
+        }
+        per_pass, h2d = _native_steps_with_copies(
+            plan, lanes, cpu_lane, lane, steps, 1, dtype, step_bytes * len(steps) / rates[1]
         )
         found = _NativeRates(rates, step_bytes * len(steps) / per_pass, h2d)
         if lane.amx and dtype == torch.bfloat16:
-            found.gemm_flops, found.gemm_flops_during_copy = _measure_native_gemm(
-                plan, lanes, cpu_lane, lane, steps, native.ExpertJob
+            # a prefill-sized step on AMX tiles: the jobs the executor then gives this lane
+            m = LANE_GEMM_TOKENS
+            step_flops = sum(2 * m * (gu.numel() + d.numel()) for gu, d in steps[0])
+            found.gemm_flops = step_flops / _native_steps_alone(plan, cpu_lane, lane, steps, m, dtype)
+            per_pass, _ = _native_steps_with_copies(
+                plan, lanes, cpu_lane, lane, steps, m, dtype, step_flops * len(steps) / found.gemm_flops
             )
+            found.gemm_flops_during_copy = step_flops * len(steps) / per_pass
         return found
     finally:
         lane.close()
 
 
-def _measure_native_gemm(plan: _Plan, lanes: DeviceLanes, cpu_lane: CpuLane, lane, steps, job) -> tuple:
-    """FLOP/s of the native lane on prefill-sized steps (``LANE_GEMM_TOKENS`` tokens per expert, AMX
-    tiles), alone and while copies run."""
-    m = LANE_GEMM_TOKENS
-    x = torch.randn(m, plan.hidden).to(torch.bfloat16)
-    out = torch.zeros(m, plan.hidden)
-    step_flops = sum(2 * m * (gu.numel() + d.numel()) for gu, d in steps[0])
+def _native_step_calls(plan: _Plan, lane, steps, tokens: int, dtype: torch.dtype) -> list:
+    """One native-lane call per step, every expert of the step on ``tokens`` random activation rows."""
+    from .kernels.native import ExpertJob
+
+    x = torch.randn(tokens, plan.hidden).to(dtype)
+    out = torch.zeros(tokens, plan.hidden)
+    return [functools.partial(lane.run, x, [ExpertJob(gu, d) for gu, d in step], out) for step in steps]
+
+
+def _native_steps_alone(
+    plan: _Plan, cpu_lane: CpuLane, lane, steps, tokens: int, dtype: torch.dtype
+) -> float:
+    """Median seconds of one native-lane step at ``tokens`` tokens per expert, from the CPU-lane thread."""
+    calls = _native_step_calls(plan, lane, steps, tokens, dtype)
+    return cpu_lane.run(lambda: _timed_median(calls, plan.min_time, plan.min_passes))
+
+
+def _native_steps_with_copies(
+    plan: _Plan, lanes: DeviceLanes, cpu_lane: CpuLane, lane, steps, tokens: int, dtype, pass_s: float
+) -> tuple[float, float]:
+    """(seconds per pass over every step, the copies' rate) with PCIe copies running meanwhile; ``pass_s``:
+    a pass's time alone, which sizes the run to ``plan.overlap_time``."""
+    calls = _native_step_calls(plan, lane, steps, tokens, dtype)
 
     def one_pass() -> None:
-        for step in steps:
-            lane.run(x, [job(gu, d) for gu, d in step], out)
+        for call in calls:
+            call()
 
-    calls = [functools.partial(lane.run, x, [job(gu, d) for gu, d in step], out) for step in steps]
-    alone = step_flops / cpu_lane.run(lambda: _timed_median(calls, plan.min_time, plan.min_passes))
-    passes = max(2, math.ceil(plan.overlap_time * alone / (step_flops * len(steps))))
-    per_pass, _ = run_with_copies(
+    return run_with_copies(
         lanes,
         cpu_lane,
         warm_up=one_pass,
         cpu_work=one_pass,
-        passes=passes,
+        passes=max(2, math.ceil(plan.overlap_time / pass_s)),
         chunk_bytes=min(plan.copy_bytes, 64 * _MiB),
         copies_per_wait=plan.copies_per_wait,
     )
-    return alone, step_flops * len(steps) / per_pass
 
 
 @contextlib.contextmanager
