@@ -91,14 +91,12 @@ class DecodeLookahead:
         self._started: _Started | None = None
 
     # ----------------------------------------------------------------------------- a generate call
-    def begin_call(self, greedy: bool, new_tokens: int | None, prompt: int) -> None:
-        """A ``generate`` call starts: look ahead when it decodes greedily, for ``new_tokens`` tokens after a
-        prompt of ``prompt`` positions."""
+    def begin_call(self, new_tokens: int | None, prompt: int) -> None:
+        """A greedy ``generate`` call starts: look ahead for its ``new_tokens`` tokens after a prompt of
+        ``prompt`` positions."""
         self.end_call()
         self._written = prompt  # cache positions written (kept on the host: reading the cache's would wait)
-        self.active = (
-            self.enabled and bool(greedy) and self.rotary is not None and self.layer in self.graphs.graphable
-        )
+        self.active = self.enabled and self.rotary is not None and self.layer in self.graphs.graphable
         self.tokens_left = (new_tokens - 1) if new_tokens is not None else 1 << 30
 
     def end_call(self, failed: bool = False) -> None:

@@ -199,13 +199,20 @@ class HybridGenerationMixin:
 
     def _begin_lookahead(self, args, kwargs):
         """Arm the decode lookahead (:mod:`hf_hybrid.decode_lookahead`) for a greedy call on the kept static
-        cache; returns (lookahead, forward-hook handle) or None."""
+        cache; returns (lookahead, forward-hook handle) or None (it is switched off, or the call does not
+        qualify: then no hook runs after each forward)."""
         graphs = self.hybrid.decode_graphs
         lookahead = None if graphs is None else graphs.lookahead
         cache = kwargs.get(cache_argument(type(self)))
-        if lookahead is None or cache is None or cache is not graphs.cache:
-            return None
         gen_config = kwargs.get("generation_config") or self.generation_config
+        if (
+            lookahead is None
+            or not lookahead.enabled
+            or cache is None
+            or cache is not graphs.cache
+            or not greedy_call(kwargs, gen_config)
+        ):
+            return None
         input_ids = self._input_ids(args, kwargs)
         new_tokens = kwargs.get("max_new_tokens", getattr(gen_config, "max_new_tokens", None))
         if new_tokens is None:
@@ -213,7 +220,7 @@ class HybridGenerationMixin:
             if max_length is not None and input_ids is not None:
                 new_tokens = max_length - input_ids.shape[-1]
         prompt = input_ids.shape[-1] if input_ids is not None else 0
-        lookahead.begin_call(greedy_call(kwargs, gen_config), new_tokens, prompt)
+        lookahead.begin_call(new_tokens, prompt)
         on_cuda = self.hybrid.executor.lanes.is_cuda
 
         def after_forward(_module, _args, output) -> None:
