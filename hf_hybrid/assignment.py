@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .costs import CPU_ROUND_TRIP_S, copy_time, cpu_share, cpu_time, gpu_time, pcie_share
+from .costs import CPU_ROUND_TRIP_S, copy_time, cpu_share, cpu_time, gpu_time, issue_times, pcie_share
 from .options import TOKEN_ASSIGNMENTS
 from .profile import HardwareProfile
 from .units import CPU, HOMES, STREAM, Unit
@@ -29,6 +29,7 @@ def assign_tokens(
     profile: HardwareProfile,
     *,
     gpu_busy_s: float = 0.0,
+    host_busy_s: float = 0.0,
     mode: str = "adaptive",
     cpu_scale: float = 1.0,
 ) -> set[str]:
@@ -39,9 +40,11 @@ def assign_tokens(
     over two lanes: biggest job first, each to the lane that would finish it earliest, where the
     CPU lane costs :func:`cpu_time` and the GPU side costs the copy (free if ``staged``) on the PCIe lane
     and the compute on the GPU lane. Both lanes are costed at their rates while the other one runs (they
-    share DRAM), and the first CPU job pays the activations' round trip. ``cpu_scale`` multiplies the CPU
-    costs: the executor sets it from how long its CPU lane really took against this prediction. Returns
-    the names to stream.
+    share DRAM), and the first CPU job pays the activations' round trip. A streamed unit also waits for
+    the feeding thread to issue it (:func:`issue_times`, after ``host_busy_s`` of issuing the step's other
+    device work): in a decode step of small experts that, not the copy, is what streaming one costs.
+    ``cpu_scale`` multiplies the CPU costs: the executor sets it from how long its CPU lane really took
+    against this prediction. Returns the names to stream.
     """
     if mode not in TOKEN_ASSIGNMENTS:
         raise ValueError(f"unknown token assignment mode {mode!r}")
@@ -55,6 +58,8 @@ def assign_tokens(
     cpu_lane = 0.0
     pcie_lane = 0.0
     gpu_lane = gpu_busy_s
+    host_lane = host_busy_s
+    issue = issue_times(profile)[1]
     costed = []
     largest = max((w.tokens for w in work), default=1)
     cpu_factor, pcie_factor = cpu_scale / cpu_share(profile, largest), 1.0 / pcie_share(profile, largest)
@@ -67,11 +72,13 @@ def assign_tokens(
     for _, c, g, x, name in sorted(costed, reverse=True):
         cpu_finish = (cpu_lane or CPU_ROUND_TRIP_S) + c
         arrive = pcie_lane + x
-        gpu_finish = max(arrive, gpu_lane) + g
+        issued = host_lane + issue
+        gpu_finish = max(arrive, gpu_lane, issued) + g
         if gpu_finish < cpu_finish:
             streamed.add(name)
             pcie_lane = arrive
             gpu_lane = gpu_finish
+            host_lane = issued
         else:
             cpu_lane = cpu_finish
     return streamed

@@ -148,6 +148,12 @@ def pcie_share(profile: HardwareProfile, tokens: int = 1) -> float:
     return max(0.05, min(1.0, during / profile.h2d_bw))
 
 
+def issue_times(profile: HardwareProfile) -> tuple[float, float]:
+    """Host seconds the feeding thread spends issuing one expert on the GPU lane: (resident, streamed),
+    as the profile measured them (0 where it did not: the CPU standing in, older profiles)."""
+    return float(profile.device_unit_issue_s or 0.0), float(profile.streamed_unit_issue_s or 0.0)
+
+
 def copy_time(unit: Unit, profile: HardwareProfile) -> float:
     """Seconds to stream ``unit``'s weights over PCIe from pinned memory."""
     return unit.nbytes / profile.h2d_bw

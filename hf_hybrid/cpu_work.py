@@ -100,7 +100,7 @@ def _lane_job(
 
 def native_units_job(
     lane,
-    make_jobs: Callable[[], list],
+    packed,
     inputs: HostInputs,
     out: torch.Tensor,
     on_start: Callable[[], None] | None = None,
@@ -111,7 +111,8 @@ def native_units_job(
     tokens, on its own sleeping thread pool, GIL released. Same result as :func:`whole_units_job` (torch's
     bf16 roundings mimicked, fp32 accumulation).
 
-    ``make_jobs`` builds the kernel's job list once the inputs have arrived: the jobs gather their routing
-    weights from ``inputs.weights``, which a device copy may still be filling when this job is submitted
-    (and building them here keeps that work off the feeding thread)."""
-    return _lane_job(lambda: lane.run(inputs.x, make_jobs(), out), inputs, out, on_start, span)
+    ``packed`` is the step's job list already laid out by ``lane.pack`` (on the feeding thread, while the
+    inputs were still arriving: the jobs pick their routing weights by position): once the activations
+    are here, this thread only makes the call, and never waits for the interpreter lock in between while
+    the feeding thread issues the device lanes."""
+    return _lane_job(lambda: lane.run_packed(packed), inputs, out, on_start, span)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .assignment import HostWork, assign_tokens
-from .costs import SPLIT_MAX_TOKENS, cpu_lane_time, divides, split_fraction
+from .costs import SPLIT_MAX_TOKENS, cpu_lane_time, divides, issue_times, split_fraction
 from .cpu_kernels import CpuKernels
 from .cpu_work import HostInputs, RowPart, Rows, native_units_job, whole_units_job
 from .errors import ExecutionError
@@ -321,15 +321,19 @@ class Executor:
             with self.lanes.span("GPU", f"L{group.layer} resident MLP"):
                 return GroupStep(group, hidden, done=gated_mlp(hidden, merged[0], merged[1], group.act_fn))
         predicting = self._next_to_predict(group, hidden.shape[0])
-        routing, predicted = self._route(group, hidden, top_k_index, predicting)
-        lanes = self._assign(group, routing)
+        span = self.lanes.host_span
+        with span("host", f"L{group.layer} route"):  # includes the wait for the router's result
+            routing, predicted = self._route(group, hidden, top_k_index, predicting)
+        with span("host", f"L{group.layer} assign"):
+            lanes = self._assign(group, routing)
         flat_weights = top_k_weights.reshape(-1) if routing.order is not None else None
         cpu_future = None
         if lanes.on_cpu or lanes.split:
             # the CPU lane first: it is the longest lane of a decode step, and it starts only when its job
             # is in (the device lanes' issuing below runs while it computes)
-            host_inputs = self._host_inputs(hidden, flat_weights)
-            cpu_future = self._submit_cpu(group, lanes, hidden, host_inputs, routing)
+            with span("host", f"L{group.layer} submit CPU job"):
+                host_inputs = self._host_inputs(hidden, flat_weights)
+                cpu_future = self._submit_cpu(group, lanes, hidden, host_inputs, routing)
         batch = self._device_batch(hidden, routing, lanes, flat_weights)
         step = GroupStep(group, hidden, cpu_future=cpu_future, lanes=lanes, routing=routing, acc=batch.acc)
         try:
@@ -480,9 +484,16 @@ class Executor:
             out.split = self._choose_splits(group, host, counts, work)
             work = [w for i, w in zip(host, work) if i not in out.split]
         gpu_busy = sum(group.units[i].nbytes for i in out.resident) / self.profile.gpu_mem_bw
+        issue_resident, issue_streamed = issue_times(self.profile)
+        host_busy = len(out.resident) * issue_resident + len(out.split) * issue_streamed
         mode = "adaptive" if self.token_assignment == "whole" else self.token_assignment
         names = assign_tokens(
-            work, self.profile, gpu_busy_s=gpu_busy, mode=mode, cpu_scale=self.cpu_scales[out.regime]
+            work,
+            self.profile,
+            gpu_busy_s=gpu_busy,
+            host_busy_s=host_busy,
+            mode=mode,
+            cpu_scale=self.cpu_scales[out.regime],
         )
         if ring is None:
             names = set()
@@ -535,28 +546,38 @@ class Executor:
             label += " rows of " + ",".join(f"{i}[:{r}]" for i, r in lanes.split.items())
         out = self.pinned("cpu_out", tuple(hidden.shape), torch.float32)
         self.stats.cpu_bytes += sum(self._cpu_bytes(group, i, lanes.split.get(i)) for i in units)
-        if self.cpu_kernels.native_applies(group, [routing.counts[i] for i in units]):
+        weights = inputs.weights
+        if self.cpu_kernels.native_applies(group, [routing.counts[i] for i in units]) and (
+            weights is None or weights.dtype in (torch.bfloat16, torch.float32)
+        ):
             from .kernels.native import ExpertJob
 
-            def make_jobs() -> list[ExpertJob]:
-                # runs in the CPU lane once the inputs have arrived (the routing weights among them)
-                jobs = []
-                for i, rows in zip(units, row_lists):
-                    gate_up, down = group.host_weights[i]
-                    tokens, weights = (None, None) if rows is None else (rows[0], inputs.weights[rows[1]])
-                    r = lanes.split.get(i)
-                    # rows of a divided unit, or a dense MLP's slice: a part of a sum, its down output
-                    # stays fp32
-                    partial = r is not None or not group.routed
+            jobs = []
+            for i, rows in zip(units, row_lists):
+                gate_up, down = group.host_weights[i]
+                r = lanes.split.get(i)
+                # rows of a divided unit, or a dense MLP's slice: a part of a sum, its down output stays fp32
+                partial = r is not None or not group.routed
+                if rows is None:
+                    jobs.append(ExpertJob(gate_up, down, rows=r, partial=partial))
+                else:
+                    # each token's routing weight is picked by position when the kernel runs: the device
+                    # copy filling ``weights`` may still be in flight now
                     jobs.append(
-                        ExpertJob(gate_up, down, rows=r, tokens=tokens, weights=weights, partial=partial)
+                        ExpertJob(
+                            gate_up,
+                            down,
+                            rows=r,
+                            tokens=rows[0],
+                            weights=weights,
+                            weight_index=rows[1],
+                            partial=partial,
+                        )
                     )
-                return jobs
-
             self.stats.native_units += len(units)
             job = native_units_job(
                 self.cpu_kernels.native_lane,
-                make_jobs,
+                self.cpu_kernels.native_lane.pack(inputs.x, jobs, out),
                 inputs,
                 out,
                 on_start=self._fault_hook("cpu"),

@@ -22,6 +22,7 @@ from .costs import (
     divides,
     gpu_time,
     home_time,
+    issue_times,
     pcie_share,
     split_rates,
     usage_probability,
@@ -50,6 +51,11 @@ def layer_time(
     CPU and copy lanes as :func:`split_fraction` says, so they cost their bytes at both lanes' shared rates.
     """
     gpu_lane = cpu_lane = pcie_lane = serial = host_bytes = 0.0
+    # the feeding thread issues every expert the GPU lane computes, one after the other, while the CPU lane
+    # works (measured per profile; without the measurement the fitted UNIT_HOST_S below stands in)
+    issue_resident, issue_streamed = issue_times(profile)
+    issue_measured = issue_streamed > 0
+    host_issue = 0.0
     work = []
     for u in layer_units:
         p = usage_probability(u, routing, per_layer)
@@ -67,6 +73,7 @@ def layer_time(
         if home == GPU:
             if u.is_expert_like:
                 gpu_lane += used * gpu_time(u, max(n, 1), profile)
+                host_issue += used * issue_resident
             else:
                 # attention, router, norms and shared experts run before the routed experts of their layer
                 # are known: they cannot overlap with this layer's expert lanes
@@ -87,8 +94,10 @@ def layer_time(
         serial += LAYER_HOST_S
         for u, _, used in work:
             if u.kind == "expert":
-                small = tokens <= SPLIT_MAX_TOKENS
-                serial += used * (UNIT_HOST_S if small else min(UNIT_HOST_S, 0.5 * copy_time(u, profile)))
+                if tokens > SPLIT_MAX_TOKENS:
+                    serial += used * min(UNIT_HOST_S, 0.5 * copy_time(u, profile))
+                elif not issue_measured:
+                    serial += used * UNIT_HOST_S
     split_time = 0.0
     divided = [(u, n, used) for u, n, used in work if split and divides(u, tokens)]
     if divided:
@@ -97,6 +106,7 @@ def layer_time(
         cpu_rate, pcie_rate = split_rates(profile)
         split_time = sum(used * u.nbytes for u, _, used in divided) / (cpu_rate + pcie_rate)
         split_time += CPU_ROUND_TRIP_S
+        host_issue += sum(used for _, _, used in divided) * issue_streamed
         work = [w for w in work if w not in divided]
     if work:
         streamed = assign_tokens(
@@ -106,11 +116,13 @@ def layer_time(
             ],
             profile,
             gpu_busy_s=gpu_lane,
+            host_busy_s=host_issue,
         )
         for u, n, used in work:
             if u.name in streamed:
                 pcie_lane += used * copy_time(u, profile)
                 gpu_lane += used * gpu_time(u, max(n, 1), profile)
+                host_issue += used * issue_streamed
             else:
                 cpu_lane += used * cpu_time(u, max(n, 1), profile)
         if len(streamed) < len(work):
@@ -119,7 +131,7 @@ def layer_time(
         # both lanes read DRAM at once: each runs at its shared rate
         cpu_lane /= cpu_share(profile, tokens)
         pcie_lane /= pcie_share(profile, tokens)
-    return serial + max(gpu_lane, cpu_lane, pcie_lane, split_time), host_bytes
+    return serial + max(gpu_lane, cpu_lane, pcie_lane, split_time, host_issue), host_bytes
 
 
 #: Routing draws per layer when predicting small decode steps (deterministic: seeded per layer).

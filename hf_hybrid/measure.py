@@ -390,6 +390,58 @@ def _measure_gpu(plan: _Plan, dev: torch.device, dtype: torch.dtype) -> tuple[fl
     return gemv_bw, gemm_flops
 
 
+#: Shape of the expert :func:`_measure_device_issue` issues (small: the GPU finishes each op before the host
+#: has issued the next, so what is timed is the host's issuing, as in a decode step).
+_ISSUE_HIDDEN, _ISSUE_INTER, _ISSUE_REPS, _ISSUE_BLOCKS = 1024, 256, 20, 9
+
+
+def _measure_device_issue(lanes: DeviceLanes, dev: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """Host seconds the feeding thread spends issuing one decode-sized expert on the GPU lane:
+    (resident, streamed). The ops are those of the executor's device unit (the token's rows and routing
+    weight picked out, gate/up, activation, down, weighting, an fp32 ``index_add_`` into the step's sum);
+    a streamed expert also issues its copy into a staging slot and the GPU lane's wait for it. This is
+    launch overhead, the same whatever the expert's size (measured on CUDA only: on the CPU standing in,
+    issuing is computing)."""
+    hidden = torch.randn(1, _ISSUE_HIDDEN, device=dev, dtype=dtype)
+    gate_up = torch.randn(2 * _ISSUE_INTER, _ISSUE_HIDDEN, device=dev, dtype=dtype) * 0.02
+    down = torch.randn(_ISSUE_HIDDEN, _ISSUE_INTER, device=dev, dtype=dtype) * 0.02
+    acc = torch.zeros(1, _ISSUE_HIDDEN, device=dev, dtype=torch.float32)
+    rows = torch.zeros(4, dtype=torch.long, device=dev)
+    flat_weights = torch.rand(4, device=dev, dtype=dtype)
+    source = torch.randn(gate_up.numel(), dtype=dtype, pin_memory=lanes.is_cuda)
+    slot = torch.empty_like(source, device=dev)
+
+    def device_unit() -> None:
+        sel, tok = rows[0:1], rows[1:2]
+        gate, up = F.linear(hidden[tok], gate_up).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down) * flat_weights[sel, None]
+        acc.index_add_(0, tok, y.float())
+
+    def streamed_unit() -> None:
+        lanes.wait(lanes.copy_into(slot, source))
+        device_unit()
+
+    seconds = []
+    for issue in (device_unit, streamed_unit):
+        for _ in range(10):  # warm up: kernels chosen, allocator blocks cached
+            issue()
+        _synchronize(dev)
+        blocks = []
+        for _ in range(_ISSUE_BLOCKS):  # the median block: a preempted block does not count
+            started = time.perf_counter()
+            for _ in range(_ISSUE_REPS):
+                issue()
+            blocks.append((time.perf_counter() - started) / _ISSUE_REPS)
+            _synchronize(dev)
+        seconds.append(statistics.median(blocks))
+    return seconds[0], seconds[1]
+
+
+def _synchronize(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def measure(
     device: str = "cpu", dtype: torch.dtype = torch.bfloat16, *, quick: bool = False, progress: bool = True
 ) -> HardwareProfile:
@@ -412,7 +464,7 @@ def measure(
     plan = _make_plan(quick)
     is_cuda = dev.type == "cuda"
     methods = available_methods(dtype)
-    steps = 1 + len(methods) * len(TOKEN_COUNTS) + 3 + (1 if is_cuda else 0)
+    steps = 1 + len(methods) * len(TOKEN_COUNTS) + 3 + (2 if is_cuda else 0)
     started = time.perf_counter()
     lanes = DeviceLanes(dev)
     cpu_lane = CpuLane(cpu_lane_threads(is_cuda))
@@ -465,11 +517,17 @@ def measure(
         del experts, kernels_by_method, decode_kernels, prefill_kernels
 
         if is_cuda:
+            bar.set_postfix_str("device lane issue time")
+            issue_resident, issue_streamed = _measure_device_issue(lanes, dev, dtype)
+            bar.update(1)
             bar.set_postfix_str("GPU GEMV/GEMM")
             with torch.cuda.device(dev):
                 gpu_mem_bw, gpu_flops = _measure_gpu(plan, dev, dtype)
             bar.update(1)
         else:
+            # the device lane of the CPU standing in is synchronous: issuing is computing, which the cost
+            # model prices already
+            issue_resident = issue_streamed = None
             # the CPU is the accelerator: its rates are the best the CPU kernel reached
             gpu_mem_bw = max(gemv_bw.values())
             gpu_flops = max(gemm_flops.values())
@@ -497,6 +555,8 @@ def measure(
         h2d_bw_during_native=native_rates.h2d_during,
         cpu_native_gemm_flops=native_rates.gemm_flops,
         cpu_native_gemm_flops_during_copy=native_rates.gemm_flops_during_copy,
+        device_unit_issue_s=issue_resident,
+        streamed_unit_issue_s=issue_streamed,
     )
     logger.info(
         "Measured hardware profile in %.1f s:\n%s", time.perf_counter() - started, format_profile(profile)

@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 64, 512)
 #: Bumped when a measurement is added, so a cached profile without it is measured again rather than
 #: planned with (2: the CPU lane's own rates; 3: the native CPU lane's rates; 4: its prefill-sized jobs on AMX
-#: tiles).
-PROFILE_FORMAT = 4
+#: tiles; 5: the feeding thread's time to issue one expert on the device lane).
+PROFILE_FORMAT = 5
 #: Token count of the CPU lane's prefill-sized measurement (one of TOKEN_COUNTS).
 LANE_GEMM_TOKENS = 64
 #: The CPU kernels a profile may choose (``hf_hybrid.kernels.cpu.METHODS``, named here so that this module
@@ -71,6 +71,11 @@ class HardwareProfile:
     # while copies run (FLOP/s): the lane the executor gives such jobs where it has AMX. None elsewhere.
     cpu_native_gemm_flops: float | None = None
     cpu_native_gemm_flops_during_copy: float | None = None
+    # host seconds the feeding thread spends issuing one decode-sized expert on the device lane (launches of
+    # its gather, gated MLP, weighting and sum), resident and streamed (its copy and the wait for it too):
+    # serial work on the thread that also starts every other lane. None in profiles measured before.
+    device_unit_issue_s: float | None = None
+    streamed_unit_issue_s: float | None = None
 
     def cpu_weight_bw(self, tokens: int) -> float:
         """Interpolated CPU weight-read rate at ``tokens`` tokens."""
@@ -316,4 +321,9 @@ def format_profile(p: HardwareProfile) -> str:
     if p.cpu_native_gemm_flops_during_copy:
         label = "native lane, AMX, during copy"
         lines.append(f"{label:<34} {p.cpu_native_gemm_flops_during_copy / 1e12:>9.2f} TFLOP/s")
+    if p.device_unit_issue_s and p.streamed_unit_issue_s:
+        lines.append(
+            f"{'issuing one expert on the device':<34} {p.device_unit_issue_s * 1e6:>9.0f} us resident, "
+            f"{p.streamed_unit_issue_s * 1e6:.0f} us streamed"
+        )
     return "\n".join(lines)

@@ -676,3 +676,59 @@ def test_amx_can_be_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv("HF_HYBRID_AMX", "0")
     with NativeExpertLane(2, library=library) as lane:
         assert not lane.amx and lane.amx_min_tokens == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_weights_picked_by_position_packed_before_they_arrive(lane, dtype):
+    """Jobs whose routing weights are picked by ``weight_index`` from one shared array: packed first, the
+    weights written afterwards (as the executor's device copy fills them), then run. Bitwise the same as
+    gathering each job's weights beforehand; an index outside the array is refused."""
+    hidden, ntokens = 72, 5
+    gen = torch.Generator().manual_seed(3)
+    x = _grid((ntokens, hidden), 1 / 8, gen).to(dtype)
+    w_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    flat = torch.rand(ntokens * 2, generator=gen).to(w_dtype)  # top-2 routing weights of 5 tokens
+    shared = torch.zeros_like(flat)  # "still arriving": filled after packing
+    jobs, gathered = [], []
+    for inter, (tok, pos) in zip(
+        (48, 100, 16), (([0, 3, 4], [1, 6, 9]), ([1, 2, 3, 0], [2, 4, 7, 0]), ([], []))
+    ):
+        gu, dn = _expert(hidden, inter, dtype, gen)
+        tok, pos = torch.tensor(tok, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64)
+        jobs.append(ExpertJob(gu, dn, tokens=tok, weights=shared, weight_index=pos))
+        gathered.append(ExpertJob(gu, dn, tokens=tok, weights=flat[pos]))
+    out = torch.zeros(ntokens, hidden)
+    packed = lane.pack(x, jobs, out)
+    shared.copy_(flat)
+    lane.run_packed(packed)
+    want = lane.run(x, gathered, torch.zeros(ntokens, hidden))
+    assert torch.equal(out, want) and out.abs().sum() > 0
+    assert torch.equal(
+        torch_reference(x, jobs, torch.zeros(ntokens, hidden)),
+        torch_reference(x, gathered, torch.zeros(ntokens, hidden)),
+    )
+    bad = [
+        ExpertJob(
+            jobs[0].gate_up,
+            jobs[0].down,
+            tokens=jobs[0].tokens,
+            weights=shared,
+            weight_index=torch.tensor([0, 1, 10]),
+        )
+    ]
+    with pytest.raises(ValueError, match="out of range"):
+        lane.run(x, bad, torch.zeros(ntokens, hidden))
+    with pytest.raises(ValueError, match="weight_index"):
+        lane.run(
+            x,
+            [
+                ExpertJob(
+                    jobs[0].gate_up,
+                    jobs[0].down,
+                    tokens=jobs[0].tokens,
+                    weights=shared,
+                    weight_index=torch.tensor([0, 1]),
+                )
+            ],
+            torch.zeros(ntokens, hidden),
+        )

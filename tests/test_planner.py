@@ -339,3 +339,37 @@ def test_the_plan_bounds_prefill_by_cpu_and_pcie_together():
     )
     assert with_cpu.predicted["prefill_cpu_pcie_bound_tok_s"] > with_cpu.predicted["prefill_bound_tok_s"]
     assert "CPU+PCIe bound" in str(with_cpu)
+
+
+def test_assignment_counts_the_feeding_threads_issue_time():
+    """A decode step of small host experts: each one streamed costs the feeding thread its issue time, so
+    the greedy streams fewer of them the longer issuing takes, and none where issuing one takes longer than
+    the CPU lane needs for all; where the profile has no issue time (the CPU standing in) the copies alone
+    decide. Large experts, whose copies dwarf the issuing, are streamed as before."""
+    import dataclasses
+
+    from hf_hybrid.assignment import HostWork, assign_tokens
+    from hf_hybrid.profile import HardwareProfile
+
+    base = HardwareProfile(
+        device="cuda",
+        cpu_gemv_bw={m: 100e9 for m in (1, 2, 4, 8, 16, 64, 512)},
+        cpu_gemv_bw_during_copy=100e9,
+        h2d_bw=50e9,
+        h2d_bw_during_cpu=50e9,
+        gpu_mem_bw=4e12,
+        gpu_flops=800e12,
+    )
+
+    def issuing(resident_s: float, streamed_s: float) -> HardwareProfile:
+        return dataclasses.replace(base, device_unit_issue_s=resident_s, streamed_unit_issue_s=streamed_s)
+
+    work = [HostWork(f"e{i}", 1, 10_000_000, 2 * 3 * 2048 * 768) for i in range(8)]  # ~0.1 ms each on the CPU
+    free = assign_tokens(work, base)
+    some = assign_tokens(work, issuing(100e-6, 250e-6))
+    assert len(free) > len(some) > 0
+    assert assign_tokens(work, issuing(100e-6, 2e-3)) == set()
+    # the step's resident experts are issued by the same thread: with 1 ms of them nothing else is streamed
+    assert len(assign_tokens(work, issuing(100e-6, 250e-6), host_busy_s=1e-3)) < len(some)
+    big = [HostWork(f"e{i}", 1, 350_000_000, 2 * 3 * 4096 * 14336) for i in range(4)]
+    assert assign_tokens(big, issuing(100e-6, 250e-6)) == assign_tokens(big, base) != set()

@@ -45,6 +45,9 @@ def test_measure_quick_fills_every_field(quick_profile):
         if f.name.startswith("cpu_native_gemm_flops") and not amx:
             assert value is None, f.name
             continue
+        if f.name.endswith("_unit_issue_s"):  # launch overhead: measured on CUDA only
+            assert value is None, f.name
+            continue
         numbers = list(_numbers(value))
         assert numbers, f.name
         assert all(math.isfinite(v) and v > 0 for v in numbers), (f.name, value)

@@ -56,7 +56,7 @@ from ..system import cache_root
 logger = logging.get_logger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "expert_lane.c"
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -104,10 +104,12 @@ class _HfJob(ctypes.Structure):
         ("down", ctypes.c_void_p),
         ("tokens", ctypes.c_void_p),
         ("weights", ctypes.c_void_p),
+        ("weight_index", ctypes.c_void_p),
         ("ld_gate_up", ctypes.c_int64),
         ("ld_down", ctypes.c_int64),
         ("r", ctypes.c_int64),
         ("ntok", ctypes.c_int64),
+        ("nweights", ctypes.c_int64),
         ("round_bf16", ctypes.c_int32),
         ("weight_bf16", ctypes.c_int32),
         ("partial", ctypes.c_int32),
@@ -119,7 +121,7 @@ class _HfJob(ctypes.Structure):
 
 # The jobs are packed with one struct.pack_into per job: setting 15 ctypes fields one by one cost several
 # times more Python time per job, and a layer step has up to a few dozen jobs.
-_JOB_PACK = struct.Struct("=5Q4q6i")
+_JOB_PACK = struct.Struct("=6Q5q6i")
 assert _JOB_PACK.size == ctypes.sizeof(_HfJob)
 
 
@@ -419,7 +421,11 @@ class ExpertJob:
         rows: ``r``: use gate rows ``[0, r)``, up rows ``[I, I + r)`` and down columns ``[0, r)``; None = I.
         tokens: int64 ``[n]`` rows of ``x`` routed to this job (repeats allowed), None = every row.
         weights: routing weight per selected token (any float dtype; bf16 weights round the product to
-            bf16 as torch does), None = 1.
+            bf16 as torch does), None = 1. With ``weight_index``: a 1-D bf16 or fp32 tensor of routing
+            weights from which each selected token's is picked.
+        weight_index: int64 ``[n]`` position in ``weights`` of each selected token's weight, None = the
+            n weights in order. The kernel reads the weights only when it runs, so a job can be packed
+            (:meth:`NativeExpertLane.pack`) while a device copy still fills ``weights``.
         partial: this job is one part of a sum split across lanes: its down output is not rounded to bf16.
     """
 
@@ -429,6 +435,7 @@ class ExpertJob:
     tokens: Tensor | None = None
     weights: Tensor | None = None
     partial: bool = False
+    weight_index: Tensor | None = None
 
 
 def torch_reference(x: Tensor, jobs: Sequence[ExpertJob], out: Tensor) -> Tensor:
@@ -449,7 +456,8 @@ def torch_reference(x: Tensor, jobs: Sequence[ExpertJob], out: Tensor) -> Tensor
         else:
             y = F.linear(h, down)
         if job.weights is not None:
-            w = job.weights.to(torch.float32) if job.partial else job.weights
+            w = job.weights if job.weight_index is None else job.weights.reshape(-1)[job.weight_index]
+            w = w.to(torch.float32) if job.partial else w
             y = y * w[:, None]
         if job.tokens is None:
             out += y.float()
@@ -460,6 +468,19 @@ def torch_reference(x: Tensor, jobs: Sequence[ExpertJob], out: Tensor) -> Tensor
 
 # ------------------------------------------------------------------------------------------------------
 # the lane
+
+
+@dataclass
+class PackedJobs:
+    """A layer step's jobs laid out for the kernel (:meth:`NativeExpertLane.pack`); ``keep`` holds every
+    tensor the layout points to, so none is freed before the call."""
+
+    buffer: ctypes.Array
+    count: int
+    x: Tensor
+    out: Tensor
+    dtype_code: int
+    keep: list[Tensor]
 
 
 class NativeExpertLane:
@@ -590,6 +611,13 @@ class NativeExpertLane:
 
         Raises ``ValueError`` for bad shapes, dtypes, devices, layouts or token indices.
         """
+        return self.run_packed(self.pack(x, jobs, out))
+
+    def pack(self, x: Tensor, jobs: Sequence[ExpertJob], out: Tensor) -> PackedJobs:
+        """Validate ``jobs`` against ``x`` and ``out`` and lay them out for the kernel, without reading any
+        tensor's values: the executor packs a layer step's jobs on its feeding thread while the
+        activations and routing weights are still crossing PCIe, and the CPU lane's thread then only calls
+        :meth:`run_packed` (no Python work of its own that would wait for the interpreter lock)."""
         dtype_code = _check_x_out(x, out)
         ntokens, hidden = x.shape
         keep: list[Tensor] = [x, out]
@@ -598,26 +626,34 @@ class NativeExpertLane:
             _JOB_PACK.pack_into(
                 packed, n * _JOB_PACK.size, *_job_fields(job, n, x.dtype, ntokens, hidden, keep)
             )
-        buffer = (ctypes.c_char * len(packed)).from_buffer(packed)
+        return PackedJobs(
+            (ctypes.c_char * len(packed)).from_buffer(packed), len(jobs), x, out, dtype_code, keep
+        )
+
+    def run_packed(self, packed: PackedJobs) -> Tensor:
+        """Run jobs packed by :meth:`pack` (the tensors they point to must hold their values by now)."""
+        x, out = packed.x, packed.out
+        ntokens, hidden = x.shape
         handle = self._acquire()
         try:
             rc = self.library.dll.hf_lane_run(
                 handle,
-                ctypes.addressof(buffer),
-                len(jobs),
+                ctypes.addressof(packed.buffer),
+                packed.count,
                 x.data_ptr(),
                 ntokens,
                 hidden,
-                dtype_code,
+                packed.dtype_code,
                 out.data_ptr(),
             )
         finally:
             self._release()
-        del keep, buffer  # the tensors (and converted routing weights) lived through the call
         if rc != 0:
             message = self.library.strerror(rc)
             if rc == _ERR_TOKEN:
-                raise ValueError(f"a job's token index is outside [0, {ntokens}): {message}")
+                raise ValueError(
+                    f"a job's token index (in [0, {ntokens})) or routing-weight index is out of range: {message}"
+                )
             raise ValueError(f"native expert lane refused the call: {message} (code {rc})")
         return out
 
@@ -717,8 +753,14 @@ def _job_fields(
         keep.append(tok)
 
     w = job.weights
-    weights_ptr = weight_bf16 = weight_dtype = 0
-    if w is not None:
+    weights_ptr = weight_bf16 = weight_dtype = index_ptr = nweights = 0
+    if job.weight_index is not None:
+        index_ptr, nweights = _weight_index(job, n, ntok, keep)
+        weight_bf16 = int(w.dtype == torch.bfloat16)
+        weight_dtype = _DTYPE_CODES[w.dtype]
+        weights_ptr = w.data_ptr()
+        keep.append(w)
+    elif w is not None:
         if not isinstance(w, Tensor) or not w.is_floating_point():
             raise ValueError(f"job {n}: weights must be a floating-point tensor")
         if not w.is_cpu:
@@ -743,10 +785,12 @@ def _job_fields(
         down_ptr,
         tokens_ptr,
         weights_ptr,
+        index_ptr,
         ld_gu,
         ld_down,
         r,
         ntok,
+        nweights,
         int(dtype == torch.bfloat16),
         weight_bf16,
         int(bool(job.partial)),
@@ -754,3 +798,17 @@ def _job_fields(
         weight_dtype,
         0,
     )
+
+
+def _weight_index(job: ExpertJob, n: int, ntok: int, keep: list[Tensor]) -> tuple[int, int]:
+    """(pointer, number of weights) of a job whose weights are picked by ``weight_index``, validated
+    without reading the weights' values (they may still be arriving)."""
+    index, w = job.weight_index, job.weights
+    if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype != torch.int64:
+        raise ValueError(f"job {n}: weight_index must be a 1-D int64 tensor")
+    if not index.is_cpu or not index.is_contiguous() or index.shape[0] != ntok:
+        raise ValueError(f"job {n}: weight_index must be a contiguous CPU tensor of {ntok} positions")
+    if not isinstance(w, Tensor) or w.dtype not in _DTYPE_CODES or not w.is_cpu or not w.is_contiguous():
+        raise ValueError(f"job {n}: with weight_index, weights must be a contiguous bf16 or fp32 CPU tensor")
+    keep.append(index)
+    return index.data_ptr(), w.numel()

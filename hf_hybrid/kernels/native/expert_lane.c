@@ -85,7 +85,7 @@
  * about one chunk's read time apart across threads (128 KiB at ~8 GB/s per core: ~16 us) while the
  * counter is touched rarely. */
 #define HF_CHUNK_BYTES (128 * 1024)
-#define HF_ABI_VERSION 3
+#define HF_ABI_VERSION 4
 
 /* ------------------------------------------------------------------------------------------------------ */
 /* Public types                                                                                           */
@@ -96,10 +96,12 @@ typedef struct hf_job {
     const void *down;      /* [hidden, ld_down] row-major; columns [0, r) are used                        */
     const int64_t *tokens; /* [ntok] row indices into x (repeats allowed), or NULL = rows 0..ntokens-1    */
     const void *weights;   /* [ntok] routing weight per selected token (weight_dtype), or NULL = 1        */
+    const int64_t *weight_index; /* [ntok] positions into weights (of nweights), or NULL = 0..ntok-1     */
     int64_t ld_gate_up;    /* row stride of gate and up, in elements (>= hidden)                          */
     int64_t ld_down;       /* row stride of down, in elements (>= r)                                      */
     int64_t r;             /* intermediate rows of this job                                               */
     int64_t ntok;          /* tokens of this job (== ntokens when tokens is NULL)                         */
+    int64_t nweights;      /* elements of weights when weight_index is set (checked against it)           */
     int32_t round_bf16;    /* 1: round every op's output to bf16 as torch does (bf16 dtype only)          */
     int32_t weight_bf16;   /* 1: the routing-weight product is rounded to bf16 (bf16 routing weights)     */
     int32_t partial;       /* 1: one part of a sum split across lanes: keep the down output in fp32       */
@@ -999,7 +1001,8 @@ static void finish_y(const lane_pool *p, const job_plan *pl, int64_t c, int64_t 
     const int lose = pl->rnd && !jb->partial;
     if (lose) y = round_bf16(y);
     if (jb->weights) {
-        y *= jb->weight_dtype == 1 ? bf16_to_f32(((const uint16_t *)jb->weights)[t]) : ((const float *)jb->weights)[t];
+        const int64_t w = jb->weight_index ? jb->weight_index[t] : t;
+        y *= jb->weight_dtype == 1 ? bf16_to_f32(((const uint16_t *)jb->weights)[w]) : ((const float *)jb->weights)[w];
         if (lose && jb->weight_bf16) y = round_bf16(y);
     }
     int64_t row = jb->tokens ? jb->tokens[t] : t;
@@ -1389,6 +1392,11 @@ static int validate(const hf_job *jobs, int njobs, int64_t ntokens, int64_t hidd
         } else {
             for (int64_t t = 0; t < jb->ntok; t++)
                 if (jb->tokens[t] < 0 || jb->tokens[t] >= ntokens) return HF_ERR_TOKEN;
+        }
+        if (jb->weight_index) {
+            if (!jb->weights) return HF_ERR_JOB;
+            for (int64_t t = 0; t < jb->ntok; t++)
+                if (jb->weight_index[t] < 0 || jb->weight_index[t] >= jb->nweights) return HF_ERR_TOKEN;
         }
     }
     return HF_OK;
