@@ -2,7 +2,8 @@
 
 * MoE experts: an implementation registered in transformers' experts interface (``"hybrid"``), so the
   router, shared experts and attention stay stock and only the experts call the executor.
-* Dense MLPs: the module's ``forward`` is replaced by one that runs its row slices through the executor.
+* Dense MLPs: the module's ``forward`` is replaced by one that runs its row slices through the executor
+  (transformers' own forward once peft wraps a projection: :func:`hf_hybrid.held.dense_forward`).
 * Streamed modules (attention, shared experts, lm_head): pre/post forward hooks swap the parameters to
   their staging slot and back, and prefetch the next streamed module.
 * A CPU-resident embedding: inputs go to the CPU, the looked-up activations come back to the device.
@@ -21,6 +22,7 @@ import torch
 from .decode_graphs import DecodeGraphs
 from .executor import Executor
 from .families import FamilyAdapter
+from .held import dense_forward, experts_adapter_forward
 from .loading import LoadedModel, StreamedModule
 from .weights import carve
 
@@ -28,7 +30,13 @@ EXPERTS_IMPLEMENTATION = "hybrid"
 
 
 def hybrid_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """The ``"hybrid"`` experts implementation: hand the routed tokens to this layer's executor group."""
+    """The ``"hybrid"`` experts implementation: hand the routed tokens to this layer's executor group.
+
+    Experts whose weights peft parametrizes (LoRA with ``target_parameters``) run transformers' own experts
+    forward on the held weights plus the adapter's delta instead (:func:`~hf_hybrid.held.experts_adapter_forward`).
+    """
+    if "parametrizations" in self._modules:
+        return experts_adapter_forward(self, hidden_states, top_k_index, top_k_weights)
     executor, group = self._hf_hybrid
     return executor.run_group(group, hidden_states, top_k_index, top_k_weights)
 
@@ -126,7 +134,7 @@ def attach(
                 executor.router_weights[i] = router.weight
         else:
             mlp = adapter.mlp(layers[i])
-            mlp.forward = _dense_forward(executor, group)
+            mlp.forward = dense_forward(executor, group, mlp, adapter.dense_mlp_projections(layers[i]))
             handles.append(("forward", mlp))
     if any(g.routed for g in loaded.groups.values()):
         model.config._experts_implementation = EXPERTS_IMPLEMENTATION
@@ -155,15 +163,6 @@ def attach(
         handles.append(embed.register_forward_pre_hook(lambda m, args: tuple(a.to("cpu") for a in args)))
         handles.append(embed.register_forward_hook(lambda m, args, out: out.to(device, non_blocking=True)))
     return handles
-
-
-def _dense_forward(executor: Executor, group):
-    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        out = executor.run_group(group, hidden_states.reshape(-1, shape[-1]))
-        return out.reshape(shape)
-
-    return forward
 
 
 def detach(handles: list) -> None:

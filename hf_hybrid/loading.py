@@ -19,6 +19,7 @@ from transformers.utils import logging
 from .checkpoint import CheckpointReader, checkpoint_files
 from .errors import CheckpointError, HostMemoryError
 from .families import FamilyAdapter
+from .held import hold_in_tree
 from .planner import HybridPlan
 from .system import meminfo
 from .units import CPU, GPU, STREAM, Unit, format_bytes
@@ -412,6 +413,6 @@ def _load_group(i, layer, units, plan, names, routed, device, dtype, pin, bar) -
             group.host_regions[u.index] = region
             group.host_weights[u.index] = (gate_up, down_host)
         bar.update(1)
-    # the module tree no longer owns these weights: the executor's group does
-    names.adapter.drop_mlp_weights(layer)
+    # the executor's group owns these weights now; the module tree keeps placeholders of their shapes
+    hold_in_tree(layer, names.adapter, group, device)
     return group

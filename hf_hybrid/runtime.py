@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import threading
 import time
 from collections.abc import Iterator
@@ -144,18 +143,6 @@ class HybridGenerationMixin:
     def device(self) -> torch.device:
         """The accelerator the model computes on (inputs go here), whatever the first parameter's home."""
         return self.hybrid.executor.device
-
-    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """transformers' count, with the expert / dense-MLP weights that the executor holds outside the
-        module tree (on the device, in host memory or streamed): the model's true size."""
-        count = super().num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
-        if only_trainable:
-            return count  # the executor's weights are inference-only
-        return count + sum(
-            math.prod(gate_up) + math.prod(down)
-            for group in self.hybrid.loaded.groups.values()
-            for gate_up, down in group.shapes.values()
-        )
 
     def __call__(self, *args, **kwargs):
         """The model's forward (with its hooks), checked against ``max_context`` and serialised per model.

@@ -187,17 +187,6 @@ class FamilyAdapter:
         experts = self.experts(layer)
         return experts.act_fn if experts is not None else self.mlp(layer).act_fn
 
-    def drop_mlp_weights(self, layer: torch.nn.Module) -> None:
-        """Take the expert / dense MLP weights out of the module tree once the executor owns them."""
-        experts = self.experts(layer)
-        if experts is not None:
-            for name in ("gate_up_proj", "down_proj"):
-                experts._parameters.pop(name, None)
-        else:
-            mlp = self.mlp(layer)
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                mlp._modules.pop(name, None)
-
 
 MIXTRAL = FamilyAdapter("Mixtral", ("mixtral",), ("w1", "w3", "w2"), ((".block_sparse_moe.", ".mlp."),))
 PHIMOE = FamilyAdapter(
