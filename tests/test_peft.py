@@ -16,6 +16,7 @@ from tiny_models import VOCAB, load_every_lane
 from transformers import AutoModelForCausalLM
 
 import hf_hybrid.held
+from hf_hybrid import HybridModelForCausalLM
 from hf_hybrid.held import HeldLinear, HeldWeight, HeldWeightError
 
 peft = pytest.importorskip("peft")
@@ -177,6 +178,32 @@ def test_lora_on_dense_mlp_projections_matches_peft_on_transformers(tiny_checkpo
         with torch.no_grad():
             assert torch.equal(hybrid(ids).logits, base)
         assert hybrid.hybrid.executor.stats.groups == groups + len(hybrid.model.layers)
+    finally:
+        hybrid.hybrid.close()
+
+
+def test_lora_follows_the_weights_when_slices_merge_or_change_homes(tiny_checkpoints):
+    """Every slice resident (held merged after the first forward), then one slice moved to the CPU lane, on
+    the decode-graph path (uncaptured on the CPU): the adapter reads each weight where it is now."""
+    directory = tiny_checkpoints["llama"]
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    hybrid = HybridModelForCausalLM.from_pretrained(
+        directory, device="cpu", dtype=torch.float32, max_context=64, decode_graphs=True, progress=False
+    )
+    try:
+        ids = prompt(seed=7)
+        with torch.no_grad():
+            hybrid(ids)
+        group = next(iter(hybrid.hybrid.loaded.groups.values()))
+        assert group.merged is not None
+        ref_peft, hybrid_peft = with_same_lora(ref, hybrid, lambda: lora(MLP))
+        assert_same(ref_peft, hybrid_peft, ids)
+        hybrid.hybrid.executor.rehome(group, 0, "cpu")
+        assert group.merged is None
+        assert_same(ref_peft, hybrid_peft, ids)
+        assert torch.equal(
+            hybrid.model.layers[0].mlp.down_proj.weight.clone(), ref.model.layers[0].mlp.down_proj.weight
+        )
     finally:
         hybrid.hybrid.close()
 
