@@ -258,16 +258,25 @@ def dense_forward(
     executor: Executor, group: ExpertGroup, mlp: torch.nn.Module, projections: tuple[HeldLinear, ...]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The dense MLP's forward: its row slices through the executor while ``projections`` (the
-    :class:`HeldLinear` modules) are still its own; transformers' forward once peft (or anyone) has wrapped
-    or replaced one, each projection then computing for itself."""
+    :class:`HeldLinear` modules) are still its own, or peft's layers around them add nothing now
+    (:func:`_adds_nothing`); transformers' MLP forward once an active adapter wraps one (or anyone replaced
+    one), each projection then computing for itself."""
     modules = mlp._modules
     # the attribute names the projections sit under (gate_proj, up_proj, down_proj in every built-in family)
-    names = tuple(next(k for k, v in modules.items() if v is p) for p in projections)
+    (gate_name, gate), (up_name, up), (down_name, down) = (
+        (next(k for k, v in modules.items() if v is p), p) for p in projections
+    )
     stock = type(mlp).forward
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        if all(modules.get(n) is p for n, p in zip(names, projections)) or all(
-            _adds_nothing(modules.get(n), p) for n, p in zip(names, projections)
+        # the check of the default path: three dict lookups (peft replaces a module it wraps in _modules)
+        if (
+            modules.get(gate_name) is gate
+            and modules.get(up_name) is up
+            and modules.get(down_name) is down
+            or _adds_nothing(modules.get(gate_name), gate)
+            and _adds_nothing(modules.get(up_name), up)
+            and _adds_nothing(modules.get(down_name), down)
         ):
             shape = hidden_states.shape
             out = executor.run_group(group, hidden_states.reshape(-1, shape[-1]))
