@@ -30,6 +30,7 @@ def assign_tokens(
     *,
     gpu_busy_s: float = 0.0,
     host_busy_s: float = 0.0,
+    issue_s: float | None = None,
     mode: str = "adaptive",
     cpu_scale: float = 1.0,
 ) -> set[str]:
@@ -42,7 +43,8 @@ def assign_tokens(
     and the compute on the GPU lane. Both lanes are costed at their rates while the other one runs (they
     share DRAM), and the first CPU job pays the activations' round trip. A streamed unit also waits for
     the feeding thread to issue it (:func:`issue_times`, after ``host_busy_s`` of issuing the step's other
-    device work): in a decode step of small experts that, not the copy, is what streaming one costs.
+    device work; ``issue_s`` replaces the profile's figure, as the executor learns it): in a decode step
+    of small experts that, not the copy, is what streaming one costs.
     ``cpu_scale`` multiplies the CPU costs: the executor sets it from how long its CPU lane really took
     against this prediction. Returns the names to stream.
     """
@@ -59,7 +61,7 @@ def assign_tokens(
     pcie_lane = 0.0
     gpu_lane = gpu_busy_s
     host_lane = host_busy_s
-    issue = issue_times(profile)[1]
+    issue = issue_times(profile)[1] if issue_s is None else issue_s
     costed = []
     largest = max((w.tokens for w in work), default=1)
     cpu_factor, pcie_factor = cpu_scale / cpu_share(profile, largest), 1.0 / pcie_share(profile, largest)

@@ -148,6 +148,9 @@ class Executor:
     CPU_SCALE_RANGE = (0.25, 8.0)
     #: jobs predicted shorter than this are dominated by fixed overheads and teach nothing about the rate
     CPU_SCALE_MIN_JOB_S = 1e-3
+    #: smoothing and ceiling of :attr:`issue_seconds`
+    ISSUE_WEIGHT = 0.2
+    ISSUE_MAX_S = 5e-3
     #: a pause between layer steps longer than this is not one forward's host path (a new call, sampling)
     HOST_GAP_MAX_S = 0.1
 
@@ -182,6 +185,11 @@ class Executor:
         # One factor per regime: GEMV-like steps (decode, few tokens per expert) and GEMM-like ones (prefill)
         # miss the profile by different amounts, and a prefill must not teach decode to avoid the CPU.
         self.cpu_scales = {"small": 1.0, "large": 1.0}
+        # host seconds the feeding thread really spends issuing one expert of a decode-sized step on the GPU
+        # lane, resident and streamed, smoothed: it starts from the profile's measurement of the launches
+        # alone; inside a step the thread shares the cores and the interpreter with the CPU lane and takes
+        # longer (on S3 on the H200 machine, several times longer), and assignment must see what it costs
+        self.issue_seconds = dict(zip(("resident", "streamed"), issue_times(profile)))
         self.groups: dict[int, ExpertGroup] = {}  # by layer, set when the hooks attach (for prefetching)
         # router weight [experts, hidden] by MoE layer, set when the hooks attach: a decode step applies the
         # next layer's router to its own input to predict, and start copying, the next layer's experts
@@ -484,7 +492,7 @@ class Executor:
             out.split = self._choose_splits(group, host, counts, work)
             work = [w for i, w in zip(host, work) if i not in out.split]
         gpu_busy = sum(group.units[i].nbytes for i in out.resident) / self.profile.gpu_mem_bw
-        issue_resident, issue_streamed = issue_times(self.profile)
+        issue_resident, issue_streamed = self.issue_seconds["resident"], self.issue_seconds["streamed"]
         host_busy = len(out.resident) * issue_resident + len(out.split) * issue_streamed
         mode = "adaptive" if self.token_assignment == "whole" else self.token_assignment
         names = assign_tokens(
@@ -492,6 +500,7 @@ class Executor:
             self.profile,
             gpu_busy_s=gpu_busy,
             host_busy_s=host_busy,
+            issue_s=issue_streamed,
             mode=mode,
             cpu_scale=self.cpu_scales[out.regime],
         )
@@ -500,6 +509,17 @@ class Executor:
         whole = [i for i in host if i not in out.split]
         out.streamed = [i for i in whole if group.units[i].name in names]
         out.on_cpu = [i for i in whole if group.units[i].name not in names]
+        if (
+            out.regime == "small"
+            and not out.streamed
+            and self.issue_seconds["streamed"] > issue_times(self.profile)[1]
+        ):
+            # nothing was streamed, so nothing re-measures the issue time: drift back toward the profile's, so
+            # one slow stretch (a busy machine) cannot keep the copy lane idle for good
+            profile_issue = issue_times(self.profile)[1]
+            self.issue_seconds["streamed"] += self.CPU_SCALE_DECAY * (
+                profile_issue - self.issue_seconds["streamed"]
+            )
         if not out.on_cpu and not out.split and mode == "adaptive":
             # nothing ran on the CPU, so nothing corrects the factor: drift back toward the profile, so one
             # slow measurement cannot keep the CPU lane idle for good (a real slowdown is re-learned by the
@@ -613,8 +633,10 @@ class Executor:
     # stage 4
     def _stream(self, group: ExpertGroup, streamed: list[int], batch: DeviceBatch) -> None:
         # copy (copy lane) then compute (GPU lane), interleaved so slots recycle safely
+        learn = self._learns_issue(batch)
         for i in streamed:
             self._maybe_fault("stream")
+            entered = time.perf_counter()
             gate_up_shape, down_shape = group.shapes[i]
             view, ready, cached = self.expert_ring.fetch((group.layer, i), group.host_regions[i])
             gate_up, down = carve(view, [gate_up_shape, down_shape], group.dtype)
@@ -622,6 +644,8 @@ class Executor:
             with self.lanes.span("GPU", f"L{group.layer} streamed {i}"):
                 self._device_unit(group, i, gate_up, down, batch)
             self.expert_ring.release((group.layer, i))
+            if learn:
+                self._learn_issue("streamed", time.perf_counter() - entered)
             self.stats.streamed_units += 1
             self.stats.cached_units += int(cached)
 
@@ -661,12 +685,30 @@ class Executor:
 
     # stage 5
     def _resident(self, group: ExpertGroup, resident: list[int], batch: DeviceBatch) -> None:
+        learn = self._learns_issue(batch)
         for i in resident:
             self._maybe_fault("gpu")
+            entered = time.perf_counter()
             gate_up, down = group.device_weights[i]
             with self.lanes.span("GPU", f"L{group.layer} resident {i}"):
                 self._device_unit(group, i, gate_up, down, batch)
+            if learn:
+                self._learn_issue("resident", time.perf_counter() - entered)
             self.stats.gpu_units += 1
+
+    def _learns_issue(self, batch: DeviceBatch) -> bool:
+        """Whether this step's GPU-lane issuing teaches :attr:`issue_seconds`: decode-sized MoE steps on an
+        accelerator (on the CPU standing in, issuing is computing, which the cost model prices already)."""
+        return (
+            self.lanes.is_cuda
+            and batch.routing.order is not None
+            and batch.hidden.shape[0] <= SPLIT_MAX_TOKENS
+        )
+
+    def _learn_issue(self, kind: str, seconds: float) -> None:
+        current = self.issue_seconds[kind]
+        seconds = min(seconds, self.ISSUE_MAX_S)
+        self.issue_seconds[kind] = current + self.ISSUE_WEIGHT * (seconds - current)
 
     def _device_unit(self, group, i, gate_up, down, batch: DeviceBatch) -> None:
         if group.routed:

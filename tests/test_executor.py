@@ -48,6 +48,37 @@ def test_cpu_rate_correction_drifts_back_when_the_cpu_lane_gets_no_work(tiny_che
     assert 1.0 <= ex.cpu_scales["small"] < Executor.CPU_SCALE_RANGE[1] - 0.5
 
 
+def test_issue_time_is_learned_bounded_and_steers_decode_steps_to_the_cpu_lane(tiny_checkpoints):
+    """The feeding thread's measured time to issue a streamed expert replaces the profile's, smoothed and
+    capped; where it exceeds what the CPU lane needs, decode steps stream nothing (same tokens), and with no
+    streaming to re-measure it the figure drifts back toward the profile's."""
+    from test_exactness import load_pair, prompt
+
+    ex = Executor(torch.device("cpu"), default_profile("cuda"))
+    for _ in range(60):
+        ex._learn_issue("streamed", 4e-4)
+    assert abs(ex.issue_seconds["streamed"] - 4e-4) < 1e-6
+    for _ in range(60):
+        ex._learn_issue("streamed", 10.0)
+    assert ex.issue_seconds["streamed"] <= Executor.ISSUE_MAX_S
+    ex.close()
+
+    _, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral", torch.float32, token_assignment="adaptive")
+    ex = hybrid.hybrid.executor
+    ids = prompt(batch=1)
+    want = hybrid.generate(ids, max_new_tokens=6, do_sample=False)
+    hybrid.generate(ids[:, :4], max_new_tokens=1, do_sample=False)  # warm: the staging ring settles
+    ex.stats.reset()
+    hybrid.generate(ids, max_new_tokens=6, do_sample=False)
+    streamed_before = ex.stats.streamed_units
+    ex.issue_seconds["streamed"] = Executor.ISSUE_MAX_S
+    ex.stats.reset()
+    got = hybrid.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+    assert ex.stats.streamed_units < streamed_before  # the decode steps stopped streaming
+    assert ex.issue_seconds["streamed"] < Executor.ISSUE_MAX_S  # and the figure drifts back
+
+
 def test_reusable_buffers_made_under_inference_mode_stay_writable_under_no_grad():
     # generate under inference_mode (as the benchmark does), then calibrate under no_grad: the buffers the
     # first call made are written again by the second
