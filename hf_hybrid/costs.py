@@ -26,6 +26,11 @@ SPLIT_MIN_BYTES = 16 << 20
 #: layers with every lane idle): about 1 ms per layer plus 0.9 ms per host expert used in a decode step.
 LAYER_HOST_S = 1.0e-3
 UNIT_HOST_S = 0.9e-3
+#: What one more expert costs the native CPU lane in a decode-sized job beyond reading its weights at the
+#: profile's rate (measured on the large experts the profile uses): its share of the threads' partition and
+#: phase barrier, and short rows. On the H200 machine (benchmarks/native_lane_bench.py) eight 9 MiB
+#: Qwen3-MoE-sized experts at one token took 0.94-0.99 ms where that rate (110-127 GB/s) says ~0.63 ms.
+NATIVE_UNIT_S = 40e-6
 
 
 def usage_probability(
@@ -60,7 +65,7 @@ def cpu_time(unit: Unit, tokens: float, profile: HardwareProfile) -> float:
     m = max(1, round(tokens))
     native = native_rate(profile, m)
     if native:
-        return unit.nbytes / native
+        return NATIVE_UNIT_S + unit.nbytes / native
     tiles = native_gemm_rate(profile, m)
     if tiles:
         return max(unit.nbytes / profile.dram_read_bw, tokens * unit.flops_per_token / tiles)

@@ -272,7 +272,7 @@ def test_same_inputs_give_the_same_plan():
 def test_decode_sized_cpu_jobs_are_costed_at_the_native_lane_rate():
     import dataclasses
 
-    from hf_hybrid.costs import cpu_share, cpu_time, pcie_share
+    from hf_hybrid.costs import NATIVE_UNIT_S, cpu_share, cpu_time, pcie_share
 
     torch_only = default_profile("cuda")
     with_native = dataclasses.replace(
@@ -282,7 +282,7 @@ def test_decode_sized_cpu_jobs_are_costed_at_the_native_lane_rate():
         h2d_bw_during_native=40e9,
     )
     expert = Unit("layers.0.experts.0", "expert", 0, 336 * MIB, 2 * 168 * MIB, HOMES, index=0)
-    assert cpu_time(expert, 1, with_native) == pytest.approx(336 * MIB / 120e9)
+    assert cpu_time(expert, 1, with_native) == pytest.approx(NATIVE_UNIT_S + 336 * MIB / 120e9)
     assert cpu_time(expert, 1, with_native) < cpu_time(expert, 1, torch_only)
     assert cpu_share(with_native, 1) == pytest.approx(80 / 120)
     assert pcie_share(with_native, 1) == pytest.approx(40e9 / torch_only.h2d_bw)
