@@ -132,6 +132,7 @@ class GroupStep:
     acc: torch.Tensor | None = None
     done: torch.Tensor | None = None
     issue_device: Callable[[], None] | None = None  # GPU-lane work left to issue when the step is taken
+    divided_done: object | None = None  # event after the GPU lane's parts of divided units (balancing)
 
 
 class StepStarted(Exception):
@@ -151,6 +152,9 @@ class Executor:
     #: smoothing and ceiling of :attr:`issue_seconds`
     ISSUE_WEIGHT = 0.2
     ISSUE_MAX_S = 5e-3
+    #: how far (in blocks of rows) the observed lane finish order may move divided units' split from the one
+    #: the rates give
+    SPLIT_BIAS_MAX_BLOCKS = 32
     #: a pause between layer steps longer than this is not one forward's host path (a new call, sampling)
     HOST_GAP_MAX_S = 0.1
 
@@ -201,6 +205,10 @@ class Executor:
         # (group, assignment, token counts, seconds) of the last CPU-lane job, not yet learned from
         self._last_cpu_job: tuple | None = None
         self._split_rows: dict[int, int] = {}  # intermediate size -> the CPU lane's rows of divided units
+        # intermediate size -> blocks of rows moved to the CPU lane (negative: to the GPU lane) because the
+        # GPU lane's parts finished after (before) the CPU lane in recent steps; see _balance_splits
+        self.split_bias: dict[int, int] = {}
+        self.balance_splits = True
         # a decode lookahead (hf_hybrid.decode_lookahead) starts the next forward's first layer step early
         self.start_only = False  # run_group only starts its step (kept in ``ahead``) and raises StepStarted
         self.ahead: GroupStep | None = None
@@ -355,6 +363,8 @@ class Executor:
                 self._compute_divided(group, divided, batch)
                 for item in split[slots:]:  # each waits for a slot the ones before it release
                     self._compute_divided(group, self._copy_divided(group, [item]), batch)
+                if split and self.balance_splits and self.lanes.is_cuda:
+                    step.divided_done = self.lanes.record()
                 self._stream(group, lanes.streamed, batch)
                 if predicted:
                     self._prefetch_predicted(predicting, predicted, len(lanes.streamed) + len(lanes.split))
@@ -392,6 +402,8 @@ class Executor:
                 raise
             self.stats.issue_s += time.perf_counter() - entered
         self._join(step.group, step.cpu_future, step.lanes, step.routing, step.acc)
+        if step.divided_done is not None:
+            self._balance_splits(step)
         out = step.acc.to(step.hidden.dtype)
         self._left_step = time.perf_counter()
         return out
@@ -741,6 +753,22 @@ class Executor:
         acc += cpu_out.to(acc.device, non_blocking=True)
         self._last_cpu_job = (group, lanes, routing.counts, seconds)
 
+    def _balance_splits(self, step: GroupStep) -> None:
+        """Move the divided units' split one block toward the lane that finished first.
+
+        Called when the CPU lane's part has just been joined: if the GPU lane's parts (copies and compute)
+        are not done yet, the CPU lane takes one more block of rows in the next steps, else one block
+        fewer. The rates alone leave the lanes apart by what they do not see: the copies start after the
+        CPU lane (their issuing comes second), the GPU computes after its last copy, and each lane's rate
+        inside a step differs from the profile's (on S1 on the H200 machine the GPU side finished ~1 ms
+        after the CPU lane of a ~5 ms step). The split then dithers by a block around the point where both
+        finish together; the bias is bounded by :attr:`SPLIT_BIAS_MAX_BLOCKS`."""
+        move = -1 if self.lanes.is_done(step.divided_done) else 1
+        step.divided_done = None
+        limit = self.SPLIT_BIAS_MAX_BLOCKS
+        for inter in {step.group.shapes[i][0][0] // 2 for i in step.lanes.split}:  # one move per step
+            self.split_bias[inter] = max(-limit, min(limit, self.split_bias.get(inter, 0) + move))
+
     def learn_from_last_cpu_job(self) -> None:
         """Correct the CPU rate (:attr:`cpu_scales`) from the last CPU-lane job's measured time.
 
@@ -776,7 +804,8 @@ class Executor:
         The split stays where it was while the learned factor moves it by at most two blocks: every new
         split is a new GEMM shape for the GPU lane, and a new shape costs the feeding thread a BLAS
         heuristic lookup in the middle of the layer step (on the H200 machine a GEMV's host cost was 43 us
-        with a new shape every call against 21-27 us with a stable one)."""
+        with a new shape every call against 21-27 us with a stable one). On an accelerator the split then
+        moves by the blocks :meth:`_balance_splits` learned from which lane finished first."""
         fraction = split_fraction(self.profile, self.cpu_scale)
         split = {}
         for i, w in zip(host, work):
@@ -789,6 +818,12 @@ class Executor:
             if kept is not None and abs(rows_on_cpu - kept) <= 2 * block:
                 rows_on_cpu = kept
             self._split_rows[inter] = rows_on_cpu
+            if self.balance_splits:
+                # where the lanes really finish (see _balance_splits), within one block of each end
+                biased = rows_on_cpu + self.split_bias.get(inter, 0) * block
+                rows_on_cpu = (
+                    max(block, min(inter - block, biased)) if 0 < rows_on_cpu < inter else rows_on_cpu
+                )
             if 0 < rows_on_cpu < inter:
                 split[i] = rows_on_cpu
         return split

@@ -79,6 +79,9 @@ class _NoEvent:
     def synchronize(self):
         return None
 
+    def query(self):
+        return True
+
 
 class DeviceLanes:
     """Streams and events of the accelerator, or synchronous stand-ins on the CPU."""
@@ -145,6 +148,10 @@ class DeviceLanes:
         if self.is_cuda:
             ev.record(self.compute_stream())
         return ev
+
+    def is_done(self, event) -> bool:
+        """Whether the device work ``event`` marks has finished (never blocks; always on the CPU stand-in)."""
+        return event is None or bool(event.query())
 
     def timing_event(self):
         """An event that records a timestamp (for traces); None on the CPU stand-in."""

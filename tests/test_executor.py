@@ -312,6 +312,59 @@ def test_divided_rows_hold_still_while_the_rate_factor_wobbles(tiny_checkpoints,
     assert moved.keys() == first.keys() and all(moved[i] < first[i] for i in first)
 
 
+def test_divided_split_moves_toward_the_lane_that_finished_later(tiny_checkpoints, divide_tiny_experts):
+    """Each divided step's finish order moves the split by a block: GPU-lane parts still running when the
+    CPU lane is joined give the CPU lane one more block of rows next time, parts already done one block
+    fewer; bounded, and off with ``balance_splits``. At any split the results stay transformers' (fp32)."""
+    from types import SimpleNamespace
+
+    from test_exactness import load_pair, prompt
+
+    from hf_hybrid.assignment import HostWork
+    from hf_hybrid.units import GPU
+
+    ref, hybrid = load_pair(
+        tiny_checkpoints["mixtral"], "mixtral", torch.float32, token_assignment="adaptive"
+    )
+    executor = hybrid.hybrid.executor
+    group = next(g for g in executor.groups.values() if g.routed)
+    host = [i for i, home in enumerate(group.homes) if home != GPU]
+    work = [
+        HostWork(group.units[i].name, 1, group.units[i].nbytes, group.units[i].flops_per_token) for i in host
+    ]
+    counts = [1] * len(group.units)
+    base = executor._choose_splits(group, host, counts, work)
+    inter = group.shapes[next(iter(base))][0][0] // 2  # tiny experts: blocks of one row
+
+    def finished(gpu_done: bool):
+        step = SimpleNamespace(group=group, lanes=SimpleNamespace(split=base), divided_done=object())
+        executor.lanes.is_done = lambda event: gpu_done
+        executor._balance_splits(step)
+
+    finished(False)
+    finished(False)
+    assert executor._choose_splits(group, host, counts, work) == {i: r + 2 for i, r in base.items()}
+    finished(True)
+    assert executor._choose_splits(group, host, counts, work) == {i: r + 1 for i, r in base.items()}
+    for _ in range(3 * Executor.SPLIT_BIAS_MAX_BLOCKS):
+        finished(False)
+    assert executor.split_bias[inter] == Executor.SPLIT_BIAS_MAX_BLOCKS
+    assert all(0 < r < inter for r in executor._choose_splits(group, host, counts, work).values())
+    executor.balance_splits = False
+    assert executor._choose_splits(group, host, counts, work) == base
+    executor.balance_splits = True
+    del executor.lanes.is_done
+    ids = prompt(batch=1, length=6)
+    with torch.no_grad():
+        want = ref(ids).logits
+        for bias in (-3, 3):
+            executor.split_bias[inter] = bias
+            executor.stats.reset()
+            got = hybrid(ids).logits
+            assert executor.stats.split_units > 0
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["native", "torch"])
 def test_the_cpu_lane_reads_its_inputs_only_after_they_arrive(tiny_checkpoints, backend):
     """On a GPU the activations and routing weights reach the CPU lane through a device copy that may still

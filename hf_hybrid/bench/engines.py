@@ -272,7 +272,9 @@ def _switched(model: Any, variant: str):
     with eager attention (as ``decode_graphs=False``), "unfused" with attention graphs but routers run by
     their MoE blocks, "rebuilt_masks" with every decode step's attention mask built by transformers (not
     updated), "predict" with ``predict_next_layer=True``, "lookahead" with the decode lookahead
-    (:mod:`hf_hybrid.decode_lookahead`; built for every model with decode graphs, switched on here); anything else unchanged."""
+    (:mod:`hf_hybrid.decode_lookahead`; built for every model with decode graphs, switched on here),
+    "fixed_splits" with divided experts split by the lanes' rates alone (no balancing by which lane finished
+    first); anything else unchanged."""
     runtime = model.hybrid
     graphs, executor = runtime.decode_graphs, runtime.executor
     fuse = graphs.fuse_routers if graphs is not None else None
@@ -280,6 +282,7 @@ def _switched(model: Any, variant: str):
     predict = executor.predict_next_layer
     lookahead = graphs.lookahead if graphs is not None else None
     looking = lookahead.enabled if lookahead is not None else None
+    balancing = executor.balance_splits
     if variant == "eager":
         runtime.decode_graphs = None
     elif variant == "unfused" and graphs is not None:
@@ -290,6 +293,8 @@ def _switched(model: Any, variant: str):
         executor.predict_next_layer = True
     elif variant == "lookahead" and lookahead is not None:
         lookahead.enabled = True
+    elif variant == "fixed_splits":
+        executor.balance_splits = False
     try:
         yield
     finally:
@@ -298,6 +303,7 @@ def _switched(model: Any, variant: str):
             graphs.fuse_routers = fuse
             graphs.masks.enabled = masks_on
         executor.predict_next_layer = predict
+        executor.balance_splits = balancing
         if lookahead is not None:
             lookahead.enabled = looking
 
