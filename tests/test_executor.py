@@ -287,38 +287,10 @@ def test_divided_unit_is_read_once_by_the_two_lanes_together(tiny_checkpoints, d
         assert abs(r - fraction * inter) <= 0.5
 
 
-def test_divided_rows_hold_still_while_the_rate_factor_wobbles(tiny_checkpoints, divide_tiny_experts):
-    # every new split is a new GEMM shape for the GPU lane (a BLAS heuristic query on the feeding thread):
-    # a small drift of the learned CPU factor keeps the split, a real change of rate moves it
+def _one_token_step(tiny_checkpoints):
+    """(reference, hybrid, its executor, the arguments of ``_choose_splits`` for a one-token step of the
+    tiny Mixtral's first MoE layer with every host expert routed once)."""
     from test_exactness import load_pair
-
-    from hf_hybrid.assignment import HostWork
-    from hf_hybrid.units import GPU
-
-    _, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral", torch.float32, token_assignment="adaptive")
-    executor = hybrid.hybrid.executor
-    group = next(g for g in executor.groups.values() if g.routed)
-    host = [i for i, home in enumerate(group.homes) if home != GPU]
-    work = [
-        HostWork(group.units[i].name, 1, group.units[i].nbytes, group.units[i].flops_per_token) for i in host
-    ]
-    counts = [1] * len(group.units)
-    first = executor._choose_splits(group, host, counts, work)
-    assert first
-    executor.cpu_scales["small"] *= 1.03
-    assert executor._choose_splits(group, host, counts, work) == first
-    executor.cpu_scales["small"] *= 3
-    moved = executor._choose_splits(group, host, counts, work)
-    assert moved.keys() == first.keys() and all(moved[i] < first[i] for i in first)
-
-
-def test_divided_split_moves_toward_the_lane_that_finished_later(tiny_checkpoints, divide_tiny_experts):
-    """Each divided step's finish order moves the split by a block: GPU-lane parts still running when the
-    CPU lane is joined give the CPU lane one more block of rows next time, parts already done one block
-    fewer; bounded, and off with ``balance_splits``. At any split the results stay transformers' (fp32)."""
-    from types import SimpleNamespace
-
-    from test_exactness import load_pair, prompt
 
     from hf_hybrid.assignment import HostWork
     from hf_hybrid.units import GPU
@@ -332,8 +304,33 @@ def test_divided_split_moves_toward_the_lane_that_finished_later(tiny_checkpoint
     work = [
         HostWork(group.units[i].name, 1, group.units[i].nbytes, group.units[i].flops_per_token) for i in host
     ]
-    counts = [1] * len(group.units)
-    base = executor._choose_splits(group, host, counts, work)
+    return ref, hybrid, executor, (group, host, [1] * len(group.units), work)
+
+
+def test_divided_rows_hold_still_while_the_rate_factor_wobbles(tiny_checkpoints, divide_tiny_experts):
+    # every new split is a new GEMM shape for the GPU lane (a BLAS heuristic query on the feeding thread):
+    # a small drift of the learned CPU factor keeps the split, a real change of rate moves it
+    _, hybrid, executor, split_args = _one_token_step(tiny_checkpoints)
+    first = executor._choose_splits(*split_args)
+    assert first
+    executor.cpu_scales["small"] *= 1.03
+    assert executor._choose_splits(*split_args) == first
+    executor.cpu_scales["small"] *= 3
+    moved = executor._choose_splits(*split_args)
+    assert moved.keys() == first.keys() and all(moved[i] < first[i] for i in first)
+
+
+def test_divided_split_moves_toward_the_lane_that_finished_later(tiny_checkpoints, divide_tiny_experts):
+    """Each divided step's finish order moves the split by a block: GPU-lane parts still running when the
+    CPU lane is joined give the CPU lane one more block of rows next time, parts already done one block
+    fewer; bounded, and off with ``balance_splits``. At any split the results stay transformers' (fp32)."""
+    from types import SimpleNamespace
+
+    from test_exactness import prompt
+
+    ref, hybrid, executor, split_args = _one_token_step(tiny_checkpoints)
+    group = split_args[0]
+    base = executor._choose_splits(*split_args)
     inter = group.shapes[next(iter(base))][0][0] // 2  # tiny experts: blocks of one row
 
     def finished(gpu_done: bool):
@@ -343,15 +340,15 @@ def test_divided_split_moves_toward_the_lane_that_finished_later(tiny_checkpoint
 
     finished(False)
     finished(False)
-    assert executor._choose_splits(group, host, counts, work) == {i: r + 2 for i, r in base.items()}
+    assert executor._choose_splits(*split_args) == {i: r + 2 for i, r in base.items()}
     finished(True)
-    assert executor._choose_splits(group, host, counts, work) == {i: r + 1 for i, r in base.items()}
+    assert executor._choose_splits(*split_args) == {i: r + 1 for i, r in base.items()}
     for _ in range(3 * Executor.SPLIT_BIAS_MAX_BLOCKS):
         finished(False)
     assert executor.split_bias[inter] == Executor.SPLIT_BIAS_MAX_BLOCKS
-    assert all(0 < r < inter for r in executor._choose_splits(group, host, counts, work).values())
+    assert all(0 < r < inter for r in executor._choose_splits(*split_args).values())
     executor.balance_splits = False
-    assert executor._choose_splits(group, host, counts, work) == base
+    assert executor._choose_splits(*split_args) == base
     executor.balance_splits = True
     del executor.lanes.is_done
     ids = prompt(batch=1, length=6)
