@@ -8,6 +8,10 @@ The one definition, shared by the planner's predictions and the bench's "% of bo
 * decode bound (tok/s) = ``batch / (step bytes / (cpu_gemv_bw_during_copy + h2d_bw_during_cpu))``: each
   decode step reads the host-side bytes its tokens need, through the CPU lane and the PCIe lane at once,
   each at the rate it keeps while the other runs;
+* native-lane decode bound (tok/s), a second decode figure: the decode bound with the rates of the lane
+  that computes decode steps where the profile measured it, the native CPU lane while copies run plus the
+  copies while it runs (``cpu_native_bw_during_copy + h2d_bw_during_native``; never below the decode
+  bound). The decode bound keeps torch's GEMV rate, as first defined, and the native lane reads faster;
 * CPU + PCIe prefill bound (tok/s), a second prefill figure: the host work of a forward divided between
   the CPU lane, computing at its GEMM rate while copies run (``cpu_lane_gemm_flops_during_copy``, or the
   native lane's AMX rate ``cpu_native_gemm_flops_during_copy`` where measured and higher), and
@@ -57,6 +61,14 @@ def transfer_rates(profile: Any, batch: int) -> tuple[float, float]:
     if not cpu_during and hasattr(profile, "cpu_weight_bw"):
         cpu_during = float(profile.cpu_weight_bw(batch))
     return h2d, cpu_during + (h2d_during or h2d)
+
+
+def native_decode_rate(profile: Any) -> float:
+    """The native CPU lane's weight-read rate during copies plus the copies' rate during it, in bytes/s (0
+    where the profile did not measure both)."""
+    cpu = float(getattr(profile, "cpu_native_bw_during_copy", 0) or 0)
+    h2d = float(getattr(profile, "h2d_bw_during_native", 0) or 0)
+    return cpu + h2d if cpu and h2d else 0.0
 
 
 def prefill_passes(prompt: int, chunk: int | None) -> int:
@@ -115,8 +127,8 @@ def transfer_bounds(
     ``prefill_flops``: the FLOPs of the host work of one such forward (:func:`prefill_flops`), for the CPU +
     PCIe bound. A bound that nothing limits is ``unbounded``. Returns ``prefill_bound_tok_s``,
     ``prefill_cpu_pcie_bound_tok_s`` (the PCIe-only bound when the profile has no CPU GEMM rate or no FLOPs
-    are given), ``decode_bound_tok_s``, ``host_bytes``, ``decode_host_bytes_per_step``, ``h2d_bw`` and
-    ``decode_bw``.
+    are given), ``decode_bound_tok_s``, ``decode_native_bound_tok_s`` (the decode bound where the native
+    lane was not measured), ``host_bytes``, ``decode_host_bytes_per_step``, ``h2d_bw`` and ``decode_bw``.
     """
     h2d, decode_bw = transfer_rates(profile, batch)
     passes = prefill_passes(prompt, prefill_chunk)
@@ -126,6 +138,9 @@ def transfer_bounds(
         "prefill_cpu_pcie_bound_tok_s": (prompt * batch / (passes * forward_s) if forward_s else unbounded),
         "prefill_passes": passes,
         "decode_bound_tok_s": _tok_s(batch, step_bytes, decode_bw, unbounded),
+        "decode_native_bound_tok_s": _tok_s(
+            batch, step_bytes, max(decode_bw, native_decode_rate(profile)), unbounded
+        ),
         "host_bytes": host_bytes,
         "decode_host_bytes_per_step": step_bytes,
         "h2d_bw": h2d,

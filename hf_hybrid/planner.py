@@ -439,6 +439,7 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
     p["prefill_bound_tok_s"] = bounds["prefill_bound_tok_s"]
     p["prefill_cpu_pcie_bound_tok_s"] = bounds["prefill_cpu_pcie_bound_tok_s"]
     p["decode_bound_tok_s"] = bounds["decode_bound_tok_s"]
+    p["decode_native_bound_tok_s"] = bounds["decode_native_bound_tok_s"]
     p["prefill_fraction_of_bound"] = p["prefill_tok_s"] / p["prefill_bound_tok_s"]
     p["decode_fraction_of_bound"] = p["decode_tok_s"] / p["decode_bound_tok_s"]
     p["end_to_end_s"] = totals["prefill"] + (wl.new_tokens - 1) * totals["decode"]

@@ -521,3 +521,29 @@ def test_switch_variants_change_the_loaded_model_only_inside_their_block(tiny_ch
     assert runtime.decode_graphs is graphs and graphs.fuse_routers
     assert not runtime.executor.predict_next_layer
     runtime.close()
+
+
+def test_native_lane_decode_bound_prices_the_lane_that_runs():
+    """The second decode bound reads the host bytes at the native lane's rate during copies plus the copies'
+    rate during it (never below the first bound, which keeps torch's GEMV rate), and equals the first where
+    the native lane was not measured."""
+    from types import SimpleNamespace
+
+    from hf_hybrid.bounds import transfer_bounds
+
+    # S1 on the H200 machine of 2026-12-04 (call 11): torch's GEMV 68 GB/s, the native lane 106 GB/s during
+    # copies, copies 47 GB/s during either; ~4.6 GB of host expert bytes per decode step
+    torch_only = SimpleNamespace(h2d_bw=55e9, cpu_gemv_bw_during_copy=68e9, h2d_bw_during_cpu=47e9)
+    native = SimpleNamespace(**vars(torch_only), cpu_native_bw_during_copy=106e9, h2d_bw_during_native=47e9)
+    step = 4.6e9
+    first = transfer_bounds(1e9, step, torch_only, prompt=512, batch=1)
+    assert first["decode_native_bound_tok_s"] == first["decode_bound_tok_s"] == pytest.approx(115e9 / step)
+    second = transfer_bounds(1e9, step, native, prompt=512, batch=1)
+    assert second["decode_bound_tok_s"] == pytest.approx(115e9 / step)  # the first bound keeps its rates
+    assert second["decode_native_bound_tok_s"] == pytest.approx(153e9 / step)  # ~33 tok/s
+    slow_native = SimpleNamespace(
+        **vars(torch_only), cpu_native_bw_during_copy=20e9, h2d_bw_during_native=40e9
+    )
+    assert transfer_bounds(1e9, step, slow_native, prompt=512, batch=1)["decode_native_bound_tok_s"] == (
+        pytest.approx(115e9 / step)
+    )

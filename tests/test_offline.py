@@ -189,3 +189,12 @@ def test_plan_says_why_a_rate_beats_its_bound(tiny_checkpoints):
     plan.predicted.update(prefill_tok_s=95.0, prefill_fraction_of_bound=0.95)
     line = next(x for x in str(plan).splitlines() if x.startswith("predicted prefill"))
     assert "95%" in line and "PCIe transfers only" not in line
+    # decode above its first bound (torch's GEMV rate) and below the native lane's: both figures, and why
+    plan.predicted.update(
+        decode_bound_tok_s=20.0,
+        decode_native_bound_tok_s=30.0,
+        decode_tok_s=24.0,
+        decode_fraction_of_bound=1.2,
+    )
+    line = next(x for x in str(plan).splitlines() if x.startswith("predicted decode"))
+    assert "120%" in line and "torch's kernel rate" in line and "native-lane bound 30.00, 80%" in line

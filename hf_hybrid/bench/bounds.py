@@ -165,7 +165,12 @@ def row_bounds(
     bounds = compute_bounds(meta, profile, budget_bytes, row["prompt"], batch, plan)
     predicted = (plan or {}).get("predicted") if isinstance(plan, dict) else None
     if isinstance(predicted, dict) and (row["prompt"], row["new_tokens"]) == hybrid_counts:
-        for key in ("prefill_bound_tok_s", "prefill_cpu_pcie_bound_tok_s", "decode_bound_tok_s"):
+        for key in (
+            "prefill_bound_tok_s",
+            "prefill_cpu_pcie_bound_tok_s",
+            "decode_bound_tok_s",
+            "decode_native_bound_tok_s",
+        ):
             value = finite(predicted.get(key))
             if value:
                 bounds[key] = value

@@ -24,6 +24,7 @@ TABLE_COLUMNS = (
     "prefill % of bound",
     "prefill % of CPU+PCIe bound",
     "decode % of bound",
+    "decode % of native-lane bound",
     "speedup vs accelerate (e2e)",
     "note",
 )
@@ -148,7 +149,12 @@ def finish_rows(rows: list[dict], meta: dict, profile: Any, settings: BenchSetti
             else None
         )
         row["bounds"] = bounds
-        for kind, key in (("prefill", "prefill"), ("prefill", "prefill_cpu_pcie"), ("decode", "decode")):
+        for kind, key in (
+            ("prefill", "prefill"),
+            ("prefill", "prefill_cpu_pcie"),
+            ("decode", "decode"),
+            ("decode", "decode_native"),
+        ):
             bound = (bounds or {}).get(f"{key}_bound_tok_s")
             measured = row.get(f"{kind}_tok_s")
             row[f"{key}_bound_tok_s"] = bound
@@ -176,6 +182,7 @@ def render_table(rows: list[dict], settings: BenchSettings, header: str) -> str:
             _fmt_pct(row.get("prefill_pct_of_bound")),
             _fmt_pct(row.get("prefill_cpu_pcie_pct_of_bound")),
             _fmt_pct(row.get("decode_pct_of_bound")),
+            _fmt_pct(row.get("decode_native_pct_of_bound")),
             "-" if speed is None else f"{speed:.2f}x",
             row.get("note", ""),
         ]
