@@ -521,17 +521,11 @@ class Executor:
         whole = [i for i in host if i not in out.split]
         out.streamed = [i for i in whole if group.units[i].name in names]
         out.on_cpu = [i for i in whole if group.units[i].name not in names]
-        if (
-            out.regime == "small"
-            and not out.streamed
-            and self.issue_seconds["streamed"] > issue_times(self.profile)[1]
-        ):
+        profile_issue = issue_times(self.profile)[1]
+        if out.regime == "small" and not out.streamed and issue_streamed > profile_issue:
             # nothing was streamed, so nothing re-measures the issue time: drift back toward the profile's, so
             # one slow stretch (a busy machine) cannot keep the copy lane idle for good
-            profile_issue = issue_times(self.profile)[1]
-            self.issue_seconds["streamed"] += self.CPU_SCALE_DECAY * (
-                profile_issue - self.issue_seconds["streamed"]
-            )
+            self.issue_seconds["streamed"] += self.CPU_SCALE_DECAY * (profile_issue - issue_streamed)
         if not out.on_cpu and not out.split and mode == "adaptive":
             # nothing ran on the CPU, so nothing corrects the factor: drift back toward the profile, so one
             # slow measurement cannot keep the CPU lane idle for good (a real slowdown is re-learned by the
@@ -590,22 +584,20 @@ class Executor:
                 r = lanes.split.get(i)
                 # rows of a divided unit, or a dense MLP's slice: a part of a sum, its down output stays fp32
                 partial = r is not None or not group.routed
-                if rows is None:
-                    jobs.append(ExpertJob(gate_up, down, rows=r, partial=partial))
-                else:
-                    # each token's routing weight is picked by position when the kernel runs: the device
-                    # copy filling ``weights`` may still be in flight now
-                    jobs.append(
-                        ExpertJob(
-                            gate_up,
-                            down,
-                            rows=r,
-                            tokens=rows[0],
-                            weights=weights,
-                            weight_index=rows[1],
-                            partial=partial,
-                        )
+                # routed tokens pick their routing weight by position when the kernel runs: the device copy
+                # filling ``weights`` may still be in flight now
+                tokens, index = (None, None) if rows is None else rows
+                jobs.append(
+                    ExpertJob(
+                        gate_up,
+                        down,
+                        rows=r,
+                        tokens=tokens,
+                        weights=None if rows is None else weights,
+                        weight_index=index,
+                        partial=partial,
                     )
+                )
             self.stats.native_units += len(units)
             job = native_units_job(
                 self.cpu_kernels.native_lane,
@@ -754,7 +746,7 @@ class Executor:
         self._last_cpu_job = (group, lanes, routing.counts, seconds)
 
     def _balance_splits(self, step: GroupStep) -> None:
-        """Move the divided units' split one block toward the lane that finished first.
+        """Move one block of the divided units' rows from the lane that finished later to the other.
 
         Called when the CPU lane's part has just been joined: if the GPU lane's parts (copies and compute)
         are not done yet, the CPU lane takes one more block of rows in the next steps, else one block

@@ -30,7 +30,7 @@ from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
 from .devices import default_device_name, resolve_device
-from .kernels.cpu import CpuExpertKernel, available_methods, pick_methods
+from .kernels.cpu import CpuExpertKernel, available_methods, gated_mlp, pick_methods
 from .kernels.native import available as native_available
 from .lanes import CpuLane, DeviceLanes, cpu_lane_threads, run_with_copies, time_device, time_h2d
 from .profile import (
@@ -413,8 +413,7 @@ def _measure_device_issue(lanes: DeviceLanes, dev: torch.device, dtype: torch.dt
 
     def device_unit() -> None:
         sel, tok = rows[0:1], rows[1:2]
-        gate, up = F.linear(hidden[tok], gate_up).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, down) * flat_weights[sel, None]
+        y = gated_mlp(hidden[tok], gate_up, down, F.silu) * flat_weights[sel, None]
         acc.index_add_(0, tok, y.float())
 
     def streamed_unit() -> None:
@@ -425,21 +424,16 @@ def _measure_device_issue(lanes: DeviceLanes, dev: torch.device, dtype: torch.dt
     for issue in (device_unit, streamed_unit):
         for _ in range(10):  # warm up: kernels chosen, allocator blocks cached
             issue()
-        _synchronize(dev)
+        lanes.synchronize()
         blocks = []
         for _ in range(_ISSUE_BLOCKS):  # the median block: a preempted block does not count
             started = time.perf_counter()
             for _ in range(_ISSUE_REPS):
                 issue()
             blocks.append((time.perf_counter() - started) / _ISSUE_REPS)
-            _synchronize(dev)
+            lanes.synchronize()
         seconds.append(statistics.median(blocks))
     return seconds[0], seconds[1]
-
-
-def _synchronize(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def measure(
