@@ -208,7 +208,10 @@ class Executor:
         # intermediate size -> blocks of rows moved to the CPU lane (negative: to the GPU lane) because the
         # GPU lane's parts finished after (before) the CPU lane in recent steps; see _balance_splits
         self.split_bias: dict[int, int] = {}
-        self.balance_splits = True
+        # off by default: on S1 on the H200 machine it lost 9% of decode (17.8 vs 19.5 tok/s, one run): each
+        # move is a new GEMM shape for the GPU lane (a BLAS heuristic lookup on the feeding thread) and rows
+        # moved to the copy lane slow the CPU lane's DRAM reads (68 vs 75 GB/s)
+        self.balance_splits = False
         # a decode lookahead (hf_hybrid.decode_lookahead) starts the next forward's first layer step early
         self.start_only = False  # run_group only starts its step (kept in ``ahead``) and raises StepStarted
         self.ahead: GroupStep | None = None

@@ -273,8 +273,8 @@ def _switched(model: Any, variant: str):
     their MoE blocks, "rebuilt_masks" with every decode step's attention mask built by transformers (not
     updated), "predict" with ``predict_next_layer=True``, "lookahead" with the decode lookahead
     (:mod:`hf_hybrid.decode_lookahead`; built for every model with decode graphs, switched on here),
-    "fixed_splits" with divided experts split by the lanes' rates alone (no balancing by which lane finished
-    first); anything else unchanged."""
+    "balanced_splits" with divided experts' split moved by which lane finished first
+    (``Executor.balance_splits``, off by default); anything else unchanged."""
     runtime = model.hybrid
     graphs, executor = runtime.decode_graphs, runtime.executor
     fuse = graphs.fuse_routers if graphs is not None else None
@@ -293,8 +293,8 @@ def _switched(model: Any, variant: str):
         executor.predict_next_layer = True
     elif variant == "lookahead" and lookahead is not None:
         lookahead.enabled = True
-    elif variant == "fixed_splits":
-        executor.balance_splits = False
+    elif variant == "balanced_splits":
+        executor.balance_splits = True
     try:
         yield
     finally:
