@@ -65,6 +65,7 @@ class StepStats:
     prefetched_units: int = 0  # next-layer units copied ahead during a prefill step
     predicted_units: int = 0  # next-layer units copied ahead in a decode step from a routing prediction
     native_units: int = 0  # CPU units computed by the native kernel (the rest by torch ops)
+    direct_native_jobs: int = 0  # native jobs the feeding thread started itself (CpuLane.start_native)
     # the feeding thread between one layer step's return and the next one's start (attention, router,
     # routing read back: the serial host path while the expert lanes idle), and how many such gaps
     host_gap_s: float = 0.0
@@ -212,6 +213,10 @@ class Executor:
         # move is a new GEMM shape for the GPU lane (a BLAS heuristic lookup on the feeding thread) and rows
         # moved to the copy lane slow the CPU lane's DRAM reads (68 vs 75 GB/s)
         self.balance_splits = False
+        # a decode-sized step's native CPU job is started by the feeding thread on the native pool's leader
+        # (CpuLane.start_native) rather than handed to the CPU lane's Python thread: no thread wake-up and
+        # no wait for the interpreter lock between the routing and the kernel, or between its end and the join
+        self.direct_native_start = True
         # a decode lookahead (hf_hybrid.decode_lookahead) starts the next forward's first layer step early
         self.start_only = False  # run_group only starts its step (kept in ``ahead``) and raises StepStarted
         self.ahead: GroupStep | None = None
@@ -341,6 +346,11 @@ class Executor:
                 return GroupStep(group, hidden, done=gated_mlp(hidden, merged[0], merged[1], group.act_fn))
         predicting = self._next_to_predict(group, hidden.shape[0])
         span = self.lanes.host_span
+        early_inputs = None
+        if self._copies_inputs_early(group, hidden):
+            # the CPU lane's inputs cross PCIe before the routing is read back: that read-back then waits
+            # for them too, so the CPU job can start as soon as the routing has been assigned
+            early_inputs = self._host_inputs(hidden, top_k_weights.reshape(-1))
         with span("host", f"L{group.layer} route"):  # includes the wait for the router's result
             routing, predicted = self._route(group, hidden, top_k_index, predicting)
         with span("host", f"L{group.layer} assign"):
@@ -351,7 +361,7 @@ class Executor:
             # the CPU lane first: it is the longest lane of a decode step, and it starts only when its job
             # is in (the device lanes' issuing below runs while it computes)
             with span("host", f"L{group.layer} submit CPU job"):
-                host_inputs = self._host_inputs(hidden, flat_weights)
+                host_inputs = early_inputs or self._host_inputs(hidden, flat_weights)
                 cpu_future = self._submit_cpu(group, lanes, hidden, host_inputs, routing)
         batch = self._device_batch(hidden, routing, lanes, flat_weights)
         step = GroupStep(group, hidden, cpu_future=cpu_future, lanes=lanes, routing=routing, acc=batch.acc)
@@ -550,6 +560,19 @@ class Executor:
         return batch
 
     # stage 3
+    def _copies_inputs_early(self, group: ExpertGroup, hidden: torch.Tensor) -> bool:
+        """Whether a step copies the CPU lane's inputs to the host before reading its routing back: a routed
+        decode-sized step on an accelerator, of a layer with host units, whose CPU job the feeding thread
+        starts itself (:attr:`direct_native_start`)."""
+        return (
+            self.direct_native_start
+            and self.lanes.is_cuda
+            and group.routed
+            and hidden.shape[0] <= SPLIT_MAX_TOKENS
+            and not self.start_only
+            and group.homes.count(GPU) != len(group.homes)
+        )
+
     def _host_inputs(self, hidden, flat_weights) -> HostInputs:
         """Activations and routing weights on the host for the CPU lane, with their arrival event."""
         if not self.lanes.is_cuda:
@@ -602,9 +625,21 @@ class Executor:
                     )
                 )
             self.stats.native_units += len(units)
+            native_lane = self.cpu_kernels.native_lane
+            packed = native_lane.pack(inputs.x, jobs, out)
+            if self.direct_native_start and hidden.shape[0] <= SPLIT_MAX_TOKENS and not self.start_only:
+                self.stats.direct_native_jobs += 1
+                return self.cpu_lane.start_native(
+                    native_lane,
+                    packed,
+                    arrived=inputs.arrived,
+                    on_start=self._fault_hook("cpu"),
+                    label=label + " (native, direct)",
+                    tracer=self.lanes.tracer,
+                )
             job = native_units_job(
-                self.cpu_kernels.native_lane,
-                self.cpu_kernels.native_lane.pack(inputs.x, jobs, out),
+                native_lane,
+                packed,
                 inputs,
                 out,
                 on_start=self._fault_hook("cpu"),

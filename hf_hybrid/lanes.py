@@ -5,7 +5,10 @@ Three lanes run at once:
 * the **copy lane**: a side CUDA stream that copies pinned host weights into device staging slots
   (:class:`DeviceLanes`; which slot is :mod:`hf_hybrid.staging`'s business);
 * the **GPU lane**: the model's own (current) stream computing resident units and arrived streamed units;
-* the **CPU lane**: one worker thread computing CPU units on the host weights in place (:class:`CpuLane`).
+* the **CPU lane**: one worker thread computing CPU units on the host weights in place (:class:`CpuLane`);
+  a decode step's native job is instead started by the feeding thread itself on the native pool's own
+  leader thread (:meth:`CpuLane.start_native`), so no Python thread wakes between the step's routing and
+  the kernel, or between the kernel's end and the join.
 
 Events order them: the GPU lane waits for a slot's copy event, the copy lane waits for a slot's "free"
 event before overwriting it, and the CPU lane sleeps on a blocking event until the activations it needs
@@ -186,6 +189,27 @@ class DeviceLanes:
 
 
 # ------------------------------------------------------------------------------------- CPU lane
+class NativeLaneCall:
+    """A layer step's job started on the native CPU lane by the feeding thread (:meth:`CpuLane.start_native`);
+    :meth:`CpuLane.join` sleeps on it in the library. ``error``: what failed while starting it, raised at
+    the join as a job's own failure would be."""
+
+    def __init__(self, lane, label: str, tracer) -> None:
+        self.lane = lane
+        self.label = label
+        self.tracer = tracer
+        self.error: BaseException | None = None
+
+    def wait(self) -> tuple[torch.Tensor, float]:
+        """The job's fp32 output and its seconds computing (the leader's clock around the call)."""
+        if self.error is not None:
+            raise self.error
+        out, started, ended = self.lane.wait()
+        if self.tracer is not None:
+            self.tracer.add_host_span("CPU lane", self.label, started, ended)
+        return out, ended - started
+
+
 class CpuLane:
     """One worker thread whose torch ops use ``threads`` intra-op threads; jobs run one at a time.
 
@@ -213,6 +237,27 @@ class CpuLane:
         """Run ``job`` on the CPU lane; returns its future."""
         return self._worker().submit(job)
 
+    def start_native(
+        self, native_lane, packed, arrived=None, on_start=None, label: str = "", tracer=None
+    ) -> NativeLaneCall:
+        """Start a native job (``native_lane.start``, output zeroed first) from the calling thread, once the
+        activations it reads are here (``arrived``: a blocking event; the executor copies them before it
+        reads the routing back, so by now they are); returns a call :meth:`join` takes like a future.
+        ``on_start`` (the fault hook) runs first; what it or the start raise is kept for the join."""
+        with self._lock:
+            if self.closed:
+                raise ExecutionError("this model was closed: load it again to run it")
+        call = NativeLaneCall(native_lane, label, tracer)
+        try:
+            if on_start is not None:
+                on_start()
+            if arrived is not None:
+                arrived.synchronize()
+            native_lane.start(packed, zero_out=True)
+        except BaseException as exc:  # noqa: BLE001 - raised at the join, where a job's failure is
+            call.error = exc
+        return call
+
     def run(self, job: Callable[[], Any]) -> Any:
         """Run ``job`` on the CPU lane and return its result (the caller sleeps meanwhile)."""
         return self.submit(job).result()
@@ -220,7 +265,13 @@ class CpuLane:
     @staticmethod
     def settle(future: Future | None) -> None:
         """Wait for ``future`` without raising (an abandoned step lets its CPU job finish first)."""
-        if future is not None:
+        if isinstance(future, NativeLaneCall):
+            if future.error is None:
+                try:
+                    future.wait()
+                except Exception:  # noqa: BLE001 - the step is abandoned; its own error is not asked for
+                    pass
+        elif future is not None:
             wait_futures([future])
 
     @staticmethod
@@ -229,6 +280,13 @@ class CpuLane:
 
         A Ctrl-C while the caller sleeps here propagates as is; one raised inside the job too.
         """
+        if isinstance(future, NativeLaneCall):
+            try:
+                return future.wait()
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:
+                raise ExecutionError(f"the CPU lane failed in layer {layer}: {exc!r}") from exc
         wait_futures([future])
         exc = future.exception()
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):

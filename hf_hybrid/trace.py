@@ -49,6 +49,11 @@ class Tracer:
             with self.lock:
                 self.host_spans.append((lane, name, start, end))
 
+    def add_host_span(self, lane: str, name: str, start: float, end: float) -> None:
+        """Record host work timed elsewhere (``perf_counter`` seconds), e.g. by the native lane's leader."""
+        with self.lock:
+            self.host_spans.append((lane, name, start, end))
+
     @contextmanager
     def device_span(self, lane: str, name: str, stream=None):
         """Time device work issued inside the block on ``stream`` (host-timed on the CPU stand-in)."""

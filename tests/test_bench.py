@@ -520,6 +520,12 @@ def test_switch_variants_change_the_loaded_model_only_inside_their_block(tiny_ch
         raise RuntimeError("a failing variant")
     assert runtime.decode_graphs is graphs and graphs.fuse_routers
     assert not runtime.executor.predict_next_layer
+    executor = runtime.executor
+    with engines_mod._switched(model, "balanced_splits"):
+        assert executor.balance_splits
+    with engines_mod._switched(model, "lane_thread"):
+        assert not executor.direct_native_start
+    assert not executor.balance_splits and executor.direct_native_start
     runtime.close()
 
 

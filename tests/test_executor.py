@@ -399,3 +399,29 @@ def test_the_cpu_lane_reads_its_inputs_only_after_they_arrive(tiny_checkpoints, 
         expected, got = ref(ids).logits, hybrid(ids).logits
     assert executor.stats.cpu_units > 0 and (executor.stats.native_units > 0) == (backend == "native")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "llama"])
+def test_decode_native_jobs_started_by_the_feeding_thread_match_the_lane_thread(tiny_checkpoints, family):
+    """A decode step's native CPU job is started by the feeding thread on the native pool's leader
+    (``direct_native_start``, the default) instead of the CPU lane's Python thread: the same kernel on the
+    same inputs, so bf16 logits and tokens are bitwise those of the thread path, and both are transformers'."""
+    from test_exactness import load_pair, prompt
+
+    ref, hybrid = load_pair(tiny_checkpoints[family], family, torch.bfloat16, token_assignment="static")
+    executor = hybrid.hybrid.executor
+    if executor.cpu_kernels.native_lane is None:
+        pytest.skip("the native kernel is not built here")
+    ids = prompt(batch=1, length=6)
+    runs = {}
+    for direct in (True, False):
+        executor.direct_native_start = direct
+        executor.stats.reset()
+        with torch.no_grad():
+            logits = hybrid(ids).logits
+        tokens = hybrid.generate(ids, max_new_tokens=6, do_sample=False)
+        runs[direct] = (logits, tokens, executor.stats.direct_native_jobs, executor.stats.native_units)
+    assert runs[True][2] > 0 and runs[False][2] == 0
+    assert runs[True][3] > 0 and runs[False][3] > 0
+    assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
+    assert torch.equal(runs[True][1], ref.generate(ids, max_new_tokens=6, do_sample=False))

@@ -732,3 +732,90 @@ def test_weights_picked_by_position_packed_before_they_arrive(lane, dtype):
             ],
             torch.zeros(ntokens, hidden),
         )
+
+
+# ------------------------------------------------------------------------------------------------------
+# calls started by the caller and waited for later (the executor's decode steps)
+
+
+def test_started_call_gives_the_run_result_and_zeroes_out(lane):
+    """start + wait computes what run computes, bitwise; with zero_out the leader clears ``out`` first;
+    the times are on perf_counter's clock, around the call."""
+    import time
+
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(4)).bfloat16()
+    jobs = _jobs(96, 3, torch.bfloat16, seed=21)
+    want = lane.run(x, jobs, torch.zeros(3, 96))
+    assert want.abs().max() > 0
+    out = torch.full((3, 96), 5.0)
+    before = time.perf_counter()
+    lane.start(lane.pack(x, jobs, out), zero_out=True)
+    got, started, ended = lane.wait()
+    assert got is out and torch.equal(out, want)
+    assert before <= started <= ended <= time.perf_counter()
+    kept = torch.ones(3, 96)  # without zero_out the jobs add into out, as run does
+    lane.start(lane.pack(x, jobs, kept))
+    lane.wait()
+    torch.testing.assert_close(kept, want + 1)  # each job's terms added into 1 in turn: rounding differs
+
+
+def test_start_and_wait_misuse_and_close(libraries):
+    """wait without a started call raises; a second start first collects the call not waited for; close
+    collects a call in flight; a refused call raises ValueError at the wait and the pool stays usable."""
+    lane = NativeExpertLane(2, library=libraries["native"])
+    with pytest.raises(RuntimeError, match="no call was started"):
+        lane.wait()
+    x = torch.randn(2, 64).bfloat16()
+    jobs = _jobs(64, 2, torch.bfloat16, seed=3)
+    want = lane.run(x, jobs, torch.zeros(2, 64))
+    first, second = torch.zeros(2, 64), torch.zeros(2, 64)
+    lane.start(lane.pack(x, jobs, first), zero_out=True)
+    lane.start(lane.pack(x, jobs, second), zero_out=True)
+    assert torch.equal(lane.wait()[0], want) and torch.equal(first, want)
+    with pytest.raises(RuntimeError, match="no call was started"):
+        lane.wait()
+    bad = [ExpertJob(jobs[0].gate_up, jobs[0].down, tokens=torch.tensor([0, 1]))]
+    packed = lane.pack(x, bad, torch.zeros(2, 64))
+    packed.keep[-1][1] = 7  # a token index past x's rows, written after validation: the library refuses it
+    lane.start(packed)
+    with pytest.raises(ValueError, match="out of range"):
+        lane.wait()
+    assert torch.equal(lane.run(x, jobs, torch.zeros(2, 64)), want)
+    lane.start(lane.pack(x, jobs, torch.zeros(2, 64)))
+    lane.close()  # collects the call in flight, then stops the threads
+    with pytest.raises(RuntimeError, match="closed"):
+        lane.start(lane.pack(x, jobs, torch.zeros(2, 64)))
+
+
+def test_ctrl_c_while_waiting_for_a_started_call(libraries):
+    """A real SIGINT while the caller sleeps in wait: KeyboardInterrupt within a wait slice, the call keeps
+    running and is collected by the next wait, whose result is right."""
+    import signal
+    import time
+
+    lane = NativeExpertLane(1, library=libraries["native"])
+    lane.configure(min_bytes_per_thread=0)
+    hidden, inter = 1024, 2048
+    gen = torch.Generator().manual_seed(8)
+    gu, dn = _expert(hidden, inter, torch.bfloat16, gen)
+    x = torch.randn(8, hidden, generator=gen).bfloat16()
+    jobs = [ExpertJob(gu, dn)] * 400  # ~5 GB of weight reads: long enough to interrupt
+    one = lane.run(x, jobs[:1], torch.zeros(8, hidden))
+    main = threading.main_thread().ident
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.05, lambda: signal.pthread_kill(main, signal.SIGINT))
+    out = torch.zeros(8, hidden)
+    try:
+        lane.start(lane.pack(x, jobs, out), zero_out=True)
+        began = time.perf_counter()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            lane.wait()
+        interrupted = time.perf_counter()
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    got, started, ended = lane.wait()
+    assert ended > interrupted - 0.03 > began  # the call was still running when the interrupt came
+    torch.testing.assert_close(got, one * 400, rtol=1e-4, atol=1e-3 * float(one.abs().max()) * 400)
+    lane.close()

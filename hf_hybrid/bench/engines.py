@@ -274,7 +274,8 @@ def _switched(model: Any, variant: str):
     updated), "predict" with ``predict_next_layer=True``, "lookahead" with the decode lookahead
     (:mod:`hf_hybrid.decode_lookahead`; built for every model with decode graphs, switched on here),
     "balanced_splits" with divided experts' split moved by which lane finished first
-    (``Executor.balance_splits``, off by default); anything else unchanged."""
+    (``Executor.balance_splits``, off by default), "lane_thread" with every native CPU job run by the CPU
+    lane's Python thread (``Executor.direct_native_start`` off); anything else unchanged."""
     runtime = model.hybrid
     graphs, executor = runtime.decode_graphs, runtime.executor
     fuse = graphs.fuse_routers if graphs is not None else None
@@ -283,6 +284,7 @@ def _switched(model: Any, variant: str):
     lookahead = graphs.lookahead if graphs is not None else None
     looking = lookahead.enabled if lookahead is not None else None
     balancing = executor.balance_splits
+    direct = executor.direct_native_start
     if variant == "eager":
         runtime.decode_graphs = None
     elif variant == "unfused" and graphs is not None:
@@ -295,6 +297,8 @@ def _switched(model: Any, variant: str):
         lookahead.enabled = True
     elif variant == "balanced_splits":
         executor.balance_splits = True
+    elif variant == "lane_thread":
+        executor.direct_native_start = False
     try:
         yield
     finally:
@@ -304,6 +308,7 @@ def _switched(model: Any, variant: str):
             graphs.masks.enabled = masks_on
         executor.predict_next_layer = predict
         executor.balance_splits = balancing
+        executor.direct_native_start = direct
         if lookahead is not None:
             lookahead.enabled = looking
 

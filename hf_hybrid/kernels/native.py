@@ -56,7 +56,7 @@ from ..system import cache_root
 logger = logging.get_logger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "expert_lane.c"
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -89,6 +89,10 @@ _OPT_AMX_MIN_TOKENS = 7
 DEFAULT_AMX_MIN_TOKENS = 16
 
 _ERR_TOKEN = 5
+_ERR_IDLE = 10
+_PENDING = -1
+#: how long one wait in the library lasts before Python gets control back (to deliver a Ctrl-C)
+_WAIT_SLICE_US = 20_000
 
 
 class NativeBuildError(RuntimeError):
@@ -265,8 +269,7 @@ class Library:
         dll.hf_lane_configure.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
         dll.hf_lane_strerror.restype = ctypes.c_char_p
         dll.hf_lane_strerror.argtypes = [ctypes.c_int]
-        dll.hf_lane_run.restype = ctypes.c_int
-        dll.hf_lane_run.argtypes = [
+        call_args = [
             ctypes.c_void_p,
             ctypes.c_void_p,
             ctypes.c_int,
@@ -276,6 +279,12 @@ class Library:
             ctypes.c_int,
             ctypes.c_void_p,
         ]
+        dll.hf_lane_run.restype = ctypes.c_int
+        dll.hf_lane_run.argtypes = call_args
+        dll.hf_lane_start.restype = ctypes.c_int
+        dll.hf_lane_start.argtypes = [*call_args, ctypes.c_int]
+        dll.hf_lane_wait.restype = ctypes.c_int
+        dll.hf_lane_wait.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_double)]
 
     @property
     def isa(self) -> str:
@@ -487,7 +496,8 @@ class NativeExpertLane:
     """A persistent pool of ``threads`` threads (the calling thread included) that runs layer steps.
 
     Workers sleep on a condition variable between calls. One pool serves one call at a time: concurrent
-    :meth:`run` calls from several Python threads are serialised inside the library.
+    :meth:`run` calls from several Python threads are serialised inside the library. :meth:`start` hands a
+    call to the pool's leader thread and returns at once; :meth:`wait` sleeps until it is done.
 
     Args:
         threads: threads taking part in a call, the calling thread included (>= 1).
@@ -506,6 +516,8 @@ class NativeExpertLane:
         self._active = 0
         self._closed = False
         self._pid = os.getpid()
+        self._async_lock = threading.Lock()
+        self._inflight: PackedJobs | None = None  # started, not yet waited for (keeps its tensors alive)
         handle = library.dll.hf_lane_create(threads)
         if not handle:
             raise NativeBuildError(f"could not start a pool of {threads} threads")
@@ -630,6 +642,78 @@ class NativeExpertLane:
             (ctypes.c_char * len(packed)).from_buffer(packed), len(jobs), x, out, dtype_code, keep
         )
 
+    def start(self, packed: PackedJobs, *, zero_out: bool = False) -> None:
+        """Start jobs packed by :meth:`pack` on the pool's leader thread and return at once; :meth:`wait`
+        returns the result. The caller (the executor's feeding thread) starts a decode step's CPU work
+        itself: no Python thread wakes between the start and the kernel, or between its end and the
+        caller's join. ``zero_out``: the leader zeroes ``out`` first. The tensors must hold their values
+        now. A call started earlier and not yet waited for is waited for first (its result dropped).
+
+        Raises ``ValueError`` when the library refuses the call."""
+        with self._async_lock:
+            if self._inflight is not None:
+                if os.getpid() == self._pid:
+                    try:
+                        self._collect()
+                    except ValueError:
+                        pass  # the dropped call's own failure was never asked for
+                else:
+                    self._inflight = None  # the parent's call, in the parent's pool
+            handle = self._acquire()
+            x, out = packed.x, packed.out
+            ntokens, hidden = x.shape
+            rc = self.library.dll.hf_lane_start(
+                handle,
+                ctypes.addressof(packed.buffer),
+                packed.count,
+                x.data_ptr(),
+                ntokens,
+                hidden,
+                packed.dtype_code,
+                out.data_ptr(),
+                int(bool(zero_out)),
+            )
+            if rc != 0:
+                self._release()
+                raise ValueError(
+                    f"native expert lane refused the call: {self.library.strerror(rc)} (code {rc})"
+                )
+            self._inflight = packed
+
+    def wait(self) -> tuple[Tensor, float, float]:
+        """Sleep until the call :meth:`start` made is done and return ``(out, started, ended)``: the
+        leader's times around it in seconds, on ``time.perf_counter``'s clock (CLOCK_MONOTONIC). The wait
+        returns to Python every few milliseconds, so a Ctrl-C interrupts it (the call keeps running and is
+        collected by the next :meth:`start` or :meth:`wait`). Raises ``RuntimeError`` if nothing was started,
+        ``ValueError`` if the library refused the call."""
+        with self._async_lock:
+            if self._inflight is None:
+                raise RuntimeError("no call was started on this native expert lane")
+            return self._collect()
+
+    def _collect(self) -> tuple[Tensor, float, float]:
+        times = (ctypes.c_double * 2)()
+        while True:
+            rc = self.library.dll.hf_lane_wait(self._handle, _WAIT_SLICE_US, times)
+            if rc != _PENDING:
+                break
+        packed, self._inflight = self._inflight, None
+        self._release()
+        if rc == _ERR_IDLE:  # collected already (an interrupt between the library's return and ours)
+            return packed.out, 0.0, 0.0
+        self._raise_for(rc, packed.x.shape[0])
+        return packed.out, times[0] * 1e-6, times[1] * 1e-6
+
+    def _raise_for(self, rc: int, ntokens: int) -> None:
+        if rc == 0:
+            return
+        message = self.library.strerror(rc)
+        if rc == _ERR_TOKEN:
+            raise ValueError(
+                f"a job's token index (in [0, {ntokens})) or routing-weight index is out of range: {message}"
+            )
+        raise ValueError(f"native expert lane refused the call: {message} (code {rc})")
+
     def run_packed(self, packed: PackedJobs) -> Tensor:
         """Run jobs packed by :meth:`pack` (the tensors they point to must hold their values by now)."""
         x, out = packed.x, packed.out
@@ -648,17 +732,17 @@ class NativeExpertLane:
             )
         finally:
             self._release()
-        if rc != 0:
-            message = self.library.strerror(rc)
-            if rc == _ERR_TOKEN:
-                raise ValueError(
-                    f"a job's token index (in [0, {ntokens})) or routing-weight index is out of range: {message}"
-                )
-            raise ValueError(f"native expert lane refused the call: {message} (code {rc})")
+        self._raise_for(rc, ntokens)
         return out
 
     def close(self) -> None:
         """Stop the pool's threads (waits for a call in progress); calling it again does nothing."""
+        with self._async_lock:
+            if self._inflight is not None and not self._closed and os.getpid() == self._pid:
+                try:
+                    self._collect()
+                except ValueError:
+                    pass
         with self._cond:
             if self._closed:
                 return

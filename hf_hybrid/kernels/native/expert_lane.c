@@ -41,6 +41,12 @@
  * few macros; built with -DHF_AMX_EMULATE the tiles are plain arrays and the tile product is computed in
  * C, so that the packing and edge handling are tested on machines without AMX.
  *
+ * Calls: hf_lane_run makes a call on the calling thread (it takes part as thread 0). hf_lane_start hands the
+ * same call to the pool's leader thread (started on first use; it takes thread 0's part) and returns at
+ * once; hf_lane_wait sleeps until it is done. The executor's feeding thread starts a decode step's CPU work
+ * this way, so no other Python thread has to wake (and take the interpreter lock) between the step's
+ * routing and the kernel, or between the kernel's end and the join.
+ *
  * C11 + POSIX threads; no torch or Python headers (the library is loaded with ctypes, which releases the
  * GIL for the duration of a call).
  */
@@ -85,7 +91,7 @@
  * about one chunk's read time apart across threads (128 KiB at ~8 GB/s per core: ~16 us) while the
  * counter is touched rarely. */
 #define HF_CHUNK_BYTES (128 * 1024)
-#define HF_ABI_VERSION 4
+#define HF_ABI_VERSION 5
 
 /* ------------------------------------------------------------------------------------------------------ */
 /* Public types                                                                                           */
@@ -120,6 +126,9 @@ enum {
     HF_ERR_NOMEM = 6,
     HF_ERR_ACT = 7,
     HF_ERR_OPTION = 8,
+    HF_ERR_BUSY = 9,   /* hf_lane_start: a started call has not been collected by hf_lane_wait yet */
+    HF_ERR_IDLE = 10,  /* hf_lane_wait: no call was started */
+    HF_PENDING = -1,   /* hf_lane_wait: the call is still running when the timeout ran out */
 };
 
 enum {
@@ -559,6 +568,21 @@ typedef struct lane_pool {
     atomic_int remaining;
     pthread_mutex_t done_mu;
     pthread_cond_t done_cv;
+
+    /* an asynchronous call (hf_lane_start / hf_lane_wait): the pool's leader thread makes it, playing the
+     * calling thread's part, so the caller returns at once and sleeps only when it wants the result */
+    pthread_mutex_t async_mu;
+    pthread_cond_t async_cv;      /* the leader waits here for a request */
+    pthread_cond_t async_done_cv; /* the caller waits here for the result (CLOCK_MONOTONIC) */
+    pthread_t leader;
+    int leader_started, leader_stop;
+    int async_state; /* 0 idle, 1 requested, 2 running, 3 done and not collected */
+    int async_rc, a_zero, a_njobs, a_dtype;
+    const hf_job *a_jobs;
+    const void *a_x;
+    int64_t a_ntokens, a_hidden;
+    float *a_out;
+    double a_t_start, a_t_end;
 } lane_pool;
 
 static double now_us(void) {
@@ -1186,6 +1210,9 @@ const char *hf_lane_strerror(int code) {
     case HF_ERR_NOMEM: return "out of memory";
     case HF_ERR_ACT: return "unsupported activation (only SiLU)";
     case HF_ERR_OPTION: return "unknown option or bad value";
+    case HF_ERR_BUSY: return "a started call has not been waited for";
+    case HF_ERR_IDLE: return "no call was started";
+    case HF_PENDING: return "the call is still running";
     default: return "unknown error";
     }
 }
@@ -1197,6 +1224,13 @@ void *hf_lane_create(int threads) {
     if (threads > 1024) threads = 1024;
     lane_pool *p = (lane_pool *)calloc(1, sizeof *p);
     if (!p) return NULL;
+    pthread_mutex_init(&p->async_mu, NULL);
+    pthread_cond_init(&p->async_cv, NULL);
+    pthread_condattr_t mono;
+    pthread_condattr_init(&mono);
+    pthread_condattr_setclock(&mono, CLOCK_MONOTONIC);
+    pthread_cond_init(&p->async_done_cv, &mono);
+    pthread_condattr_destroy(&mono);
     p->nthreads = threads;
     p->barrier_spin_us = 50;
     atomic_init(&p->idle_spin_us, 0);
@@ -1267,6 +1301,17 @@ void *hf_lane_create(int threads) {
 void hf_lane_destroy(void *handle) {
     lane_pool *p = (lane_pool *)handle;
     if (!p) return;
+    if (p->leader_started) {
+        /* the leader makes a call it was asked for before it stops */
+        pthread_mutex_lock(&p->async_mu);
+        p->leader_stop = 1;
+        pthread_cond_signal(&p->async_cv);
+        pthread_mutex_unlock(&p->async_mu);
+        pthread_join(p->leader, NULL);
+    }
+    pthread_mutex_destroy(&p->async_mu);
+    pthread_cond_destroy(&p->async_cv);
+    pthread_cond_destroy(&p->async_done_cv);
     pthread_mutex_lock(&p->run_mu); /* wait for a call in progress */
     if (p->workers) {
         atomic_store(&p->stop, 1);
@@ -1615,4 +1660,109 @@ int hf_lane_run(void *handle, const hf_job *jobs, int njobs, const void *x, int6
     p->out = NULL;
     pthread_mutex_unlock(&p->run_mu);
     return HF_OK;
+}
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* Asynchronous calls                                                                                     */
+
+static void *leader_main(void *arg) {
+    lane_pool *p = (lane_pool *)arg;
+    pthread_mutex_lock(&p->async_mu);
+    for (;;) {
+        while (p->async_state != 1 && !p->leader_stop) pthread_cond_wait(&p->async_cv, &p->async_mu);
+        if (p->async_state != 1) break; /* asked to stop, nothing requested */
+        p->async_state = 2;
+        pthread_mutex_unlock(&p->async_mu);
+        double t0 = now_us();
+        if (p->a_zero && p->a_out && p->a_ntokens > 0 && p->a_hidden > 0)
+            memset(p->a_out, 0, (size_t)(p->a_ntokens * p->a_hidden) * sizeof(float));
+        int rc = hf_lane_run(p, p->a_jobs, p->a_njobs, p->a_x, p->a_ntokens, p->a_hidden, p->a_dtype, p->a_out);
+        double t1 = now_us();
+        pthread_mutex_lock(&p->async_mu);
+        p->async_rc = rc;
+        p->a_t_start = t0;
+        p->a_t_end = t1;
+        p->async_state = 3;
+        pthread_cond_broadcast(&p->async_done_cv);
+    }
+    pthread_mutex_unlock(&p->async_mu);
+    return NULL;
+}
+
+/* Start hf_lane_run's call on the pool's leader thread and return at once (zero_out: out is zeroed first,
+ * by the leader). Every pointer must stay valid until hf_lane_wait has returned the call's result. One call
+ * at a time: HF_ERR_BUSY while a started call has not been collected. */
+int hf_lane_start(void *handle, const hf_job *jobs, int njobs, const void *x, int64_t ntokens, int64_t hidden,
+                  int dtype, float *out, int zero_out) {
+    lane_pool *p = (lane_pool *)handle;
+    if (!p) return HF_ERR_POOL;
+    pthread_mutex_lock(&p->async_mu);
+    if (p->async_state != 0) {
+        pthread_mutex_unlock(&p->async_mu);
+        return HF_ERR_BUSY;
+    }
+    if (!p->leader_started) {
+        /* the leader blocks all signals, as the workers do: they belong to the interpreter's thread */
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        int failed = pthread_create(&p->leader, NULL, leader_main, p);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (failed) {
+            pthread_mutex_unlock(&p->async_mu);
+            return HF_ERR_NOMEM;
+        }
+        p->leader_started = 1;
+    }
+    p->a_jobs = jobs;
+    p->a_njobs = njobs;
+    p->a_x = x;
+    p->a_ntokens = ntokens;
+    p->a_hidden = hidden;
+    p->a_dtype = dtype;
+    p->a_out = out;
+    p->a_zero = zero_out;
+    p->async_state = 1;
+    pthread_cond_signal(&p->async_cv);
+    pthread_mutex_unlock(&p->async_mu);
+    return HF_OK;
+}
+
+/* Wait up to timeout_us (< 0: without limit) for the started call. Returns HF_PENDING if it is still
+ * running, HF_ERR_IDLE if none was started, else the call's own return code, and then times[0..1] = the
+ * leader's monotonic clock (microseconds) at the call's start and end; the call is then collected. */
+int hf_lane_wait(void *handle, int64_t timeout_us, double *times) {
+    lane_pool *p = (lane_pool *)handle;
+    if (!p) return HF_ERR_POOL;
+    pthread_mutex_lock(&p->async_mu);
+    if (p->async_state == 0) {
+        pthread_mutex_unlock(&p->async_mu);
+        return HF_ERR_IDLE;
+    }
+    if (timeout_us < 0) {
+        while (p->async_state != 3) pthread_cond_wait(&p->async_done_cv, &p->async_mu);
+    } else if (p->async_state != 3) {
+        struct timespec deadline;
+        clock_gettime(CLOCK_MONOTONIC, &deadline);
+        deadline.tv_sec += timeout_us / 1000000;
+        deadline.tv_nsec += (long)(timeout_us % 1000000) * 1000;
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec += 1;
+            deadline.tv_nsec -= 1000000000L;
+        }
+        while (p->async_state != 3)
+            if (pthread_cond_timedwait(&p->async_done_cv, &p->async_mu, &deadline) != 0) break;
+    }
+    if (p->async_state != 3) {
+        pthread_mutex_unlock(&p->async_mu);
+        return HF_PENDING;
+    }
+    int rc = p->async_rc;
+    if (times) {
+        times[0] = p->a_t_start;
+        times[1] = p->a_t_end;
+    }
+    p->async_state = 0;
+    pthread_mutex_unlock(&p->async_mu);
+    return rc;
 }
