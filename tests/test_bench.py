@@ -525,6 +525,8 @@ def test_switch_variants_change_the_loaded_model_only_inside_their_block(tiny_ch
         assert executor.balance_splits
     with engines_mod._switched(model, "lane_thread"):
         assert not executor.direct_native_start
+    with engines_mod._switched(model, "spin"):
+        pass  # the native pool's spin settings are write-only; the variant must leave the model usable
     assert not executor.balance_splits and executor.direct_native_start
     runtime.close()
 

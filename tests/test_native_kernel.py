@@ -505,6 +505,8 @@ def test_configure_rejects_bad_values(libraries):
             lane.configure(k_block=48)  # not a multiple of 32
         with pytest.raises(ValueError):
             lane.configure(amx_min_tokens=-1)
+        with pytest.raises(ValueError):
+            lane.configure(wait_spin_us=-1)
         assert lane.amx_min_tokens == native.DEFAULT_AMX_MIN_TOKENS
 
 
@@ -757,6 +759,20 @@ def test_started_call_gives_the_run_result_and_zeroes_out(lane):
     lane.start(lane.pack(x, jobs, kept))
     lane.wait()
     torch.testing.assert_close(kept, want + 1)  # each job's terms added into 1 in turn: rounding differs
+
+
+def test_started_calls_with_spinning_threads(libraries):
+    """With the leader and workers spinning after a call and the caller spinning in wait, back-to-back
+    started calls give run's results (the spin paths hand over the same state as the sleeping ones)."""
+    lane = NativeExpertLane(3, library=libraries["native"])
+    lane.configure(idle_spin_us=2000, wait_spin_us=5000, min_bytes_per_thread=0)
+    for i in range(20):
+        x = torch.randn(2, 64, generator=torch.Generator().manual_seed(i)).bfloat16()
+        jobs = _jobs(64, 2, torch.bfloat16, seed=40 + i % 3)
+        want = lane.run(x, jobs, torch.zeros(2, 64))
+        lane.start(lane.pack(x, jobs, torch.full((2, 64), 3.0)), zero_out=True)
+        assert torch.equal(lane.wait()[0], want) and want.abs().max() > 0
+    lane.close()
 
 
 def test_start_and_wait_misuse_and_close(libraries):

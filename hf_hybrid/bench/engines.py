@@ -266,6 +266,12 @@ def run_engine(engine: str, path: Path, settings: BenchSettings, ids: torch.Tens
     return row
 
 
+#: the "spin" variant: the native pool's threads spin this long after a call before sleeping (a decode
+#: step's next call comes within ~1-2 ms), and the feeding thread this long in its wait for the CPU lane
+SPIN_IDLE_US = 3000
+SPIN_WAIT_US = 20000
+
+
 @contextlib.contextmanager
 def _switched(model: Any, variant: str):
     """Inside the block the loaded model runs as ``variant`` asks: "eager" on transformers' dynamic cache
@@ -275,7 +281,8 @@ def _switched(model: Any, variant: str):
     (:mod:`hf_hybrid.decode_lookahead`; built for every model with decode graphs, switched on here),
     "balanced_splits" with divided experts' split moved by which lane finished first
     (``Executor.balance_splits``, off by default), "lane_thread" with every native CPU job run by the CPU
-    lane's Python thread (``Executor.direct_native_start`` off); anything else unchanged."""
+    lane's Python thread (``Executor.direct_native_start`` off), "spin" with the native pool's threads
+    and the feeding thread's wait spinning before they sleep; anything else unchanged."""
     runtime = model.hybrid
     graphs, executor = runtime.decode_graphs, runtime.executor
     fuse = graphs.fuse_routers if graphs is not None else None
@@ -285,6 +292,7 @@ def _switched(model: Any, variant: str):
     looking = lookahead.enabled if lookahead is not None else None
     balancing = executor.balance_splits
     direct = executor.direct_native_start
+    native_lane = executor.cpu_kernels.native_lane
     if variant == "eager":
         runtime.decode_graphs = None
     elif variant == "unfused" and graphs is not None:
@@ -299,6 +307,8 @@ def _switched(model: Any, variant: str):
         executor.balance_splits = True
     elif variant == "lane_thread":
         executor.direct_native_start = False
+    elif variant == "spin" and native_lane is not None:
+        native_lane.configure(idle_spin_us=SPIN_IDLE_US, wait_spin_us=SPIN_WAIT_US)
     try:
         yield
     finally:
@@ -309,6 +319,8 @@ def _switched(model: Any, variant: str):
         executor.predict_next_layer = predict
         executor.balance_splits = balancing
         executor.direct_native_start = direct
+        if variant == "spin" and native_lane is not None:
+            native_lane.configure(idle_spin_us=0, wait_spin_us=0)
         if lookahead is not None:
             lookahead.enabled = looking
 

@@ -85,6 +85,7 @@ _OPT_MIN_BYTES = 4
 _OPT_IDLE_SPIN_US = 5
 _OPT_K_BLOCK = 6
 _OPT_AMX_MIN_TOKENS = 7
+_OPT_WAIT_SPIN_US = 8
 #: bf16 jobs with at least this many tokens run on AMX tiles, where usable (the C pool's default)
 DEFAULT_AMX_MIN_TOKENS = 16
 
@@ -491,6 +492,19 @@ class PackedJobs:
     dtype_code: int
     keep: list[Tensor]
 
+    def call_args(self) -> tuple:
+        """The arguments of ``hf_lane_run`` after the pool handle."""
+        ntokens, hidden = self.x.shape
+        return (
+            ctypes.addressof(self.buffer),
+            self.count,
+            self.x.data_ptr(),
+            ntokens,
+            hidden,
+            self.dtype_code,
+            self.out.data_ptr(),
+        )
+
 
 class NativeExpertLane:
     """A persistent pool of ``threads`` threads (the calling thread included) that runs layer steps.
@@ -552,6 +566,7 @@ class NativeExpertLane:
         idle_spin_us: int | None = None,
         k_block: int | None = None,
         amx_min_tokens: int | None = None,
+        wait_spin_us: int | None = None,
     ) -> None:
         """Tune the pool (benchmarks): spin before sleeping at the phase barrier (default 50 us), software
         prefetch distance (default 1024 bytes), use of VDPBF16PS where compiled in (default off: no gain
@@ -559,7 +574,9 @@ class NativeExpertLane:
         per thread below which fewer threads take part (default 256 KiB), spin after a call before a
         worker sleeps (default 0), k block in elements (a multiple of 32; default 0 = sized so that a
         block's activations fit in 256 KiB, at least 1024; it also sets the AMX path's k block), tokens
-        per job from which bf16 jobs run on AMX tiles where usable (default 16; 0 = never)."""
+        per job from which bf16 jobs run on AMX tiles where usable (default 16; 0 = never), spin in
+        :meth:`wait` before sleeping (default 0). ``idle_spin_us`` also applies to the leader thread that
+        makes :meth:`start`'s calls."""
         settings = [
             (_OPT_BARRIER_SPIN_US, barrier_spin_us),
             (_OPT_PREFETCH, prefetch_bytes),
@@ -568,6 +585,7 @@ class NativeExpertLane:
             (_OPT_IDLE_SPIN_US, idle_spin_us),
             (_OPT_K_BLOCK, k_block),
             (_OPT_AMX_MIN_TOKENS, amx_min_tokens),
+            (_OPT_WAIT_SPIN_US, wait_spin_us),
         ]
         handle = self._acquire()
         try:
@@ -660,19 +678,7 @@ class NativeExpertLane:
                 else:
                     self._inflight = None  # the parent's call, in the parent's pool
             handle = self._acquire()
-            x, out = packed.x, packed.out
-            ntokens, hidden = x.shape
-            rc = self.library.dll.hf_lane_start(
-                handle,
-                ctypes.addressof(packed.buffer),
-                packed.count,
-                x.data_ptr(),
-                ntokens,
-                hidden,
-                packed.dtype_code,
-                out.data_ptr(),
-                int(bool(zero_out)),
-            )
+            rc = self.library.dll.hf_lane_start(handle, *packed.call_args(), int(bool(zero_out)))
             if rc != 0:
                 self._release()
                 raise ValueError(
@@ -716,24 +722,13 @@ class NativeExpertLane:
 
     def run_packed(self, packed: PackedJobs) -> Tensor:
         """Run jobs packed by :meth:`pack` (the tensors they point to must hold their values by now)."""
-        x, out = packed.x, packed.out
-        ntokens, hidden = x.shape
         handle = self._acquire()
         try:
-            rc = self.library.dll.hf_lane_run(
-                handle,
-                ctypes.addressof(packed.buffer),
-                packed.count,
-                x.data_ptr(),
-                ntokens,
-                hidden,
-                packed.dtype_code,
-                out.data_ptr(),
-            )
+            rc = self.library.dll.hf_lane_run(handle, *packed.call_args())
         finally:
             self._release()
-        self._raise_for(rc, ntokens)
-        return out
+        self._raise_for(rc, packed.x.shape[0])
+        return packed.out
 
     def close(self) -> None:
         """Stop the pool's threads (waits for a call in progress); calling it again does nothing."""
