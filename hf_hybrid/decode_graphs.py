@@ -232,7 +232,8 @@ class DecodeGraphs:
             if claimed is not None:
                 residual, mlp_input, routing = claimed
             else:
-                residual, mlp_input, routing = self._attention(index, layer, hidden_states, name, kwargs)
+                with self.lanes.host_span("host", f"L{index} attention graph"):
+                    residual, mlp_input, routing = self._attention(index, layer, hidden_states, name, kwargs)
             if routing is None:
                 return residual + layer.mlp(mlp_input)
             self._pending[index] = (mlp_input, routing)

@@ -337,6 +337,10 @@ class Executor:
         if self._left_step is not None and entered - self._left_step < self.HOST_GAP_MAX_S:
             self.stats.host_gap_s += entered - self._left_step
             self.stats.host_gaps += 1
+            if self.lanes.tracer is not None:
+                self.lanes.tracer.add_host_span(
+                    "host", f"L{group.layer} between steps", self._left_step, entered
+                )
         merged = merge_resident_slices(group)
         if merged is not None:
             # a dense MLP held whole on the device: one piece, bit-identical to transformers' own MLP

@@ -20,8 +20,9 @@ logger = logging.getLogger(__name__)
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 64, 512)
 #: Bumped when a measurement is added, so a cached profile without it is measured again rather than
 #: planned with (2: the CPU lane's own rates; 3: the native CPU lane's rates; 4: its prefill-sized jobs on AMX
-#: tiles; 5: the feeding thread's time to issue one expert on the device lane).
-PROFILE_FORMAT = 5
+#: tiles; 5: the feeding thread's time to issue one expert on the device lane; 6: the native lane's decode
+#: rates measured on calls started and waited for as decode steps make them, with a pause between calls).
+PROFILE_FORMAT = 6
 #: Token count of the CPU lane's prefill-sized measurement (one of TOKEN_COUNTS).
 LANE_GEMM_TOKENS = 64
 #: The CPU kernels a profile may choose (``hf_hybrid.kernels.cpu.METHODS``, named here so that this module

@@ -315,3 +315,36 @@ def test_the_native_lane_on_amx_tiles_is_measured_on_prefill_sized_jobs():
     assert cpu_share(profile, 128) == pytest.approx(0.75)
     # decode-sized jobs keep their own rates
     assert cpu_time(expert, 1, profile) == cpu_time(expert, 1, default_profile("cuda"))
+
+
+def test_the_native_lanes_decode_rates_are_measured_on_calls_made_as_decode_steps_make_them():
+    """The decode rates come from calls started and waited for from the calling thread, with a pause
+    after each (the lane's threads sleep between layer steps): the time counted is the calls' own, not the
+    pauses, and the counted calls are those after the warm-up."""
+    import shutil
+    import time
+
+    from hf_hybrid.kernels import native
+    from hf_hybrid.lanes import CpuLane
+    from hf_hybrid.measure import DECODE_CALL_GAP_S, _decode_calls, _make_experts, _make_plan
+
+    if shutil.which("gcc") is None or not native.available():
+        pytest.skip("the native kernel is not built here")
+    plan = _make_plan(True)
+    experts = _make_experts(plan, torch.bfloat16)[:4]
+    steps = [experts[:2], experts[2:]]
+    lane = native.NativeExpertLane(2)
+    cpu_lane = CpuLane(2)
+    try:
+        calls = _decode_calls(plan, lane, steps, 1, torch.bfloat16)
+        began = time.perf_counter()
+        per_call = calls.seconds_alone(cpu_lane, plan)
+        wall = time.perf_counter() - began
+        counted = calls.calls
+        assert counted >= plan.min_passes * len(steps) and counted % len(steps) == 0
+        assert 0 < per_call and per_call * counted >= plan.min_time
+        # the wall time holds the warm-up pass and a pause after every call; the calls' own time does not
+        assert wall >= (counted + len(steps)) * DECODE_CALL_GAP_S + per_call * counted
+    finally:
+        cpu_lane.close()
+        lane.close()
