@@ -24,7 +24,12 @@ SPLIT_MIN_BYTES = 16 << 20
 #: the router's result on the host and issues the lanes, while the lanes idle.
 #: Fitted to six H100 runs of 2026-11-25 (S1 at batch 1 and 8, S3, S4; traces showed 1-4 ms between
 #: layers with every lane idle): about 1 ms per layer plus 0.9 ms per host expert used in a decode step.
-LAYER_HOST_S = 1.0e-3
+#: The per-layer part measured again in H200 traces of S1 (2026-12-04, decode graphs, the native job
+#: started by the feeding thread): the CPU lane idled 1.1, 1.3 and 1.3 ms between its jobs of consecutive
+#: layers (the join's wake-up, adding its part, the next attention graph, the routing read-back,
+#: assignment, submitting the job). With 1.0 ms S1 decode was predicted 16-36% high on four machines;
+#: with 1.25 ms 10-28% (S3 -4..+2%, S4 +8..+10%, S1 batch 8 -7%).
+LAYER_HOST_S = 1.25e-3
 UNIT_HOST_S = 0.9e-3
 #: What one more expert costs the native CPU lane in a decode-sized job beyond reading its weights at the
 #: profile's rate (measured on the large experts the profile uses): its share of the threads' partition and

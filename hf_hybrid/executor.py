@@ -354,7 +354,8 @@ class Executor:
         if self._copies_inputs_early(group, hidden):
             # the CPU lane's inputs cross PCIe before the routing is read back: that read-back then waits
             # for them too, so the CPU job can start as soon as the routing has been assigned
-            early_inputs = self._host_inputs(hidden, top_k_weights.reshape(-1))
+            with span("host", f"L{group.layer} inputs to host"):
+                early_inputs = self._host_inputs(hidden, top_k_weights.reshape(-1))
         with span("host", f"L{group.layer} route"):  # includes the wait for the router's result
             routing, predicted = self._route(group, hidden, top_k_index, predicting)
         with span("host", f"L{group.layer} assign"):
@@ -784,7 +785,8 @@ class Executor:
             cpu_out, seconds = CpuLane.join(cpu_future, group.layer)
         self.stats.join_wait_s += time.perf_counter() - waited
         self.stats.cpu_lane_s += seconds
-        acc += cpu_out.to(acc.device, non_blocking=True)
+        with self.lanes.host_span("host", f"L{group.layer} add CPU part"):
+            acc += cpu_out.to(acc.device, non_blocking=True)
         self._last_cpu_job = (group, lanes, routing.counts, seconds)
 
     def _balance_splits(self, step: GroupStep) -> None:
