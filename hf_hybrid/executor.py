@@ -355,7 +355,9 @@ class Executor:
             # the CPU lane's inputs cross PCIe before the routing is read back: that read-back then waits
             # for them too, so the CPU job can start as soon as the routing has been assigned
             with span("host", f"L{group.layer} inputs to host"):
-                early_inputs = self._host_inputs(hidden, top_k_weights.reshape(-1))
+                # no arrival event: the routing read-back below is a blocking copy on the same stream, so
+                # when it returns these copies are done (an event would cost a create, a record and a wait)
+                early_inputs = self._host_inputs(hidden, top_k_weights.reshape(-1), arrival_event=False)
         with span("host", f"L{group.layer} route"):  # includes the wait for the router's result
             routing, predicted = self._route(group, hidden, top_k_index, predicting)
         with span("host", f"L{group.layer} assign"):
@@ -442,6 +444,8 @@ class Executor:
             # softmax keeps the order of the logits: the top-k of the logits are the router's choice
             guess = F.linear(hidden, self.router_weights[predicting.layer]).topk(k, dim=-1).indices
             flat = torch.cat([flat, guess.reshape(-1).to(flat.dtype)])
+        # a blocking copy on the GPU lane's stream: the CPU lane's inputs copied before it (start_group's
+        # early copies, which carry no arrival event) are on the host when it returns
         flat = flat.to("cpu")
         predicted = sorted(set(flat[n:].tolist())) if predicting is not None else []
         flat = flat[:n]
@@ -578,8 +582,9 @@ class Executor:
             and group.homes.count(GPU) != len(group.homes)
         )
 
-    def _host_inputs(self, hidden, flat_weights) -> HostInputs:
-        """Activations and routing weights on the host for the CPU lane, with their arrival event."""
+    def _host_inputs(self, hidden, flat_weights, arrival_event: bool = True) -> HostInputs:
+        """Activations and routing weights on the host for the CPU lane, with their arrival event (none
+        with ``arrival_event=False``: the caller synchronizes the stream before the CPU lane reads them)."""
         if not self.lanes.is_cuda:
             return HostInputs(hidden, flat_weights, None)
         # activations cross PCIe in reusable pinned buffers, asynchronously on the GPU lane
@@ -589,7 +594,7 @@ class Executor:
         if flat_weights is not None:
             w_host = self.pinned("w", tuple(flat_weights.shape), flat_weights.dtype)
             w_host.copy_(flat_weights, non_blocking=True)
-        return HostInputs(x_host, w_host, self.lanes.record())
+        return HostInputs(x_host, w_host, self.lanes.record() if arrival_event else None)
 
     def _submit_cpu(self, group, lanes: Assignment, hidden, inputs: HostInputs, routing: Routing) -> Future:
         """Start the CPU lane on its units: whole units, and rows [0, r) of the divided ones (their down
