@@ -525,8 +525,12 @@ def test_switch_variants_change_the_loaded_model_only_inside_their_block(tiny_ch
         assert executor.balance_splits
     with engines_mod._switched(model, "lane_thread"):
         assert not executor.direct_native_start
-    with engines_mod._switched(model, "spin"):
-        pass  # the native pool's spin settings are write-only; the variant must leave the model usable
+    for spinning in ("spin", "wait_spin"):  # the pool's spin settings are write-only: the model stays usable
+        with engines_mod._switched(model, spinning):
+            assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False).shape == (
+                1,
+                5,
+            )
     assert not executor.balance_splits and executor.direct_native_start
     runtime.close()
 

@@ -188,7 +188,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         help=(
             "comma-separated extra hf_hybrid rows, measured on the loaded model after its own row: "
             "token-assignment modes (stream, static, cpu, whole, adaptive; switched with "
-            "model.set_token_assignment, so the row's plan says which ran), 'eager' (decode without the static cache and attention graphs), 'unfused' (attention graphs, routers outside them), 'rebuilt_masks' (decode masks built by transformers every step), 'predict' (predict_next_layer=True), 'lookahead' (decode_lookahead=True), 'balanced_splits' (divided experts' split moved by which lane finished first, off by default), 'lane_thread' (decode steps' native CPU jobs run by the CPU lane's Python thread, not started by the feeding thread), 'spin' (the native pool's threads and the wait for them spin before sleeping) and 'calibrated' (model.calibrate on "
+            "model.set_token_assignment, so the row's plan says which ran), 'eager' (decode without the static cache and attention graphs), 'unfused' (attention graphs, routers outside them), 'rebuilt_masks' (decode masks built by transformers every step), 'predict' (predict_next_layer=True), 'lookahead' (decode_lookahead=True), 'balanced_splits' (divided experts' split moved by which lane finished first, off by default), 'lane_thread' (decode steps' native CPU jobs run by the CPU lane's Python thread, not started by the feeding thread), 'spin' (the native pool's threads and the wait for them spin before sleeping), 'wait_spin' (only the feeding thread's wait for the CPU lane spins) and 'calibrated' (model.calibrate on "
             "8 random prompts, then measured; runs last); each adds a row 'hf_hybrid[variant]'"
         ),
     )

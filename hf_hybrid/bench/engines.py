@@ -282,7 +282,8 @@ def _switched(model: Any, variant: str):
     "balanced_splits" with divided experts' split moved by which lane finished first
     (``Executor.balance_splits``, off by default), "lane_thread" with every native CPU job run by the CPU
     lane's Python thread (``Executor.direct_native_start`` off), "spin" with the native pool's threads
-    and the feeding thread's wait spinning before they sleep; anything else unchanged."""
+    and the feeding thread's wait spinning before they sleep, "wait_spin" with only the feeding thread's
+    wait spinning (its core is idle then anyway); anything else unchanged."""
     runtime = model.hybrid
     graphs, executor = runtime.decode_graphs, runtime.executor
     fuse = graphs.fuse_routers if graphs is not None else None
@@ -309,6 +310,8 @@ def _switched(model: Any, variant: str):
         executor.direct_native_start = False
     elif variant == "spin" and native_lane is not None:
         native_lane.configure(idle_spin_us=SPIN_IDLE_US, wait_spin_us=SPIN_WAIT_US)
+    elif variant == "wait_spin" and native_lane is not None:
+        native_lane.configure(wait_spin_us=SPIN_WAIT_US)
     try:
         yield
     finally:
@@ -319,7 +322,7 @@ def _switched(model: Any, variant: str):
         executor.predict_next_layer = predict
         executor.balance_splits = balancing
         executor.direct_native_start = direct
-        if variant == "spin" and native_lane is not None:
+        if variant in ("spin", "wait_spin") and native_lane is not None:
             native_lane.configure(idle_spin_us=0, wait_spin_us=0)
         if lookahead is not None:
             lookahead.enabled = looking
