@@ -835,3 +835,32 @@ def test_ctrl_c_while_waiting_for_a_started_call(libraries):
     assert ended > interrupted - 0.03 > began  # the call was still running when the interrupt came
     torch.testing.assert_close(got, one * 400, rtol=1e-4, atol=1e-3 * float(one.abs().max()) * 400)
     lane.close()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_neither_waits_for_the_parents_call_nor_hangs(libraries):
+    """A child forked while the parent's call is in flight: its wait says nothing was started (the call
+    is the parent's, in the parent's pool), and its own start/wait run on a pool of its own."""
+    import os
+
+    lane = NativeExpertLane(2, library=libraries["native"])
+    x = torch.randn(2, 64).bfloat16()
+    jobs = _jobs(64, 2, torch.bfloat16, seed=9)
+    want = lane.run(x, jobs, torch.zeros(2, 64))
+    lane.start(lane.pack(x, jobs, torch.zeros(2, 64)), zero_out=True)
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if both checks hold
+        code = 1
+        try:
+            try:
+                lane.wait()
+            except RuntimeError:
+                out = torch.zeros(2, 64)
+                lane.start(lane.pack(x, jobs, out), zero_out=True)
+                code = 0 if torch.equal(lane.wait()[0], want) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert torch.equal(lane.wait()[0], want)
+    lane.close()

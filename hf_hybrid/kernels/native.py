@@ -693,6 +693,8 @@ class NativeExpertLane:
         collected by the next :meth:`start` or :meth:`wait`). Raises ``RuntimeError`` if nothing was started,
         ``ValueError`` if the library refused the call."""
         with self._async_lock:
+            if self._inflight is not None and os.getpid() != self._pid:
+                self._inflight = None  # a forked child: the call is the parent's, in the parent's pool
             if self._inflight is None:
                 raise RuntimeError("no call was started on this native expert lane")
             return self._collect()
