@@ -119,6 +119,14 @@ class DeviceBatch:
     flat_weights: torch.Tensor | None
     device_rows: torch.Tensor | None = None
     device_tokens: torch.Tensor | None = None
+    # a one-token routed step: each unit's one routing-weight position, known on the host (no index tensors
+    # cross to the device, and a unit's input is the step's one row; see DeviceBatch.one_token_weight)
+    positions: list[int] | None = None
+
+    def one_token_weight(self, i: int) -> torch.Tensor:
+        """Unit ``i``'s routing weight in a one-token step, as a [1, 1] view (no gather on the device)."""
+        p = self.positions[self.routing.starts[i]]
+        return self.flat_weights[p : p + 1, None]
 
 
 @dataclass
@@ -564,8 +572,15 @@ class Executor:
             flat_weights=flat_weights,
         )
         if routing.order is not None and (lanes.resident or lanes.streamed or lanes.split):
-            batch.device_rows = routing.order.to(dev, non_blocking=True)
-            batch.device_tokens = routing.token_of.to(dev, non_blocking=True)
+            if hidden.shape[0] == 1:
+                # every unit has the one token: its input is the step's row and its weight a host-known
+                # position. The same values, shapes and ops as the gathered path, so the same bits (an
+                # index_add_ of one row is an add), with two host-to-device copies and, per unit, three
+                # kernel launches fewer on the feeding thread
+                batch.positions = routing.order.tolist()
+            else:
+                batch.device_rows = routing.order.to(dev, non_blocking=True)
+                batch.device_tokens = routing.token_of.to(dev, non_blocking=True)
         return batch
 
     # stage 3
@@ -723,7 +738,10 @@ class Executor:
         for i, r, inter, tag, (gate, up, down), ready, cached in copied:
             self.lanes.wait(ready)
             with self.lanes.span("GPU", f"L{group.layer} unit {i} rows {r}:{inter}"):
-                if group.routed:
+                if group.routed and batch.positions is not None:
+                    y = partial_gated_mlp(batch.hidden, gate, up, down, group.act_fn)
+                    batch.acc.add_(y * batch.one_token_weight(i).float())
+                elif group.routed:
                     starts = batch.routing.starts
                     sel = batch.device_rows[starts[i] : starts[i + 1]]
                     tok = batch.device_tokens[starts[i] : starts[i + 1]]
@@ -763,6 +781,12 @@ class Executor:
         self.issue_seconds[kind] = current + self.ISSUE_WEIGHT * (seconds - current)
 
     def _device_unit(self, group, i, gate_up, down, batch: DeviceBatch) -> None:
+        if group.routed and batch.positions is not None:
+            # an expert's output is rounded to the model dtype and weighted there, as transformers does;
+            # adding in place promotes to fp32 exactly as .float() would
+            y = gated_mlp(batch.hidden, gate_up, down, group.act_fn) * batch.one_token_weight(i)
+            batch.acc.add_(y)
+            return
         if group.routed:
             starts = batch.routing.starts
             sel = batch.device_rows[starts[i] : starts[i + 1]]

@@ -425,3 +425,50 @@ def test_decode_native_jobs_started_by_the_feeding_thread_match_the_lane_thread(
     assert runs[True][3] > 0 and runs[False][3] > 0
     assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
     assert torch.equal(runs[True][1], ref.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "phimoe"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_one_token_steps_skip_the_gathers_with_the_same_bits(
+    tiny_checkpoints, family, dtype, monkeypatch, divide_tiny_experts
+):
+    """A one-token decode step gives the GPU lane each unit's input as the step's row and its routing
+    weight as a host-known position (DeviceBatch.positions) instead of gathering both on the device:
+    logits of every generated token bitwise those of the gathered path, every home in use and experts
+    divided between the lanes."""
+    from test_exactness import load_pair, prompt
+
+    _, hybrid = load_pair(tiny_checkpoints[family], family, dtype, token_assignment="adaptive")
+    executor = hybrid.hybrid.executor
+    ids = prompt(batch=1, length=6)
+    seen = {"one_token": 0}
+    original = Executor._device_batch
+
+    def counting(self, hidden, routing, lanes, flat_weights):
+        batch = original(self, hidden, routing, lanes, flat_weights)
+        seen["one_token"] += batch.positions is not None
+        return batch
+
+    def gathered(self, hidden, routing, lanes, flat_weights):
+        batch = original(self, hidden, routing, lanes, flat_weights)
+        if batch.positions is not None:
+            batch.positions = None
+            batch.device_rows = routing.order.to(hidden.device)
+            batch.device_tokens = routing.token_of.to(hidden.device)
+        return batch
+
+    def run():
+        executor.stats.reset()
+        out = hybrid.generate(
+            ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        stats = executor.stats
+        assert stats.gpu_units > 0 and stats.split_units > 0, stats
+        return out.sequences, torch.stack(out.logits)
+
+    monkeypatch.setattr(Executor, "_device_batch", counting)
+    fast = run()
+    assert seen["one_token"] > 0
+    monkeypatch.setattr(Executor, "_device_batch", gathered)
+    slow = run()
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
