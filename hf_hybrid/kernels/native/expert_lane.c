@@ -1699,7 +1699,7 @@ static void *leader_main(void *arg) {
             pthread_cond_wait(&p->async_cv, &p->async_mu);
         }
         if (p->async_state != 1) break; /* asked to stop, nothing requested */
-        p->async_state = 2;
+        __atomic_store_n(&p->async_state, 2, __ATOMIC_RELEASE);
         pthread_mutex_unlock(&p->async_mu);
         double t0 = now_us();
         if (p->a_zero && p->a_out && p->a_ntokens > 0 && p->a_hidden > 0)
@@ -1798,7 +1798,7 @@ int hf_lane_wait(void *handle, int64_t timeout_us, double *times) {
         times[0] = p->a_t_start;
         times[1] = p->a_t_end;
     }
-    p->async_state = 0;
+    __atomic_store_n(&p->async_state, 0, __ATOMIC_RELEASE); /* read unlocked by the spinners */
     pthread_mutex_unlock(&p->async_mu);
     return rc;
 }
