@@ -297,3 +297,24 @@ def test_cuda_decode_lookahead_is_bitwise_invisible(tiny_checkpoints, family):
     assert lookahead.starts == 8 and lookahead.hits >= 1
     assert lookahead.hits + lookahead.misses == 8
     assert hybrid.hybrid.executor.ahead is None
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "phimoe"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_cuda_one_token_steps_match_the_gathered_path(
+    tiny_checkpoints, family, dtype, monkeypatch, divide_tiny_experts
+):
+    # batch-1 decode steps take the step's row and a host-known routing-weight position on the GPU lane:
+    # bitwise the gathered path on the device too (same shapes, so the same kernels), and transformers'
+    from test_executor import one_token_and_gathered_runs
+
+    ref, hybrid = _pair(tiny_checkpoints[family], family, dtype, mode="adaptive")
+    ids = prompt(batch=1, length=6).cuda()
+    fast, slow = one_token_and_gathered_runs(hybrid, ids, monkeypatch)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    want = ref.generate(
+        ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    if dtype == torch.float32:
+        assert torch.equal(fast[0], want.sequences)
+        torch.testing.assert_close(fast[1], torch.stack(want.logits), rtol=1e-5, atol=2e-5)

@@ -427,20 +427,10 @@ def test_decode_native_jobs_started_by_the_feeding_thread_match_the_lane_thread(
     assert torch.equal(runs[True][1], ref.generate(ids, max_new_tokens=6, do_sample=False))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "phimoe"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_one_token_steps_skip_the_gathers_with_the_same_bits(
-    tiny_checkpoints, family, dtype, monkeypatch, divide_tiny_experts
-):
-    """A one-token decode step gives the GPU lane each unit's input as the step's row and its routing
-    weight as a host-known position (DeviceBatch.positions) instead of gathering both on the device:
-    logits of every generated token bitwise those of the gathered path, every home in use and experts
-    divided between the lanes."""
-    from test_exactness import load_pair, prompt
-
-    _, hybrid = load_pair(tiny_checkpoints[family], family, dtype, token_assignment="adaptive")
+def one_token_and_gathered_runs(hybrid, ids, monkeypatch):
+    """Greedy sequences and per-token logits of ``hybrid`` on the one-token batch ``ids`` with its one-token
+    decode steps as they run (DeviceBatch.positions), then with them forced onto the gathered path."""
     executor = hybrid.hybrid.executor
-    ids = prompt(batch=1, length=6)
     seen = {"one_token": 0}
     original = Executor._device_batch
 
@@ -470,5 +460,20 @@ def test_one_token_steps_skip_the_gathers_with_the_same_bits(
     fast = run()
     assert seen["one_token"] > 0
     monkeypatch.setattr(Executor, "_device_batch", gathered)
-    slow = run()
+    return fast, run()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "phimoe"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_one_token_steps_skip_the_gathers_with_the_same_bits(
+    tiny_checkpoints, family, dtype, monkeypatch, divide_tiny_experts
+):
+    """A one-token decode step gives the GPU lane each unit's input as the step's row and its routing
+    weight as a host-known position (DeviceBatch.positions) instead of gathering both on the device:
+    logits of every generated token bitwise those of the gathered path, every home in use and experts
+    divided between the lanes."""
+    from test_exactness import load_pair, prompt
+
+    _, hybrid = load_pair(tiny_checkpoints[family], family, dtype, token_assignment="adaptive")
+    fast, slow = one_token_and_gathered_runs(hybrid, prompt(batch=1, length=6), monkeypatch)
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
