@@ -589,13 +589,16 @@ class Executor:
         decode-sized step on an accelerator, of a layer with host units, whose CPU job the feeding thread
         starts itself (:attr:`direct_native_start`)."""
         return (
-            self.direct_native_start
+            self._starts_native_directly(hidden)
             and self.lanes.is_cuda
             and group.routed
-            and hidden.shape[0] <= SPLIT_MAX_TOKENS
-            and not self.start_only
             and group.homes.count(GPU) != len(group.homes)
         )
+
+    def _starts_native_directly(self, hidden: torch.Tensor) -> bool:
+        """Whether a native CPU job of this step is started by the feeding thread (CpuLane.start_native):
+        decode-sized steps, with :attr:`direct_native_start`, not started ahead by a lookahead."""
+        return self.direct_native_start and hidden.shape[0] <= SPLIT_MAX_TOKENS and not self.start_only
 
     def _host_inputs(self, hidden, flat_weights, arrival_event: bool = True) -> HostInputs:
         """Activations and routing weights on the host for the CPU lane, with their arrival event (none
@@ -652,7 +655,7 @@ class Executor:
             self.stats.native_units += len(units)
             native_lane = self.cpu_kernels.native_lane
             packed = native_lane.pack(inputs.x, jobs, out)
-            if self.direct_native_start and hidden.shape[0] <= SPLIT_MAX_TOKENS and not self.start_only:
+            if self._starts_native_directly(hidden):
                 self.stats.direct_native_jobs += 1
                 return self.cpu_lane.start_native(
                     native_lane,

@@ -669,14 +669,7 @@ class NativeExpertLane:
 
         Raises ``ValueError`` when the library refuses the call."""
         with self._async_lock:
-            if self._inflight is not None:
-                if os.getpid() == self._pid:
-                    try:
-                        self._collect()
-                    except ValueError:
-                        pass  # the dropped call's own failure was never asked for
-                else:
-                    self._inflight = None  # the parent's call, in the parent's pool
+            self._settle_inflight()
             handle = self._acquire()
             rc = self.library.dll.hf_lane_start(handle, *packed.call_args(), int(bool(zero_out)))
             if rc != 0:
@@ -693,11 +686,23 @@ class NativeExpertLane:
         collected by the next :meth:`start` or :meth:`wait`). Raises ``RuntimeError`` if nothing was started,
         ``ValueError`` if the library refused the call."""
         with self._async_lock:
-            if self._inflight is not None and os.getpid() != self._pid:
-                self._inflight = None  # a forked child: the call is the parent's, in the parent's pool
+            self._forget_parents_call()
             if self._inflight is None:
                 raise RuntimeError("no call was started on this native expert lane")
             return self._collect()
+
+    def _forget_parents_call(self) -> None:
+        if os.getpid() != self._pid:
+            self._inflight = None  # a forked child: the call is the parent's, in the parent's pool
+
+    def _settle_inflight(self) -> None:
+        """Wait for a started call nobody waited for and drop its result (under ``_async_lock``)."""
+        self._forget_parents_call()
+        if self._inflight is not None:
+            try:
+                self._collect()
+            except ValueError:
+                pass  # the dropped call's own failure was never asked for
 
     def _collect(self) -> tuple[Tensor, float, float]:
         times = (ctypes.c_double * 2)()
@@ -735,11 +740,8 @@ class NativeExpertLane:
     def close(self) -> None:
         """Stop the pool's threads (waits for a call in progress); calling it again does nothing."""
         with self._async_lock:
-            if self._inflight is not None and not self._closed and os.getpid() == self._pid:
-                try:
-                    self._collect()
-                except ValueError:
-                    pass
+            if not self._closed:
+                self._settle_inflight()
         with self._cond:
             if self._closed:
                 return
