@@ -39,6 +39,7 @@ from .costs import SPLIT_MAX_TOKENS, cpu_lane_time, divides, issue_times, split_
 from .cpu_kernels import CpuKernels
 from .cpu_work import HostInputs, RowPart, Rows, native_units_job, whole_units_job
 from .errors import ExecutionError
+from .expert_graphs import ExpertGraphs
 from .kernels.cpu import gated_mlp, partial_gated_mlp
 from .lanes import CpuLane, DeviceLanes, PinnedPool, cpu_lane_threads
 from .options import DIVIDING_ASSIGNMENTS, TOKEN_ASSIGNMENTS
@@ -122,6 +123,9 @@ class DeviceBatch:
     # a one-token routed step: each unit's one routing-weight position, known on the host (no index tensors
     # cross to the device, and a unit's input is the step's one row; see DeviceBatch.one_token_weight)
     positions: list[int] | None = None
+    # a one-token step whose GPU-lane experts replay CUDA graphs on static buffers (Executor.expert_graphs);
+    # ``acc`` is then the graphs' static accumulator
+    graphs: bool = False
 
     def one_token_weight(self, i: int) -> torch.Tensor:
         """Unit ``i``'s routing weight in a one-token step, as a [1, 1] view (no gather on the device)."""
@@ -225,6 +229,11 @@ class Executor:
         # (CpuLane.start_native) rather than handed to the CPU lane's Python thread: no thread wake-up and
         # no wait for the interpreter lock between the routing and the kernel, or between its end and the join
         self.direct_native_start = True
+        # one-token decode steps replay each GPU-lane expert as a CUDA graph (hf_hybrid.expert_graphs): one
+        # copy and one replay per expert instead of 6-9 kernel launches on the feeding thread. On the CPU
+        # standing in the same static-buffer path runs eagerly
+        self.graph_experts = True
+        self.expert_graphs = ExpertGraphs(self.lanes, capture=self.lanes.is_cuda)
         # a decode lookahead (hf_hybrid.decode_lookahead) starts the next forward's first layer step early
         self.start_only = False  # run_group only starts its step (kept in ``ahead``) and raises StepStarted
         self.ahead: GroupStep | None = None
@@ -252,6 +261,7 @@ class Executor:
         self.cpu_lane.close()
         self.cpu_kernels.close()
         self.pinned_pool.clear()
+        self.expert_graphs.clear()
         self.expert_ring = None
         self.module_ring = None
 
@@ -565,12 +575,7 @@ class Executor:
 
     def _device_batch(self, hidden, routing: Routing, lanes: Assignment, flat_weights) -> DeviceBatch:
         dev = hidden.device
-        batch = DeviceBatch(
-            hidden=hidden,
-            acc=torch.zeros(hidden.shape, dtype=torch.float32, device=dev),
-            routing=routing,
-            flat_weights=flat_weights,
-        )
+        batch = DeviceBatch(hidden=hidden, acc=None, routing=routing, flat_weights=flat_weights)
         if routing.order is not None and (lanes.resident or lanes.streamed or lanes.split):
             if hidden.shape[0] == 1:
                 # every unit has the one token: its input is the step's row and its weight a host-known
@@ -578,9 +583,15 @@ class Executor:
                 # index_add_ of one row is an add), with two host-to-device copies and, per unit, three
                 # kernel launches fewer on the feeding thread
                 batch.positions = routing.order.tolist()
+                if self.graph_experts and not self.start_only:
+                    # not for a step started ahead: it may overlap another step, and the buffers are shared
+                    batch.acc = self.expert_graphs.begin(hidden, flat_weights.dtype)
+                    batch.graphs = True
             else:
                 batch.device_rows = routing.order.to(dev, non_blocking=True)
                 batch.device_tokens = routing.token_of.to(dev, non_blocking=True)
+        if batch.acc is None:
+            batch.acc = torch.zeros(hidden.shape, dtype=torch.float32, device=dev)
         return batch
 
     # stage 3
@@ -741,6 +752,9 @@ class Executor:
         for i, r, inter, tag, (gate, up, down), ready, cached in copied:
             self.lanes.wait(ready)
             with self.lanes.span("GPU", f"L{group.layer} unit {i} rows {r}:{inter}"):
+                # kernel by kernel even where the step's whole experts replay graphs: a divided unit's shapes
+                # follow its split, which moves with the learned rates, and recording a graph per split
+                # cost S1 and S4 more than the replays saved (342 recordings for 1,317 replays on S1)
                 if group.routed and batch.positions is not None:
                     y = partial_gated_mlp(batch.hidden, gate, up, down, group.act_fn)
                     batch.acc.add_(y * batch.one_token_weight(i).float())
@@ -784,6 +798,9 @@ class Executor:
         self.issue_seconds[kind] = current + self.ISSUE_WEIGHT * (seconds - current)
 
     def _device_unit(self, group, i, gate_up, down, batch: DeviceBatch) -> None:
+        if batch.graphs:
+            self.expert_graphs.whole(gate_up, down, group.act_fn, batch.one_token_weight(i))
+            return
         if group.routed and batch.positions is not None:
             # an expert's output is rounded to the model dtype and weighted there, as transformers does;
             # adding in place promotes to fp32 exactly as .float() would

@@ -93,6 +93,7 @@ class DeviceLanes:
         self.device = device
         self.is_cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
+        self._capture_stream = None  # made on first use by capture_in_step
         self.tracer = None  # a hf_hybrid.trace.Tracer while a trace is recorded
 
     def span(self, lane: str, name: str, stream=None):
@@ -181,6 +182,33 @@ class DeviceLanes:
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             outputs = fn()
         return graph, outputs
+
+    def capture_in_step(self, fn: Callable[[], None], pool):
+        """Run ``fn`` once and record it as a CUDA graph, in the middle of a step; returns the graph.
+
+        Unlike :meth:`capture_graph` (``torch.cuda.graph``) nothing waits for the device or empties the
+        allocator's cache: both stall every lane and cost milliseconds, more than the graph saves when
+        recorded during a decode step. ``fn`` runs on a side stream (ordered after the compute stream's work,
+        and the compute stream after it) - that run is the real one - then the same stream records it into
+        ``pool``, a graph memory pool shared by graphs that never run at the same time.
+        """
+        current = torch.cuda.current_stream(self.device)
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(self.device)
+        side = self._capture_stream
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            fn()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            # thread_local: the CPU lane's worker may call into CUDA-free torch code meanwhile
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                fn()
+            finally:
+                graph.capture_end()
+        return graph
 
     def synchronize(self) -> None:
         """Wait until every lane's device work is done (after a failed step, before a trace is read)."""

@@ -525,6 +525,9 @@ def test_switch_variants_change_the_loaded_model_only_inside_their_block(tiny_ch
         assert executor.balance_splits
     with engines_mod._switched(model, "lane_thread"):
         assert not executor.direct_native_start
+    with engines_mod._switched(model, "eager_experts"):
+        assert not executor.graph_experts
+    assert executor.graph_experts
     for spinning in ("spin", "wait_spin"):  # the pool's spin settings are write-only: the model stays usable
         with engines_mod._switched(model, spinning):
             assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False).shape == (

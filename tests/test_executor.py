@@ -10,6 +10,7 @@ from tiny_models import load_every_lane
 from transformers import AutoModelForCausalLM
 
 from hf_hybrid.executor import Executor
+from hf_hybrid.kernels.cpu import gated_mlp
 from hf_hybrid.lanes import DeviceLanes
 from hf_hybrid.planner import HostWork, assign_tokens
 from hf_hybrid.profile import default_profile
@@ -427,10 +428,22 @@ def test_decode_native_jobs_started_by_the_feeding_thread_match_the_lane_thread(
     assert torch.equal(runs[True][1], ref.generate(ids, max_new_tokens=6, do_sample=False))
 
 
+def six_tokens_every_home(hybrid, ids):
+    """Greedy sequences and per-token logits of six new tokens, checking every home took part (GPU units
+    and divided ones)."""
+    executor = hybrid.hybrid.executor
+    executor.stats.reset()
+    out = hybrid.generate(
+        ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    stats = executor.stats
+    assert stats.gpu_units > 0 and stats.split_units > 0, stats
+    return out.sequences, torch.stack(out.logits)
+
+
 def one_token_and_gathered_runs(hybrid, ids, monkeypatch):
     """Greedy sequences and per-token logits of ``hybrid`` on the one-token batch ``ids`` with its one-token
     decode steps as they run (DeviceBatch.positions), then with them forced onto the gathered path."""
-    executor = hybrid.hybrid.executor
     seen = {"one_token": 0}
     original = Executor._device_batch
 
@@ -443,18 +456,13 @@ def one_token_and_gathered_runs(hybrid, ids, monkeypatch):
         batch = original(self, hidden, routing, lanes, flat_weights)
         if batch.positions is not None:
             batch.positions = None
+            batch.graphs = False  # the static accumulator stays: the gathered path adds into it
             batch.device_rows = routing.order.to(hidden.device)
             batch.device_tokens = routing.token_of.to(hidden.device)
         return batch
 
     def run():
-        executor.stats.reset()
-        out = hybrid.generate(
-            ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
-        )
-        stats = executor.stats
-        assert stats.gpu_units > 0 and stats.split_units > 0, stats
-        return out.sequences, torch.stack(out.logits)
+        return six_tokens_every_home(hybrid, ids)
 
     monkeypatch.setattr(Executor, "_device_batch", counting)
     fast = run()
@@ -477,3 +485,101 @@ def test_one_token_steps_skip_the_gathers_with_the_same_bits(
     _, hybrid = load_pair(tiny_checkpoints[family], family, dtype, token_assignment="adaptive")
     fast, slow = one_token_and_gathered_runs(hybrid, prompt(batch=1, length=6), monkeypatch)
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+def graphed_and_eager_expert_runs(hybrid, ids):
+    """Greedy sequences and per-token logits of ``hybrid`` on the one-token batch ``ids`` with its one-token
+    steps' GPU-lane experts on the expert graphs' static buffers (captured on an accelerator), then issued
+    kernel by kernel (``Executor.graph_experts`` off); and how many experts took the graphs' path."""
+    executor = hybrid.hybrid.executor
+    graphs = executor.expert_graphs
+    taken = {"n": 0}
+    whole = graphs.whole
+
+    def counted(*args):
+        taken["n"] += 1
+        return whole(*args)
+
+    graphs.whole = counted
+
+    def run():
+        return six_tokens_every_home(hybrid, ids)
+
+    try:
+        graphed = run()
+        on_graphs = taken["n"]
+        executor.graph_experts = False
+        eager = run()
+    finally:
+        del graphs.whole  # back to the method
+        executor.graph_experts = True
+    assert taken["n"] == on_graphs, "the eager run went through the expert graphs"
+    return graphed, eager, on_graphs
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "phimoe"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_expert_graphs_static_path_has_the_same_bits(tiny_checkpoints, family, dtype, divide_tiny_experts):
+    """One-token steps' GPU-lane experts (resident and streamed whole; the GPU's rows of divided ones add into
+    the same static accumulator) computed on the expert graphs' static buffers: logits of every generated token bitwise those of the kernel-by-kernel
+    path, with every home in use."""
+    from test_exactness import load_pair, prompt
+
+    _, hybrid = load_pair(tiny_checkpoints[family], family, dtype, token_assignment="adaptive")
+    graphed, eager, on_graphs = graphed_and_eager_expert_runs(hybrid, prompt(batch=1, length=6))
+    assert on_graphs > 0
+    assert torch.equal(graphed[0], eager[0]) and torch.equal(graphed[1], eager[1])
+
+
+class _FakeGraph:
+    def __init__(self, fn):
+        self.fn = fn
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+        self.fn()
+
+
+def test_expert_graphs_capture_counts_the_first_run_once_and_falls_back_on_failure():
+    """A key runs eagerly on its first use and is recorded on its second (that run is the step's result, no
+    replay on top), later uses replay; a key whose capture failed runs eagerly from then on, with the result
+    added exactly once either way."""
+    from hf_hybrid.expert_graphs import ExpertGraphs
+
+    torch.manual_seed(0)
+    hidden, inter = 8, 4
+    gate_up, down = torch.randn(2 * inter, hidden), torch.randn(hidden, inter)
+    x, w = torch.randn(1, hidden), torch.tensor([[0.5]])
+    act = torch.nn.functional.silu
+    want = gated_mlp(x, gate_up, down, act) * w
+    captured = []
+
+    class Lanes:
+        fail = False
+
+        def capture_in_step(self, fn, pool):
+            fn()  # the real run, as DeviceLanes.capture_in_step does
+            if self.fail:
+                raise RuntimeError("capture not supported")
+            captured.append(_FakeGraph(fn))
+            return captured[-1]
+
+    lanes = Lanes()
+    graphs = ExpertGraphs(lanes, capture=True)
+    graphs.pool = object()  # no CUDA here: the fake lanes ignore the pool
+    for step in range(4):  # eager, recorded, then replayed twice
+        acc = graphs.begin(x, w.dtype)
+        graphs.whole(gate_up, down, act, w)
+        assert torch.equal(acc, want.float()), step
+    assert graphs.captures == 1 and graphs.replays == 2 and captured[0].replays == 2
+    lanes.fail = True
+    other = torch.randn(hidden, inter)
+    want_other = gated_mlp(x, gate_up, other, act) * w
+    for step in range(3):
+        acc = graphs.begin(x, w.dtype)
+        graphs.whole(gate_up, other, act, w)  # a new key: its capture (second use) fails after the real run
+        assert torch.equal(acc, want_other.float()), step
+    assert graphs.captures == 1 and len(graphs.failed) == 1
+    graphs.clear()
+    assert not graphs.graphs and not graphs.failed

@@ -283,7 +283,9 @@ def _switched(model: Any, variant: str):
     (``Executor.balance_splits``, off by default), "lane_thread" with every native CPU job run by the CPU
     lane's Python thread (``Executor.direct_native_start`` off), "spin" with the native pool's threads
     and the feeding thread's wait spinning before they sleep, "wait_spin" with only the feeding thread's
-    wait spinning (its core is idle then anyway); anything else unchanged."""
+    wait spinning (its core is idle then anyway), "eager_experts" with one-token steps' GPU-lane experts
+    issued kernel by kernel rather than replayed as CUDA graphs (``Executor.graph_experts`` off); anything
+    else unchanged."""
     runtime = model.hybrid
     graphs, executor = runtime.decode_graphs, runtime.executor
     fuse = graphs.fuse_routers if graphs is not None else None
@@ -293,6 +295,7 @@ def _switched(model: Any, variant: str):
     looking = lookahead.enabled if lookahead is not None else None
     balancing = executor.balance_splits
     direct = executor.direct_native_start
+    graph_experts = executor.graph_experts
     native_lane = executor.cpu_kernels.native_lane
     if variant == "eager":
         runtime.decode_graphs = None
@@ -308,6 +311,8 @@ def _switched(model: Any, variant: str):
         executor.balance_splits = True
     elif variant == "lane_thread":
         executor.direct_native_start = False
+    elif variant == "eager_experts":
+        executor.graph_experts = False
     elif variant == "spin" and native_lane is not None:
         native_lane.configure(idle_spin_us=SPIN_IDLE_US, wait_spin_us=SPIN_WAIT_US)
     elif variant == "wait_spin" and native_lane is not None:
@@ -322,6 +327,7 @@ def _switched(model: Any, variant: str):
         executor.predict_next_layer = predict
         executor.balance_splits = balancing
         executor.direct_native_start = direct
+        executor.graph_experts = graph_experts
         if variant in ("spin", "wait_spin") and native_lane is not None:
             native_lane.configure(idle_spin_us=0, wait_spin_us=0)
         if lookahead is not None:

@@ -102,4 +102,8 @@ def lane_stats(model: Any) -> dict | None:
     out["decode_graph_steps"] = graphs.steps if graphs is not None else 0
     out["decode_graph_replays"] = graphs.replays if graphs is not None else 0
     out["decode_graph_router_hits"] = graphs.router_hits if graphs is not None else 0
+    experts = getattr(executor, "expert_graphs", None)
+    # cumulative since load: GPU-lane experts of one-token steps replayed as CUDA graphs, graphs recorded
+    out["expert_graph_replays"] = experts.replays if experts is not None else 0
+    out["expert_graph_captures"] = experts.captures if experts is not None else 0
     return out
