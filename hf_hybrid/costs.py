@@ -158,9 +158,13 @@ def pcie_share(profile: HardwareProfile, tokens: int = 1) -> float:
     return max(0.05, min(1.0, during / profile.h2d_bw))
 
 
-def issue_times(profile: HardwareProfile) -> tuple[float, float]:
-    """Host seconds the feeding thread spends issuing one expert on the GPU lane: (resident, streamed),
-    as the profile measured them (0 where it did not: the CPU standing in, older profiles)."""
+def issue_times(profile: HardwareProfile, tokens: int | None = None) -> tuple[float, float]:
+    """Host seconds the feeding thread spends issuing one whole expert on the GPU lane: (resident, streamed),
+    as the profile measured them (0 where it did not: the CPU standing in, older profiles). In a step of
+    ``tokens == 1`` a whole expert replays a CUDA graph (hf_hybrid.expert_graphs): its measured issue time
+    where the profile has it; otherwise, and for divided experts' rows, the kernel-by-kernel figures."""
+    if tokens == 1 and profile.graph_unit_issue_s and profile.graph_streamed_issue_s:
+        return float(profile.graph_unit_issue_s), float(profile.graph_streamed_issue_s)
     return float(profile.device_unit_issue_s or 0.0), float(profile.streamed_unit_issue_s or 0.0)
 
 

@@ -206,7 +206,8 @@ class Executor:
         # lane, resident and streamed, smoothed: it starts from the profile's measurement of the launches
         # alone; inside a step the thread shares the cores and the interpreter with the CPU lane and takes
         # longer (on S3 on the H200 machine, several times longer), and assignment must see what it costs
-        self.issue_seconds = dict(zip(("resident", "streamed"), issue_times(profile)))
+        # (the one-token figures: the steps that learn it are mostly batch-1 decode steps)
+        self.issue_seconds = dict(zip(("resident", "streamed"), issue_times(profile, tokens=1)))
         self.groups: dict[int, ExpertGroup] = {}  # by layer, set when the hooks attach (for prefetching)
         # router weight [experts, hidden] by MoE layer, set when the hooks attach: a decode step applies the
         # next layer's router to its own input to predict, and start copying, the next layer's experts
@@ -561,7 +562,7 @@ class Executor:
         whole = [i for i in host if i not in out.split]
         out.streamed = [i for i in whole if group.units[i].name in names]
         out.on_cpu = [i for i in whole if group.units[i].name not in names]
-        profile_issue = issue_times(self.profile)[1]
+        profile_issue = issue_times(self.profile, tokens=1)[1]
         if out.regime == "small" and not out.streamed and issue_streamed > profile_issue:
             # nothing was streamed, so nothing re-measures the issue time: drift back toward the profile's, so
             # one slow stretch (a busy machine) cannot keep the copy lane idle for good

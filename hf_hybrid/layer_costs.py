@@ -53,8 +53,10 @@ def layer_time(
     gpu_lane = cpu_lane = pcie_lane = serial = host_bytes = 0.0
     # the feeding thread issues every expert the GPU lane computes, one after the other, while the CPU lane
     # works (measured per profile; without the measurement the fitted UNIT_HOST_S below stands in)
-    issue_resident, issue_streamed = issue_times(profile)
-    issue_measured = issue_streamed > 0
+    issue_resident, issue_streamed = issue_times(profile, tokens)
+    # divided experts' GPU rows are issued kernel by kernel whatever the step (see hf_hybrid.expert_graphs)
+    issue_divided = issue_times(profile)[1]
+    issue_measured = issue_divided > 0
     host_issue = 0.0
     work = []
     for u in layer_units:
@@ -106,7 +108,7 @@ def layer_time(
         cpu_rate, pcie_rate = split_rates(profile)
         split_time = sum(used * u.nbytes for u, _, used in divided) / (cpu_rate + pcie_rate)
         split_time += CPU_ROUND_TRIP_S
-        host_issue += sum(used for _, _, used in divided) * issue_streamed
+        host_issue += sum(used for _, _, used in divided) * issue_divided
         work = [w for w in work if w not in divided]
     if work:
         streamed = assign_tokens(
@@ -117,6 +119,7 @@ def layer_time(
             profile,
             gpu_busy_s=gpu_lane,
             host_busy_s=host_issue,
+            issue_s=issue_streamed,
         )
         for u, n, used in work:
             if u.name in streamed:

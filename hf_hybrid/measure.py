@@ -30,6 +30,7 @@ from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
 from .devices import default_device_name, resolve_device
+from .expert_graphs import ExpertGraphs
 from .kernels.cpu import CpuExpertKernel, available_methods, gated_mlp, pick_methods
 from .kernels.native import available as native_available
 from .lanes import CpuLane, DeviceLanes, cpu_lane_threads, run_with_copies, time_device, time_h2d
@@ -468,21 +469,47 @@ def _measure_gpu(plan: _Plan, dev: torch.device, dtype: torch.dtype) -> tuple[fl
 _ISSUE_HIDDEN, _ISSUE_INTER, _ISSUE_REPS, _ISSUE_BLOCKS = 1024, 256, 20, 9
 
 
-def _measure_device_issue(lanes: DeviceLanes, dev: torch.device, dtype: torch.dtype) -> tuple[float, float]:
-    """Host seconds the feeding thread spends issuing one decode-sized expert on the GPU lane:
-    (resident, streamed). The ops are those of the executor's device unit (the token's rows and routing
-    weight picked out, gate/up, activation, down, weighting, an fp32 ``index_add_`` into the step's sum);
-    a streamed expert also issues its copy into a staging slot and the GPU lane's wait for it. This is
-    launch overhead, the same whatever the expert's size (measured on CUDA only: on the CPU standing in,
-    issuing is computing)."""
+def _median_issue_s(lanes: DeviceLanes, issue: Callable[[], None]) -> float:
+    """Host seconds one call of ``issue`` takes the feeding thread: the median of a few blocks of calls,
+    each block followed by a wait for the device (a preempted block does not count), after a warm-up
+    (kernels chosen, allocator blocks cached, graphs recorded)."""
+    for _ in range(10):
+        issue()
+    lanes.synchronize()
+    blocks = []
+    for _ in range(_ISSUE_BLOCKS):
+        started = time.perf_counter()
+        for _ in range(_ISSUE_REPS):
+            issue()
+        blocks.append((time.perf_counter() - started) / _ISSUE_REPS)
+        lanes.synchronize()
+    return statistics.median(blocks)
+
+
+def _measure_device_issue(
+    lanes: DeviceLanes, dev: torch.device, dtype: torch.dtype
+) -> tuple[float, float, float, float]:
+    """Host seconds the feeding thread spends issuing one decode-sized expert on the GPU lane: (resident,
+    streamed) kernel by kernel, then (resident, streamed) as a one-token step issues a whole expert by
+    default. Kernel by kernel: the ops of the executor's device unit (the token's rows and routing weight
+    picked out, gate/up, activation, down, weighting, an fp32 ``index_add_`` into the step's sum), as
+    multi-token steps and divided experts' GPU rows issue them. One-token: the routing weight copied into
+    the expert graphs' static buffer and the expert's recorded CUDA graph replayed
+    (:mod:`hf_hybrid.expert_graphs`). A streamed expert also issues its copy into a staging slot and the
+    GPU lane's wait for it. This is launch overhead, the same whatever the expert's size (measured on CUDA
+    only: on the CPU standing in, issuing is computing)."""
     hidden = torch.randn(1, _ISSUE_HIDDEN, device=dev, dtype=dtype)
     gate_up = torch.randn(2 * _ISSUE_INTER, _ISSUE_HIDDEN, device=dev, dtype=dtype) * 0.02
     down = torch.randn(_ISSUE_HIDDEN, _ISSUE_INTER, device=dev, dtype=dtype) * 0.02
     acc = torch.zeros(1, _ISSUE_HIDDEN, device=dev, dtype=torch.float32)
     rows = torch.zeros(4, dtype=torch.long, device=dev)
     flat_weights = torch.rand(4, device=dev, dtype=dtype)
-    source = torch.randn(gate_up.numel(), dtype=dtype, pin_memory=lanes.is_cuda)
+    source = torch.randn(gate_up.shape, dtype=dtype, pin_memory=lanes.is_cuda) * 0.02
     slot = torch.empty_like(source, device=dev)
+    graphs = ExpertGraphs(lanes, capture=lanes.is_cuda)
+    # one step's static buffers for every graph issue below: its accumulator only grows (small weights)
+    graphs.begin(hidden, dtype)
+    weight = flat_weights[1:2, None]
 
     def device_unit() -> None:
         sel, tok = rows[0:1], rows[1:2]
@@ -493,20 +520,20 @@ def _measure_device_issue(lanes: DeviceLanes, dev: torch.device, dtype: torch.dt
         lanes.wait(lanes.copy_into(slot, source))
         device_unit()
 
-    seconds = []
-    for issue in (device_unit, streamed_unit):
-        for _ in range(10):  # warm up: kernels chosen, allocator blocks cached
-            issue()
-        lanes.synchronize()
-        blocks = []
-        for _ in range(_ISSUE_BLOCKS):  # the median block: a preempted block does not count
-            started = time.perf_counter()
-            for _ in range(_ISSUE_REPS):
-                issue()
-            blocks.append((time.perf_counter() - started) / _ISSUE_REPS)
-            lanes.synchronize()
-        seconds.append(statistics.median(blocks))
-    return seconds[0], seconds[1]
+    def graph_unit() -> None:
+        graphs.whole(gate_up, down, F.silu, weight)
+
+    def graph_streamed_unit() -> None:
+        lanes.wait(lanes.copy_into(slot, source))
+        graphs.whole(slot, down, F.silu, weight)
+
+    try:
+        return tuple(
+            _median_issue_s(lanes, issue)
+            for issue in (device_unit, streamed_unit, graph_unit, graph_streamed_unit)
+        )
+    finally:
+        graphs.clear()
 
 
 def measure(
@@ -585,7 +612,9 @@ def measure(
 
         if is_cuda:
             bar.set_postfix_str("device lane issue time")
-            issue_resident, issue_streamed = _measure_device_issue(lanes, dev, dtype)
+            issue_resident, issue_streamed, graph_resident, graph_streamed = _measure_device_issue(
+                lanes, dev, dtype
+            )
             bar.update(1)
             bar.set_postfix_str("GPU GEMV/GEMM")
             with torch.cuda.device(dev):
@@ -594,7 +623,7 @@ def measure(
         else:
             # the device lane of the CPU standing in is synchronous: issuing is computing, which the cost
             # model prices already
-            issue_resident = issue_streamed = None
+            issue_resident = issue_streamed = graph_resident = graph_streamed = None
             # the CPU is the accelerator: its rates are the best the CPU kernel reached
             gpu_mem_bw = max(gemv_bw.values())
             gpu_flops = max(gemm_flops.values())
@@ -624,6 +653,8 @@ def measure(
         cpu_native_gemm_flops_during_copy=native_rates.gemm_flops_during_copy,
         device_unit_issue_s=issue_resident,
         streamed_unit_issue_s=issue_streamed,
+        graph_unit_issue_s=graph_resident,
+        graph_streamed_issue_s=graph_streamed,
     )
     logger.info(
         "Measured hardware profile in %.1f s:\n%s", time.perf_counter() - started, format_profile(profile)

@@ -154,6 +154,7 @@ class HybridModelForCausalLM:
             cpu_backend=options.cpu_backend,
             predict_next_layer=options.predict_next_layer,
         )
+        executor.graph_experts = options.expert_graphs
         executor.prepare_cpu_kernels(loaded.groups.values(), progress=options.progress)
         decode_graphs = _decode_graphs(options, model, adapter, loaded, executor, dev)
         handles = attach(model, executor, loaded, adapter, decode_graphs)

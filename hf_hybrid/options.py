@@ -48,7 +48,9 @@ class HybridOptions:
     (with decode graphs: a greedy decode step starts the next step's first layer on the lanes before
     ``generate`` asks for it, see :mod:`hf_hybrid.decode_lookahead`; exact, but 3% slower decode on S1 on
     the H200 machine, where the feeding thread, not the lanes, bounds the token boundary; hence off),
-    ``attn_implementation``.
+    ``expert_graphs`` (``True``: a one-token decode step replays each whole expert the GPU computes as a
+    CUDA graph over static buffers, see :mod:`hf_hybrid.expert_graphs`; uncaptured on the CPU standing in;
+    ``False``: kernel by kernel), ``attn_implementation``.
 
     Loading: ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``trust_remote_code`` mean
     what they mean in transformers; ``allow_pickle`` allows ``.bin``/``.pt`` shards;
@@ -73,6 +75,7 @@ class HybridOptions:
     predict_next_layer: bool = False
     decode_graphs: bool | str = "auto"
     decode_lookahead: bool = False
+    expert_graphs: bool = True
     attn_implementation: str | None = "sdpa"
     trust_remote_code: bool = False
     allow_cpu_fallback: bool = False
@@ -146,6 +149,8 @@ class HybridOptions:
             raise ValueError(f"decode_graphs must be 'auto', True or False (got {self.decode_graphs!r})")
         if not isinstance(self.decode_lookahead, bool):
             raise TypeError(f"decode_lookahead must be True or False (got {self.decode_lookahead!r})")
+        if not isinstance(self.expert_graphs, bool):
+            raise TypeError(f"expert_graphs must be True or False (got {self.expert_graphs!r})")
         if self.placement is not None and not isinstance(self.placement, dict):
             raise TypeError(
                 f"placement must be a dict of unit pattern -> home (got {type(self.placement).__name__})"

@@ -21,8 +21,9 @@ TOKEN_COUNTS = (1, 2, 4, 8, 16, 64, 512)
 #: Bumped when a measurement is added, so a cached profile without it is measured again rather than
 #: planned with (2: the CPU lane's own rates; 3: the native CPU lane's rates; 4: its prefill-sized jobs on AMX
 #: tiles; 5: the feeding thread's time to issue one expert on the device lane; 6: the native lane's decode
-#: rates measured on calls started and waited for as decode steps make them, with a pause between calls).
-PROFILE_FORMAT = 6
+#: rates measured on calls started and waited for as decode steps make them, with a pause between calls; 7:
+#: the issue time of one expert of a one-token step, a CUDA graph replay).
+PROFILE_FORMAT = 7
 #: Token count of the CPU lane's prefill-sized measurement (one of TOKEN_COUNTS).
 LANE_GEMM_TOKENS = 64
 #: The CPU kernels a profile may choose (``hf_hybrid.kernels.cpu.METHODS``, named here so that this module
@@ -72,11 +73,16 @@ class HardwareProfile:
     # while copies run (FLOP/s): the lane the executor gives such jobs where it has AMX. None elsewhere.
     cpu_native_gemm_flops: float | None = None
     cpu_native_gemm_flops_during_copy: float | None = None
-    # host seconds the feeding thread spends issuing one decode-sized expert on the device lane (launches of
-    # its gather, gated MLP, weighting and sum), resident and streamed (its copy and the wait for it too):
-    # serial work on the thread that also starts every other lane. None in profiles measured before.
+    # host seconds the feeding thread spends issuing one decode-sized expert on the device lane kernel by
+    # kernel (launches of its gather, gated MLP, weighting and sum), resident and streamed (its copy and the
+    # wait for it too): serial work on the thread that also starts every other lane. None in profiles
+    # measured before.
     device_unit_issue_s: float | None = None
     streamed_unit_issue_s: float | None = None
+    # the same for a whole expert of a one-token step, which replays a CUDA graph (hf_hybrid.expert_graphs):
+    # its routing weight copied into a static buffer and the graph replayed. None before format 7.
+    graph_unit_issue_s: float | None = None
+    graph_streamed_issue_s: float | None = None
 
     def cpu_weight_bw(self, tokens: int) -> float:
         """Interpolated CPU weight-read rate at ``tokens`` tokens."""
@@ -326,5 +332,10 @@ def format_profile(p: HardwareProfile) -> str:
         lines.append(
             f"{'issuing one expert on the device':<34} {p.device_unit_issue_s * 1e6:>9.0f} us resident, "
             f"{p.streamed_unit_issue_s * 1e6:.0f} us streamed"
+        )
+    if p.graph_unit_issue_s and p.graph_streamed_issue_s:
+        lines.append(
+            f"{'  as a graph (one-token steps)':<34} {p.graph_unit_issue_s * 1e6:>9.0f} us resident, "
+            f"{p.graph_streamed_issue_s * 1e6:.0f} us streamed"
         )
     return "\n".join(lines)

@@ -517,6 +517,20 @@ def graphed_and_eager_expert_runs(hybrid, ids):
     return graphed, eager, on_graphs
 
 
+def test_expert_graphs_option_switches_the_executor(tiny_checkpoints):
+    # from_pretrained(expert_graphs=False) issues one-token steps' experts kernel by kernel: no step takes
+    # the graphs' static buffers
+    from test_exactness import load_pair, prompt
+
+    _, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral", torch.float32, expert_graphs=False)
+    executor = hybrid.hybrid.executor
+    assert not executor.graph_experts
+    begun = []
+    executor.expert_graphs.begin = lambda *args: begun.append(args)
+    hybrid.generate(prompt(batch=1, length=6), max_new_tokens=3, do_sample=False)
+    assert not begun and executor.stats.gpu_units > 0
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "phimoe"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_expert_graphs_static_path_has_the_same_bits(tiny_checkpoints, family, dtype, divide_tiny_experts):

@@ -45,7 +45,7 @@ def test_measure_quick_fills_every_field(quick_profile):
         if f.name.startswith("cpu_native_gemm_flops") and not amx:
             assert value is None, f.name
             continue
-        if f.name.endswith("_unit_issue_s"):  # launch overhead: measured on CUDA only
+        if f.name.endswith("_issue_s"):  # launch overhead: measured on CUDA only
             assert value is None, f.name
             continue
         numbers = list(_numbers(value))
@@ -348,3 +348,43 @@ def test_the_native_lanes_decode_rates_are_measured_on_calls_made_as_decode_step
     finally:
         cpu_lane.close()
         lane.close()
+
+
+def test_device_issue_is_timed_kernel_by_kernel_and_on_the_expert_graphs(monkeypatch):
+    """The profile's issue times per expert: kernel by kernel (multi-token steps, divided experts' rows) and
+    on the path one-token steps take (the expert graphs: a weight copy and a replay, eagerly on the CPU
+    standing in), resident and streamed each."""
+    from hf_hybrid.expert_graphs import ExpertGraphs
+    from hf_hybrid.lanes import DeviceLanes
+
+    used = []
+    whole = ExpertGraphs.whole
+
+    def counted(self, *args):
+        used.append(args[0].shape)
+        return whole(self, *args)
+
+    monkeypatch.setattr(ExpertGraphs, "whole", counted)
+    dev = torch.device("cpu")
+    times = profile_mod._measure_device_issue(DeviceLanes(dev), dev, torch.bfloat16)
+    assert len(times) == 4 and all(t > 0 for t in times)
+    reps = 10 + profile_mod._ISSUE_BLOCKS * profile_mod._ISSUE_REPS
+    assert len(used) == 2 * reps  # the two graph measurements, nothing else
+
+
+def test_one_token_steps_are_priced_with_the_graph_issue_times():
+    """Steps of one token price a whole GPU-lane expert's issue at the profile's graph figures, other steps
+    (and profiles without them) at the kernel-by-kernel ones."""
+    from hf_hybrid.costs import issue_times
+
+    p = dataclasses.replace(
+        default_profile(),
+        device_unit_issue_s=130e-6,
+        streamed_unit_issue_s=230e-6,
+        graph_unit_issue_s=20e-6,
+        graph_streamed_issue_s=110e-6,
+    )
+    assert issue_times(p, tokens=1) == (20e-6, 110e-6)
+    assert issue_times(p, tokens=8) == issue_times(p) == (130e-6, 230e-6)
+    older = dataclasses.replace(p, graph_unit_issue_s=None, graph_streamed_issue_s=None)
+    assert issue_times(older, tokens=1) == (130e-6, 230e-6)
