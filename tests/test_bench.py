@@ -255,7 +255,9 @@ def test_hf_hybrid_engine(cache, tmp_path):
     hybrid, cpu = record["rows"]
     assert hybrid["status"] == "ok", hybrid.get("traceback") or hybrid
     assert hybrid["generated_tokens"] == 8
-    assert hybrid["decode_tok_s"] is None or hybrid["decode_tok_s"] > 0
+    assert hybrid["decode_tok_s"] > 0 and hybrid["decode_tok_s_by_difference"] is not None
+    # decode timed inside the full call: its 7 steps, never longer than the call without its prefill
+    assert hybrid["decode_step_s"] * 7 <= hybrid["full_s"]
     plan = hybrid.get("plan") or {}
     homes = {u.get("home") for u in plan.get("units", [])}
     assert homes - {"gpu"}, "the tiny budget must force offload"
@@ -562,3 +564,19 @@ def test_native_lane_decode_bound_prices_the_lane_that_runs():
     assert transfer_bounds(1e9, step, slow_native, prompt=512, batch=1)["decode_native_bound_tok_s"] == (
         pytest.approx(115e9 / step)
     )
+
+
+def test_decode_clock_times_the_last_steps_of_a_call():
+    """The streamer the bench times decode with: the last ``new_tokens`` tokens handed over bound the decode
+    steps, whatever came before them (a prompt put by some transformers versions); too few: no figure."""
+    from hf_hybrid.bench.timing import DecodeClock
+
+    clock = DecodeClock()
+    clock.stamps = [0.0, 1.0, 1.5, 2.5, 4.0]  # prompt, then four new tokens
+    assert clock.decode_s(4) == 3.0
+    assert clock.decode_s(6) is None and clock.decode_s(1) is None
+    clock = DecodeClock()
+    clock.put(torch.tensor([1]))
+    clock.put(torch.tensor([2]))
+    clock.end()
+    assert len(clock.stamps) == 2 and clock.decode_s(2) >= 0

@@ -4,7 +4,9 @@ Each engine (see :mod:`hf_hybrid.bench.engines`) is loaded, measured and freed b
 
 Per engine: one short warm-up ``generate``; prefill = ``generate(max_new_tokens=1)``; full = ``generate``
 of N new tokens (``min_new_tokens=N`` so a random model's EOS cannot stop it early). prefill tok/s =
-prompt*batch / t_prefill; decode tok/s = batch*(N-1) / (t_full - t_prefill); end-to-end = t_full.
+prompt*batch / t_prefill; decode tok/s = batch*(N-1) / the full call's time from its first new token to
+its last (a streamer timestamps them; before 2026-12-04 19:30 UTC: t_full - t_prefill, still in the JSON as
+``decode_tok_s_by_difference``); end-to-end = t_full.
 The slow baselines (accelerate, cpu) run a shorter workload by default; for the speedup column their
 end-to-end time is projected to the headline workload as t_prefill (not scaled with the prompt: offload
 prefill is bound by moving the weights once, so this favours the baseline) + (N-1) * t_decode_step.
