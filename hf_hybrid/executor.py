@@ -88,6 +88,7 @@ class Routing:
     order: torch.Tensor | None = None  # flat (token, k) positions sorted by unit
     token_of: torch.Tensor | None = None  # the token of each sorted position
     starts: list[int] | None = None  # unit i's positions are order[starts[i]:starts[i+1]]
+    order_list: list[int] | None = None  # ``order`` as a list, where the routing was sorted in Python
 
     def rows(self, i: int) -> Rows:
         """(token ids, flat positions into the routing weights) of unit ``i``; None for a dense group."""
@@ -170,6 +171,8 @@ class Executor:
     SPLIT_BIAS_MAX_BLOCKS = 32
     #: a pause between layer steps longer than this is not one forward's host path (a new call, sampling)
     HOST_GAP_MAX_S = 0.1
+    #: routings of at most this many (token, k) pairs are sorted in Python (see _route)
+    PYTHON_ROUTING_MAX = 64
 
     def __init__(
         self,
@@ -218,6 +221,7 @@ class Executor:
         self._left_step: float | None = None  # when the last layer step returned (for host_gap_s)
         # (group, assignment, token counts, seconds) of the last CPU-lane job, not yet learned from
         self._last_cpu_job: tuple | None = None
+        self._one_token_row_cache: dict[int, Rows] = {}  # see _one_token_rows
         self._split_rows: dict[int, int] = {}  # intermediate size -> the CPU lane's rows of divided units
         # intermediate size -> blocks of rows moved to the CPU lane (negative: to the GPU lane) because the
         # GPU lane's parts finished after (before) the CPU lane in recent steps; see _balance_splits
@@ -468,8 +472,21 @@ class Executor:
         flat = flat.to("cpu")
         predicted = sorted(set(flat[n:].tolist())) if predicting is not None else []
         flat = flat[:n]
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=len(group.units)).tolist()
+        order_list = None
+        if n <= self.PYTHON_ROUTING_MAX:
+            # a decode step's few (token, k) pairs: sorted and counted in Python, cheaper than four torch
+            # ops on the feeding thread (the same stable order: equal experts keep their positions' order)
+            experts = flat.tolist()
+            order_list = sorted(range(n), key=experts.__getitem__)
+            counts = [0] * max(len(group.units), max(experts) + 1)
+            for e in experts:
+                counts[e] += 1
+            order = torch.tensor(order_list, dtype=torch.long)
+            token_of = torch.tensor([p // k for p in order_list], dtype=torch.long)
+        else:
+            order = torch.argsort(flat, stable=True)
+            counts = torch.bincount(flat, minlength=len(group.units)).tolist()
+            token_of = order // k
         starts = [0]
         for c in counts:
             starts.append(starts[-1] + c)
@@ -478,7 +495,8 @@ class Executor:
             for i, c in enumerate(counts):
                 if c:
                     self.routed_counts[(group.layer, i)] = self.routed_counts.get((group.layer, i), 0) + c
-        return Routing(counts=counts, order=order, token_of=order // k, starts=starts), predicted
+        routing = Routing(counts=counts, order=order, token_of=token_of, starts=starts, order_list=order_list)
+        return routing, predicted
 
     def _next_to_predict(self, group: ExpertGroup, tokens: int) -> ExpertGroup | None:
         """The next MoE layer's group when a decode-sized step should predict its routing: it has host units
@@ -583,7 +601,7 @@ class Executor:
                 # position. The same values, shapes and ops as the gathered path, so the same bits (an
                 # index_add_ of one row is an add), with two host-to-device copies and, per unit, three
                 # kernel launches fewer on the feeding thread
-                batch.positions = routing.order.tolist()
+                batch.positions = routing.order_list or routing.order.tolist()
                 if self.graph_experts and not self.start_only:
                     # not for a step started ahead: it may overlap another step, and the buffers are shared
                     batch.acc = self.expert_graphs.begin(hidden, flat_weights.dtype)
@@ -630,7 +648,12 @@ class Executor:
         """Start the CPU lane on its units: whole units, and rows [0, r) of the divided ones (their down
         outputs stay fp32 until the GPU's rows are added)."""
         units = lanes.on_cpu + list(lanes.split)
-        row_lists = [routing.rows(i) for i in units]
+        if hidden.shape[0] == 1 and routing.order_list is not None:
+            # a one-token step: every unit has row 0 and one routing-weight position; index tensors made
+            # once per position, not sliced per unit and step
+            row_lists = [self._one_token_rows(routing.order_list[routing.starts[i]]) for i in units]
+        else:
+            row_lists = [routing.rows(i) for i in units]
         self.stats.cpu_units += len(lanes.on_cpu)
         self.stats.cpu_tokens += sum(hidden.shape[0] if r is None else r[0].numel() for r in row_lists)
         label = f"L{group.layer} cpu units {','.join(str(i) for i in lanes.on_cpu)}"
@@ -703,6 +726,14 @@ class Executor:
             span=lambda: self.lanes.host_span("CPU lane", label),
         )
         return self.cpu_lane.submit(job)
+
+    def _one_token_rows(self, position: int) -> Rows:
+        """(token ids, routing-weight positions) of a unit in a one-token step: ``([0], [position])``."""
+        rows = self._one_token_row_cache.get(position)
+        if rows is None:
+            rows = (torch.zeros(1, dtype=torch.long), torch.tensor([position], dtype=torch.long))
+            self._one_token_row_cache[position] = rows
+        return rows
 
     @staticmethod
     def _cpu_bytes(group: ExpertGroup, i: int, rows: int | None) -> int:

@@ -597,3 +597,31 @@ def test_expert_graphs_capture_counts_the_first_run_once_and_falls_back_on_failu
     assert graphs.captures == 1 and len(graphs.failed) == 1
     graphs.clear()
     assert not graphs.graphs and not graphs.failed
+
+
+@pytest.mark.parametrize("tokens, k, experts", [(1, 2, 8), (1, 8, 128), (3, 4, 16), (16, 2, 4), (40, 8, 64)])
+def test_routing_sorted_in_python_equals_the_torch_sort(tokens, k, experts):
+    """Small routings are sorted and counted in Python: the same stable order, token of each position,
+    counts and starts as argsort/bincount (repeated experts included), for decode and larger steps."""
+    from types import SimpleNamespace
+
+    ex = Executor(torch.device("cpu"), default_profile("cuda"))
+    try:
+        group = SimpleNamespace(routed=True, units=[None] * experts, layer=0)
+        gen = torch.Generator().manual_seed(tokens * 1000 + k)
+        # drawn with replacement across tokens: many positions share an expert
+        top_k = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+        hidden = torch.zeros(tokens, 4)
+        results = []
+        for limit in (10**6, 0):
+            ex.PYTHON_ROUTING_MAX = limit
+            routing, _ = ex._route(group, hidden, top_k, None)
+            results.append(routing)
+        fast, slow = results
+        assert fast.order_list is not None and slow.order_list is None
+        assert torch.equal(fast.order, slow.order) and fast.order.dtype == slow.order.dtype
+        assert torch.equal(fast.token_of, slow.token_of)
+        assert fast.counts == slow.counts and fast.starts == slow.starts
+        assert fast.order_list == slow.order.tolist()
+    finally:
+        ex.close()
