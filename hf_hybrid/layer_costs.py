@@ -30,6 +30,14 @@ from .costs import (
 from .profile import HardwareProfile
 from .units import GPU, Unit
 
+#: The part of a host expert's copy time (at most UNIT_HOST_S) that a prefill-sized step adds to the layer
+#: as the feeding thread's serial time: it issues each expert while the copies of the ones before it run in
+#: the staging slots, so most of its issuing hides. Fitted on the H200 runs of 2026-12-04: with 0.5 (the
+#: value before) prefill was predicted 18-36% low on S3 and 10-23% low on S4 (19 runs, calls 14-22); with
+#: 0.2, S3 -8..+16% and S4 -3..+3% on calls 14-19 (fitted there) and S3 -11..+14%, S4 -13..-7% on calls
+#: 20-22 (held out). S1's experts take the UNIT_HOST_S cap either way (S1 -16..+14%, unchanged).
+PREFILL_UNIT_SHARE = 0.2
+
 
 def layer_time(
     layer_units: list[Unit],
@@ -92,12 +100,12 @@ def layer_time(
     if any(u.is_expert_like for u in layer_units):
         # the feeding thread's serial part of the step (see LAYER_HOST_S): every MLP layer pays the attention
         # block's Python and the routing round trip; each host expert used adds its issue and hand-off
-        # (in prefill-sized steps a small expert's issue hides behind the copies: at most half its copy)
+        # (in prefill-sized steps most of an expert's issue hides behind the copies: PREFILL_UNIT_SHARE)
         serial += LAYER_HOST_S
         for u, _, used in work:
             if u.kind == "expert":
                 if tokens > SPLIT_MAX_TOKENS:
-                    serial += used * min(UNIT_HOST_S, 0.5 * copy_time(u, profile))
+                    serial += used * min(UNIT_HOST_S, PREFILL_UNIT_SHARE * copy_time(u, profile))
                 elif not issue_measured:
                     serial += used * UNIT_HOST_S
     split_time = 0.0

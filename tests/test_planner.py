@@ -373,3 +373,42 @@ def test_assignment_counts_the_feeding_threads_issue_time():
     assert len(assign_tokens(work, issuing(100e-6, 250e-6), host_busy_s=1e-3)) < len(some)
     big = [HostWork(f"e{i}", 1, 350_000_000, 2 * 3 * 4096 * 14336) for i in range(4)]
     assert assign_tokens(big, issuing(100e-6, 250e-6)) == assign_tokens(big, base) != set()
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        "call20-s3-expert-graphs.json.gz",
+        "call21-s3-expert-graphs.json.gz",
+        "call20-s4-expert-graphs.json.gz",
+        "call21-s4-expert-graphs.json.gz",
+        "call22-s4-expert-graphs.json.gz",
+    ],
+)
+def test_prefill_prediction_follows_recorded_h200_runs(run):
+    """The plan's prefill prediction from the profile a recorded H200 run measured is within 15% of that
+    run's measured prefill (median of its rows): runs held out of the fit of PREFILL_UNIT_SHARE."""
+    import gzip
+    import json
+    import statistics
+    from pathlib import Path
+
+    import torch
+
+    from hf_hybrid.bench.scenarios import get_scenario, make_config
+    from hf_hybrid.modeling import plan_model
+    from hf_hybrid.options import HybridOptions
+    from hf_hybrid.profile import HardwareProfile
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "data" / "2026-12-04" / run
+    record = json.load(gzip.open(path, "rt"))
+    measured = statistics.median(r["prompt"] / r["prefill_s"] for r in record["rows"])
+    scenario = get_scenario(record["header"]["scenario"])
+    options = HybridOptions(
+        gpu_memory=scenario.gpu_memory, profile=HardwareProfile.from_dict(record["profile"]), max_context=1024
+    )
+    planned, _ = plan_model(make_config(scenario), torch.device("cuda"), torch.bfloat16, options)
+    assert abs(planned.predicted["prefill_tok_s"] / measured - 1) <= 0.15, (
+        planned.predicted["prefill_tok_s"],
+        measured,
+    )
