@@ -120,8 +120,8 @@ class ExpertGraphs:
             compute()
             return
         if key not in self._seen:
-            # recorded on its second use: a key used once (a divided expert's split that moved on) would
-            # cost a recording for nothing
+            # recorded on its second use: a key used once (an expert streamed into a slot once, a resident
+            # expert routed to once) would cost a recording for nothing
             if len(self._seen) >= self.MAX_GRAPHS:
                 self._seen.clear()
             self._seen.add(key)
