@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One pass on a GPU machine, in the order a change should be checked: every CUDA test, the bench rows of
 # each scenario in $SCENARIOS (with the variants named in $VARIANTS, side by side on one loaded model) and a
-# trace of a few decode steps of $TRACE. Results go to $OUT (default ./gpu-check); compare rows of one pass
-# only (machines differ).
+# trace of $TRACE_TOKENS new tokens (default 4) of $TRACE. Results go to $OUT (default ./gpu-check); compare
+# rows of one pass only (machines differ).
 #
 #     OUT=/tmp/out VARIANTS=eager_experts SCENARIOS="S3 S4 S1" TRACE=S3 bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -12,6 +12,7 @@ OUT="${OUT:-$PWD/gpu-check}"
 VARIANTS="${VARIANTS:-eager_experts}"
 SCENARIOS="${SCENARIOS:-S1 S3}"
 TRACE="${TRACE:-S1}"
+TRACE_TOKENS="${TRACE_TOKENS:-4}"
 mkdir -p "$OUT"
 start=$(date +%s)
 step() { echo "[$(($(date +%s) - start)) s] $*"; }
@@ -34,7 +35,7 @@ for scenario in $SCENARIOS; do
 done
 if [ -n "$TRACE" ]; then
   step "$TRACE trace"
-  timeout 200 python3 benchmarks/trace_scenario.py --scenario "$TRACE" --modes adaptive --new-tokens 4 \
+  timeout 200 python3 benchmarks/trace_scenario.py --scenario "$TRACE" --modes adaptive --new-tokens "$TRACE_TOKENS" \
     --out "$OUT/$TRACE.trace.json" >"$OUT/trace.txt" 2>&1
   tail -1 "$OUT/trace.txt" | cut -c1-200
 fi
