@@ -222,6 +222,7 @@ class Executor:
         # (group, assignment, token counts, seconds) of the last CPU-lane job, not yet learned from
         self._last_cpu_job: tuple | None = None
         self._one_token_row_cache: dict[int, Rows] = {}  # see _one_token_rows
+        self._packed_jobs: dict[tuple, tuple] = {}  # see _one_token_packed
         self._split_rows: dict[int, int] = {}  # intermediate size -> the CPU lane's rows of divided units
         # intermediate size -> blocks of rows moved to the CPU lane (negative: to the GPU lane) because the
         # GPU lane's parts finished after (before) the CPU lane in recent steps; see _balance_splits
@@ -267,6 +268,7 @@ class Executor:
         self.cpu_kernels.close()
         self.pinned_pool.clear()
         self.expert_graphs.clear()
+        self._packed_jobs.clear()
         self.expert_ring = None
         self.module_ring = None
 
@@ -665,31 +667,14 @@ class Executor:
         if self.cpu_kernels.native_applies(group, [routing.counts[i] for i in units]) and (
             weights is None or weights.dtype in (torch.bfloat16, torch.float32)
         ):
-            from .kernels.native import ExpertJob
-
-            jobs = []
-            for i, rows in zip(units, row_lists):
-                gate_up, down = group.host_weights[i]
-                r = lanes.split.get(i)
-                # rows of a divided unit, or a dense MLP's slice: a part of a sum, its down output stays fp32
-                partial = r is not None or not group.routed
-                # routed tokens pick their routing weight by position when the kernel runs: the device copy
-                # filling ``weights`` may still be in flight now
-                tokens, index = (None, None) if rows is None else rows
-                jobs.append(
-                    ExpertJob(
-                        gate_up,
-                        down,
-                        rows=r,
-                        tokens=tokens,
-                        weights=None if rows is None else weights,
-                        weight_index=index,
-                        partial=partial,
-                    )
+            native_lane = self.cpu_kernels.native_lane
+            if hidden.shape[0] == 1 and routing.order_list is not None and weights is not None:
+                packed = self._one_token_packed(group, lanes, units, routing, inputs, out)
+            else:
+                packed = native_lane.pack(
+                    inputs.x, self._native_jobs(group, lanes, units, row_lists, weights), out
                 )
             self.stats.native_units += len(units)
-            native_lane = self.cpu_kernels.native_lane
-            packed = native_lane.pack(inputs.x, jobs, out)
             if self._starts_native_directly(hidden):
                 self.stats.direct_native_jobs += 1
                 return self.cpu_lane.start_native(
@@ -726,6 +711,63 @@ class Executor:
             span=lambda: self.lanes.host_span("CPU lane", label),
         )
         return self.cpu_lane.submit(job)
+
+    @staticmethod
+    def _native_jobs(group, lanes: Assignment, units, row_lists, weights) -> list:
+        """The native lane's jobs of a step: whole units, and rows [0, r) of the divided ones."""
+        from .kernels.native import ExpertJob
+
+        jobs = []
+        for i, rows in zip(units, row_lists):
+            gate_up, down = group.host_weights[i]
+            r = lanes.split.get(i)
+            # rows of a divided unit, or a dense MLP's slice: a part of a sum, its down output stays fp32
+            partial = r is not None or not group.routed
+            # routed tokens pick their routing weight by position when the kernel runs: the device copy
+            # filling ``weights`` may still be in flight now
+            tokens, index = (None, None) if rows is None else rows
+            jobs.append(
+                ExpertJob(
+                    gate_up,
+                    down,
+                    rows=r,
+                    tokens=tokens,
+                    weights=None if rows is None else weights,
+                    weight_index=index,
+                    partial=partial,
+                )
+            )
+        return jobs
+
+    def _one_token_packed(self, group, lanes: Assignment, units, routing: Routing, inputs: HostInputs, out):
+        """A one-token step's native jobs, laid out from bytes kept per (unit, rows, routing-weight
+        position, weights buffer): the same jobs repeat from step to step, and validating and packing each
+        one again cost the feeding thread ~8 us a job on a 2-core machine. An entry holds the unit's
+        weight tensors and is used only while they are still the unit's (a re-homed unit gets new ones)."""
+        from .kernels.native import packed_job
+
+        x, weights = inputs.x, inputs.weights
+        if not self.lanes.is_cuda:
+            # on the CPU standing in the routing weights are the router's own output, a new tensor every
+            # step: a kept buffer keeps the bytes valid from step to step, as the pinned copy does on a GPU
+            kept = self.pinned("w", tuple(weights.shape), weights.dtype)
+            kept.copy_(weights)
+            weights = kept
+        shape = (x.dtype, x.shape[1], weights.data_ptr(), weights.dtype, weights.numel())
+        parts = []
+        for i in units:
+            gate_up, down = group.host_weights[i]
+            r = lanes.split.get(i)
+            position = routing.order_list[routing.starts[i]]
+            key = (group.layer, i, r, position, shape)
+            entry = self._packed_jobs.get(key)
+            if entry is None or entry[0] is not gate_up or entry[1] is not down:
+                rows = self._one_token_rows(position)
+                job = self._native_jobs(group, lanes, [i], [rows], weights)[0]
+                entry = (gate_up, down, packed_job(job, x.dtype, 1, x.shape[1]))
+                self._packed_jobs[key] = entry
+            parts.append(entry[2])
+        return self.cpu_kernels.native_lane.pack_bytes(x, parts, out, [weights])
 
     def _one_token_rows(self, position: int) -> Rows:
         """(token ids, routing-weight positions) of a unit in a one-token step: ``([0], [position])``."""
@@ -973,5 +1015,6 @@ class Executor:
         """Move unit ``i`` of ``group`` to ``home`` (weights cross PCIe once; for re-planning)."""
         rehome_unit(group, i, home, self.device, pin=self.lanes.is_cuda)
         group.cpu_kernels.pop(i, None)
+        self._packed_jobs.clear()  # entries hold the old host tensors: let them go
         if self.expert_ring is not None:
             self.expert_ring.by_tag.pop((group.layer, i), None)

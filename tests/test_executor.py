@@ -625,3 +625,47 @@ def test_routing_sorted_in_python_equals_the_torch_sort(tokens, k, experts):
         assert fast.order_list == slow.order.tolist()
     finally:
         ex.close()
+
+
+def test_one_token_native_jobs_kept_packed_match_a_fresh_pack(tiny_checkpoints, monkeypatch):
+    """A one-token step's native jobs come from bytes kept per unit, position and buffer: on every step
+    (cache hits included) they are byte for byte what packing the step's jobs afresh gives, and re-homing a
+    unit drops them (they hold its old weights' addresses)."""
+    from hf_hybrid.kernels import native
+
+    if not native.available():
+        pytest.skip("the native CPU lane is not built here")
+    from test_exactness import load_pair, prompt
+
+    _, hybrid = load_pair(
+        tiny_checkpoints["mixtral"],
+        "mixtral",
+        torch.bfloat16,
+        cpu_backend="native",
+        token_assignment="static",
+    )
+    executor = hybrid.hybrid.executor
+    original = Executor._one_token_packed
+    compared = []
+
+    def checked(self, group, lanes, units, routing, inputs, out):
+        packed = original(self, group, lanes, units, routing, inputs, out)
+        rows = [self._one_token_rows(routing.order_list[routing.starts[i]]) for i in units]
+        weights = inputs.weights
+        if not self.lanes.is_cuda:  # the buffer the kept bytes point to (see _one_token_packed)
+            weights = self.pinned("w", tuple(weights.shape), weights.dtype)
+        jobs = Executor._native_jobs(group, lanes, units, rows, weights)
+        fresh = self.cpu_kernels.native_lane.pack(inputs.x, jobs, out)
+        assert bytes(packed.buffer) == bytes(fresh.buffer) and packed.count == fresh.count
+        compared.append(len(units))
+        return packed
+
+    monkeypatch.setattr(Executor, "_one_token_packed", checked)
+    ids = prompt(batch=1, length=6)
+    first = hybrid.generate(ids, max_new_tokens=8, do_sample=False)
+    # kept entries were used again: fewer entries than jobs packed
+    assert 0 < len(executor._packed_jobs) < sum(compared)
+    layer, group = next((layer, g) for layer, g in executor.groups.items() if "cpu" in g.homes)
+    executor.rehome(group, group.homes.index("cpu"), "gpu")
+    assert not executor._packed_jobs
+    assert torch.equal(hybrid.generate(ids, max_new_tokens=8, do_sample=False), first)

@@ -660,6 +660,23 @@ class NativeExpertLane:
             (ctypes.c_char * len(packed)).from_buffer(packed), len(jobs), x, out, dtype_code, keep
         )
 
+    def pack_bytes(
+        self, x: Tensor, job_bytes: Sequence[bytes], out: Tensor, keep: Sequence[Tensor]
+    ) -> PackedJobs:
+        """:meth:`pack` for jobs packed already, one by one, by :func:`packed_job` (a decode step's jobs repeat
+        from step to step: the executor keeps their bytes). ``keep``: the tensors the jobs point to that the
+        caller does not hold for the call's duration otherwise."""
+        dtype_code = _check_x_out(x, out)
+        packed = bytearray(b"".join(job_bytes) or bytes(_JOB_PACK.size))
+        return PackedJobs(
+            (ctypes.c_char * len(packed)).from_buffer(packed),
+            len(job_bytes),
+            x,
+            out,
+            dtype_code,
+            [x, out, *keep],
+        )
+
     def start(self, packed: PackedJobs, *, zero_out: bool = False) -> None:
         """Start jobs packed by :meth:`pack` on the pool's leader thread and return at once; :meth:`wait`
         returns the result. The caller (the executor's feeding thread) starts a decode step's CPU work
@@ -805,6 +822,13 @@ def _matrix(t: object, name: str, n: int, dtype: torch.dtype) -> tuple[int, int,
     if (col_stride != 1 and cols > 1) or (row_stride < cols and rows > 1):
         raise ValueError(f"job {n}: {name} rows must be contiguous (strides {t.stride()})")
     return rows, cols, max(row_stride, cols), t.data_ptr()
+
+
+def packed_job(job: ExpertJob, dtype: torch.dtype, ntokens: int, hidden: int) -> bytes:
+    """``job`` validated against activations of ``dtype`` and shape ``[ntokens, hidden]`` and packed as one
+    ``hf_job`` (for :meth:`NativeExpertLane.pack_bytes`). The bytes hold the addresses of the job's
+    tensors: valid while those tensors live and keep their layout. Raises ``ValueError`` as :meth:`pack`."""
+    return _JOB_PACK.pack(*_job_fields(job, 0, dtype, ntokens, hidden, []))
 
 
 def _job_fields(
