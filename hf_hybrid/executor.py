@@ -173,6 +173,8 @@ class Executor:
     HOST_GAP_MAX_S = 0.1
     #: routings of at most this many (token, k) pairs are sorted in Python (see _route)
     PYTHON_ROUTING_MAX = 64
+    #: one-token native jobs kept packed at most (see _one_token_packed; S3 uses ~16k: layers x experts x k)
+    PACKED_JOBS_MAX = 65536
 
     def __init__(
         self,
@@ -765,6 +767,8 @@ class Executor:
                 rows = self._one_token_rows(position)
                 job = self._native_jobs(group, lanes, [i], [rows], weights)[0]
                 entry = (gate_up, down, packed_job(job, x.dtype, 1, x.shape[1]))
+                if len(self._packed_jobs) >= self.PACKED_JOBS_MAX:
+                    self._packed_jobs.clear()  # splits that moved on, buffers made again: start afresh
                 self._packed_jobs[key] = entry
             parts.append(entry[2])
         return self.cpu_kernels.native_lane.pack_bytes(x, parts, out, [weights])

@@ -666,6 +666,11 @@ def test_one_token_native_jobs_kept_packed_match_a_fresh_pack(tiny_checkpoints, 
     # kept entries were used again: fewer entries than jobs packed
     assert 0 < len(executor._packed_jobs) < sum(compared)
     layer, group = next((layer, g) for layer, g in executor.groups.items() if "cpu" in g.homes)
+    # a full cache starts afresh: same results, never more entries than the cap
+    executor._packed_jobs.clear()
+    executor.PACKED_JOBS_MAX = 2
+    assert torch.equal(hybrid.generate(ids, max_new_tokens=8, do_sample=False), first)
+    assert 0 < len(executor._packed_jobs) <= 2
     executor.rehome(group, group.homes.index("cpu"), "gpu")
     assert not executor._packed_jobs
     assert torch.equal(hybrid.generate(ids, max_new_tokens=8, do_sample=False), first)
