@@ -652,10 +652,12 @@ class Executor:
         """Start the CPU lane on its units: whole units, and rows [0, r) of the divided ones (their down
         outputs stay fp32 until the GPU's rows are added)."""
         units = lanes.on_cpu + list(lanes.split)
+        positions = None
         if hidden.shape[0] == 1 and routing.order_list is not None:
             # a one-token step: every unit has row 0 and one routing-weight position; index tensors made
             # once per position, not sliced per unit and step
-            row_lists = [self._one_token_rows(routing.order_list[routing.starts[i]]) for i in units]
+            positions = [routing.order_list[routing.starts[i]] for i in units]
+            row_lists = [self._one_token_rows(p) for p in positions]
         else:
             row_lists = [routing.rows(i) for i in units]
         self.stats.cpu_units += len(lanes.on_cpu)
@@ -670,8 +672,8 @@ class Executor:
             weights is None or weights.dtype in (torch.bfloat16, torch.float32)
         ):
             native_lane = self.cpu_kernels.native_lane
-            if hidden.shape[0] == 1 and routing.order_list is not None and weights is not None:
-                packed = self._one_token_packed(group, lanes, units, routing, inputs, out)
+            if positions is not None and weights is not None:
+                packed = self._one_token_packed(group, lanes, units, positions, row_lists, inputs, out)
             else:
                 packed = native_lane.pack(
                     inputs.x, self._native_jobs(group, lanes, units, row_lists, weights), out
@@ -741,7 +743,9 @@ class Executor:
             )
         return jobs
 
-    def _one_token_packed(self, group, lanes: Assignment, units, routing: Routing, inputs: HostInputs, out):
+    def _one_token_packed(
+        self, group, lanes: Assignment, units, positions, row_lists, inputs: HostInputs, out
+    ):
         """A one-token step's native jobs, laid out from bytes kept per (unit, rows, routing-weight
         position, weights buffer): the same jobs repeat from step to step, and validating and packing each
         one again cost the feeding thread ~8 us a job on a 2-core machine. An entry holds the unit's
@@ -757,14 +761,11 @@ class Executor:
             weights = kept
         shape = (x.dtype, x.shape[1], weights.data_ptr(), weights.dtype, weights.numel())
         parts = []
-        for i in units:
+        for i, position, rows in zip(units, positions, row_lists):
             gate_up, down = group.host_weights[i]
-            r = lanes.split.get(i)
-            position = routing.order_list[routing.starts[i]]
-            key = (group.layer, i, r, position, shape)
+            key = (group.layer, i, lanes.split.get(i), position, shape)
             entry = self._packed_jobs.get(key)
             if entry is None or entry[0] is not gate_up or entry[1] is not down:
-                rows = self._one_token_rows(position)
                 job = self._native_jobs(group, lanes, [i], [rows], weights)[0]
                 entry = (gate_up, down, packed_job(job, x.dtype, 1, x.shape[1]))
                 if len(self._packed_jobs) >= self.PACKED_JOBS_MAX:

@@ -169,12 +169,7 @@ class DeviceLanes:
         position), then the capture records ``fn`` without running it. ``pool`` is a graph memory pool shared by
         graphs that never run at the same time. The caller replays the graph to run the step.
         """
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            fn()
-        current.wait_stream(side)
+        self._run_beside(torch.cuda.Stream(self.device), fn)
         if before_capture is not None:
             before_capture()
         graph = torch.cuda.CUDAGraph()
@@ -182,6 +177,14 @@ class DeviceLanes:
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             outputs = fn()
         return graph, outputs
+
+    def _run_beside(self, side, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on the stream ``side``, after the compute stream's work so far and before its next."""
+        current = torch.cuda.current_stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            fn()
+        current.wait_stream(side)
 
     def capture_in_step(self, fn: Callable[[], None], pool):
         """Run ``fn`` once and record it as a CUDA graph, in the middle of a step; returns the graph.
@@ -192,14 +195,10 @@ class DeviceLanes:
         and the compute stream after it) - that run is the real one - then the same stream records it into
         ``pool``, a graph memory pool shared by graphs that never run at the same time.
         """
-        current = torch.cuda.current_stream(self.device)
         if self._capture_stream is None:
             self._capture_stream = torch.cuda.Stream(self.device)
         side = self._capture_stream
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            fn()
-        current.wait_stream(side)
+        self._run_beside(side, fn)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
             # thread_local: the CPU lane's worker may call into CUDA-free torch code meanwhile

@@ -648,9 +648,8 @@ def test_one_token_native_jobs_kept_packed_match_a_fresh_pack(tiny_checkpoints, 
     original = Executor._one_token_packed
     compared = []
 
-    def checked(self, group, lanes, units, routing, inputs, out):
-        packed = original(self, group, lanes, units, routing, inputs, out)
-        rows = [self._one_token_rows(routing.order_list[routing.starts[i]]) for i in units]
+    def checked(self, group, lanes, units, positions, rows, inputs, out):
+        packed = original(self, group, lanes, units, positions, rows, inputs, out)
         weights = inputs.weights
         if not self.lanes.is_cuda:  # the buffer the kept bytes point to (see _one_token_packed)
             weights = self.pinned("w", tuple(weights.shape), weights.dtype)
