@@ -11,6 +11,9 @@ from .options import TOKEN_ASSIGNMENTS
 from .profile import HardwareProfile
 from .units import CPU, HOMES, STREAM, Unit
 
+#: entries an :func:`assign_tokens` memo holds before it is cleared
+MEMO_MAX = 1 << 16
+
 
 @dataclass(frozen=True)
 class HostWork:
@@ -33,6 +36,7 @@ def assign_tokens(
     issue_s: float | None = None,
     mode: str = "adaptive",
     cpu_scale: float = 1.0,
+    memo: dict | None = None,
 ) -> set[str]:
     """Decide which host units of one layer step run on the GPU (streamed) rather than on the CPU.
 
@@ -46,7 +50,9 @@ def assign_tokens(
     device work; ``issue_s`` replaces the profile's figure, as the executor learns it): in a decode step
     of small experts that, not the copy, is what streaming one costs.
     ``cpu_scale`` multiplies the CPU costs: the executor sets it from how long its CPU lane really took
-    against this prediction. Returns the names to stream.
+    against this prediction. ``memo``: a dict the caller keeps for one ``profile``, holding each unit's
+    costs per token count from call to call (the executor assigns every layer step of every token; the
+    costs of a unit at a token count do not change while the profile stays). Returns the names to stream.
     """
     if mode not in TOKEN_ASSIGNMENTS:
         raise ValueError(f"unknown token assignment mode {mode!r}")
@@ -64,12 +70,26 @@ def assign_tokens(
     issue = issue_times(profile)[1] if issue_s is None else issue_s
     costed = []
     largest = max((w.tokens for w in work), default=1)
-    cpu_factor, pcie_factor = cpu_scale / cpu_share(profile, largest), 1.0 / pcie_share(profile, largest)
+    if memo is None:
+        memo = {}
+    elif len(memo) > MEMO_MAX:
+        memo.clear()  # prefill steps bring many token counts: start afresh rather than grow
+    shares = memo.get(largest)
+    if shares is None:
+        shares = memo[largest] = (cpu_share(profile, largest), pcie_share(profile, largest))
+    cpu_factor, pcie_factor = cpu_scale / shares[0], 1.0 / shares[1]
     for w in work:
-        unit = Unit(w.name, "expert", None, w.nbytes, w.flops_per_token, HOMES)
-        c = cpu_time(unit, w.tokens, profile) * cpu_factor
-        g = gpu_time(unit, w.tokens, profile)
-        x = 0.0 if w.staged else copy_time(unit, profile) * pcie_factor
+        key = (w.name, w.tokens, w.nbytes, w.flops_per_token)
+        base = memo.get(key)
+        if base is None:
+            unit = Unit(w.name, "expert", None, w.nbytes, w.flops_per_token, HOMES)
+            base = memo[key] = (
+                cpu_time(unit, w.tokens, profile),
+                gpu_time(unit, w.tokens, profile),
+                copy_time(unit, profile),
+            )
+        c, g = base[0] * cpu_factor, base[1]
+        x = 0.0 if w.staged else base[2] * pcie_factor
         costed.append((max(c, x + g), c, g, x, w.name))
     for _, c, g, x, name in sorted(costed, reverse=True):
         cpu_finish = (cpu_lane or CPU_ROUND_TRIP_S) + c

@@ -46,7 +46,7 @@ from .options import DIVIDING_ASSIGNMENTS, TOKEN_ASSIGNMENTS
 from .profile import HardwareProfile
 from .staging import StagingRing
 from .units import GPU, STREAM
-from .weights import ExpertGroup, carve, merge_resident_slices, rehome_unit
+from .weights import ExpertGroup, merge_resident_slices, rehome_unit
 
 
 @dataclass
@@ -85,18 +85,40 @@ class Routing:
     """Stage 1's result: per unit, how many tokens it gets and which (sorted by unit)."""
 
     counts: list[int]
-    order: torch.Tensor | None = None  # flat (token, k) positions sorted by unit
-    token_of: torch.Tensor | None = None  # the token of each sorted position
-    starts: list[int] | None = None  # unit i's positions are order[starts[i]:starts[i+1]]
+    starts: list[int] | None = None  # unit i's positions are order[starts[i]:starts[i+1]]; None: dense
     order_list: list[int] | None = None  # ``order`` as a list, where the routing was sorted in Python
+    top_k: int = 1
+    # flat (token, k) positions sorted by unit, and the token of each; from ``order_list`` when first asked
+    # for (a one-token step needs only the list)
+    sorted_positions: torch.Tensor | None = None
+    sorted_tokens: torch.Tensor | None = None
+
+    @property
+    def routed(self) -> bool:
+        """Whether tokens were routed (a MoE layer), as opposed to every unit taking every token."""
+        return self.starts is not None
+
+    @property
+    def order(self) -> torch.Tensor | None:
+        """Flat (token, k) positions sorted by unit (None for a dense group)."""
+        if self.sorted_positions is None and self.order_list is not None:
+            self.sorted_positions = torch.tensor(self.order_list, dtype=torch.long)
+        return self.sorted_positions
+
+    @property
+    def token_of(self) -> torch.Tensor | None:
+        """The token of each sorted position (None for a dense group)."""
+        if self.sorted_tokens is None and self.order_list is not None:
+            k = self.top_k
+            self.sorted_tokens = torch.tensor([p // k for p in self.order_list], dtype=torch.long)
+        return self.sorted_tokens
 
     def rows(self, i: int) -> Rows:
         """(token ids, flat positions into the routing weights) of unit ``i``; None for a dense group."""
-        if self.order is None:
+        if not self.routed:
             return None
-        return self.token_of[self.starts[i] : self.starts[i + 1]], self.order[
-            self.starts[i] : self.starts[i + 1]
-        ]
+        a, b = self.starts[i], self.starts[i + 1]
+        return self.token_of[a:b], self.order[a:b]
 
 
 @dataclass
@@ -225,6 +247,9 @@ class Executor:
         self._last_cpu_job: tuple | None = None
         self._one_token_row_cache: dict[int, Rows] = {}  # see _one_token_rows
         self._packed_jobs: dict[tuple, tuple] = {}  # see _one_token_packed
+        # unit costs assign_tokens keeps between steps, valid for one profile (see _assignment_memo)
+        self._memo_profile = None
+        self._unit_costs: dict = {}
         self._split_rows: dict[int, int] = {}  # intermediate size -> the CPU lane's rows of divided units
         # intermediate size -> blocks of rows moved to the CPU lane (negative: to the GPU lane) because the
         # GPU lane's parts finished after (before) the CPU lane in recent steps; see _balance_splits
@@ -389,7 +414,7 @@ class Executor:
             routing, predicted = self._route(group, hidden, top_k_index, predicting)
         with span("host", f"L{group.layer} assign"):
             lanes = self._assign(group, routing)
-        flat_weights = top_k_weights.reshape(-1) if routing.order is not None else None
+        flat_weights = top_k_weights.reshape(-1) if routing.routed else None
         cpu_future = None
         if lanes.on_cpu or lanes.split:
             # the CPU lane first: it is the longest lane of a decode step, and it starts only when its job
@@ -485,8 +510,7 @@ class Executor:
             counts = [0] * max(len(group.units), max(experts) + 1)
             for e in experts:
                 counts[e] += 1
-            order = torch.tensor(order_list, dtype=torch.long)
-            token_of = torch.tensor([p // k for p in order_list], dtype=torch.long)
+            order = token_of = None  # made from the list if the step needs them (Routing.order)
         else:
             order = torch.argsort(flat, stable=True)
             counts = torch.bincount(flat, minlength=len(group.units)).tolist()
@@ -499,7 +523,14 @@ class Executor:
             for i, c in enumerate(counts):
                 if c:
                     self.routed_counts[(group.layer, i)] = self.routed_counts.get((group.layer, i), 0) + c
-        routing = Routing(counts=counts, order=order, token_of=token_of, starts=starts, order_list=order_list)
+        routing = Routing(
+            counts=counts,
+            starts=starts,
+            order_list=order_list,
+            top_k=k,
+            sorted_positions=order,
+            sorted_tokens=token_of,
+        )
         return routing, predicted
 
     def _next_to_predict(self, group: ExpertGroup, tokens: int) -> ExpertGroup | None:
@@ -578,6 +609,7 @@ class Executor:
             issue_s=issue_streamed,
             mode=mode,
             cpu_scale=self.cpu_scales[out.regime],
+            memo=self._assignment_memo(),
         )
         if ring is None:
             names = set()
@@ -596,10 +628,16 @@ class Executor:
             self.cpu_scales[out.regime] += self.CPU_SCALE_DECAY * (1.0 - self.cpu_scales[out.regime])
         return out
 
+    def _assignment_memo(self) -> dict:
+        """The unit costs :func:`assign_tokens` keeps between steps, for the executor's current profile."""
+        if self._memo_profile is not self.profile:
+            self._memo_profile, self._unit_costs = self.profile, {}
+        return self._unit_costs
+
     def _device_batch(self, hidden, routing: Routing, lanes: Assignment, flat_weights) -> DeviceBatch:
         dev = hidden.device
         batch = DeviceBatch(hidden=hidden, acc=None, routing=routing, flat_weights=flat_weights)
-        if routing.order is not None and (lanes.resident or lanes.streamed or lanes.split):
+        if routing.routed and (lanes.resident or lanes.streamed or lanes.split):
             if hidden.shape[0] == 1:
                 # every unit has the one token: its input is the step's row and its weight a host-known
                 # position. The same values, shapes and ops as the gathered path, so the same bits (an
@@ -797,9 +835,9 @@ class Executor:
         for i in streamed:
             self._maybe_fault("stream")
             entered = time.perf_counter()
-            gate_up_shape, down_shape = group.shapes[i]
-            view, ready, cached = self.expert_ring.fetch((group.layer, i), group.host_regions[i])
-            gate_up, down = carve(view, [gate_up_shape, down_shape], group.dtype)
+            (gate_up, down), ready, cached = self.expert_ring.fetch_carved(
+                (group.layer, i), group.host_regions[i], group.shapes[i], group.dtype
+            )
             self.lanes.wait(ready)
             with self.lanes.span("GPU", f"L{group.layer} streamed {i}"):
                 self._device_unit(group, i, gate_up, down, batch)
@@ -820,9 +858,9 @@ class Executor:
             inter, hidden = gate_up_host.shape[0] // 2, gate_up_host.shape[1]
             tag = (group.layer, i, r)
             parts = [gate_up_host[r:inter], gate_up_host[inter + r :], down_host[:, r:]]
-            view, ready, cached = self.expert_ring.fetch(tag, parts)
-            shapes = [(inter - r, hidden), (inter - r, hidden), (down_host.shape[0], inter - r)]
-            copied.append((i, r, inter, tag, carve(view, shapes, group.dtype), ready, cached))
+            shapes = ((inter - r, hidden), (inter - r, hidden), (down_host.shape[0], inter - r))
+            tensors, ready, cached = self.expert_ring.fetch_carved(tag, parts, shapes, group.dtype)
+            copied.append((i, r, inter, tag, tensors, ready, cached))
         return copied
 
     def _compute_divided(self, group: ExpertGroup, copied: list, batch: DeviceBatch) -> None:
@@ -865,11 +903,7 @@ class Executor:
     def _learns_issue(self, batch: DeviceBatch) -> bool:
         """Whether this step's GPU-lane issuing teaches :attr:`issue_seconds`: decode-sized MoE steps on an
         accelerator (on the CPU standing in, issuing is computing, which the cost model prices already)."""
-        return (
-            self.lanes.is_cuda
-            and batch.routing.order is not None
-            and batch.hidden.shape[0] <= SPLIT_MAX_TOKENS
-        )
+        return self.lanes.is_cuda and batch.routing.routed and batch.hidden.shape[0] <= SPLIT_MAX_TOKENS
 
     def _learn_issue(self, kind: str, seconds: float) -> None:
         current = self.issue_seconds[kind]

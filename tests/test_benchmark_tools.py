@@ -53,6 +53,20 @@ def test_cpu_lane_memory_probe_prints_a_rate_per_method(tmp_path):
     assert "| ordinary | linear |" in out
 
 
+def test_streamed_issue_probe_needs_a_cuda_device(tmp_path):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the probe's CUDA run is checked on the device machine")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "streamed_issue.py")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0 and "needs a CUDA device" in done.stderr
+
+
 def test_scripts_import_hf_hybrid_before_torch():
     # OpenMP reads OMP_WAIT_POLICY once, when torch loads it: hf_hybrid can only make it passive if it is
     # imported first (the traces and probes of 2026-11-25 ran with spinning threads for want of this)

@@ -362,11 +362,17 @@ def test_cuda_profile_times_issuing_on_the_expert_graphs():
     ExpertGraphs.__init__ = keep
     try:
         dev = torch.device("cuda")
-        resident, streamed = measure_mod._measure_device_issue(DeviceLanes(dev), dev, torch.bfloat16)
+        times = measure_mod._measure_device_issue(DeviceLanes(dev), dev, torch.bfloat16)
     finally:
         ExpertGraphs.__init__ = original
     graphs = made[0]
     assert graphs.captures == 2 and not graphs.failed
     assert graphs.replays >= 2 * measure_mod._ISSUE_BLOCKS * measure_mod._ISSUE_REPS
-    print(f"issue per expert: resident {resident * 1e6:.1f} us, streamed {streamed * 1e6:.1f} us")
+    resident, streamed, graph_resident, graph_streamed = times
+    print(
+        f"issue per expert, kernel by kernel: resident {resident * 1e6:.1f} us, streamed {streamed * 1e6:.1f}"
+        f" us; replayed: resident {graph_resident * 1e6:.1f} us, streamed {graph_streamed * 1e6:.1f} us"
+    )
     assert 0 < resident < streamed < 1e-3
+    assert 0 < graph_resident < graph_streamed < 1e-3
+    assert graph_resident < resident  # one copy and one replay against six or seven launches

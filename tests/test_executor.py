@@ -9,6 +9,7 @@ import torch
 from tiny_models import load_every_lane
 from transformers import AutoModelForCausalLM
 
+from hf_hybrid.errors import ExecutionError
 from hf_hybrid.executor import Executor
 from hf_hybrid.kernels.cpu import gated_mlp
 from hf_hybrid.lanes import DeviceLanes
@@ -99,6 +100,24 @@ def test_slow_cpu_lane_moves_work_to_the_copy_lane():
     assert len(assign_tokens(work, profile, cpu_scale=8.0)) == 2  # CPU measured 8x slower: stream both
 
 
+def test_assignment_memo_keeps_costs_not_decisions():
+    # the executor's memo holds each unit's costs per token count between steps; the decision still follows
+    # what changes from step to step (staged units, the learned CPU factor)
+    profile = default_profile("cuda")
+    work = [HostWork(f"e{i}", 1 + i % 2, 9 * MIB * (1 + i), 9 * MIB) for i in range(6)]
+    memo: dict = {}
+    for scale in (0.5, 1.0, 3.0, 8.0):
+        assert assign_tokens(work, profile, cpu_scale=scale, memo=memo) == assign_tokens(
+            work, profile, cpu_scale=scale
+        )
+    assert len(memo) == 6 + 1  # one entry per unit and token count, one per step size
+    staged = [HostWork(w.name, w.tokens, w.nbytes, w.flops_per_token, staged=True) for w in work]
+    assert assign_tokens(staged, profile, cpu_scale=8.0, memo=memo) == assign_tokens(
+        staged, profile, cpu_scale=8.0
+    )
+    assert assign_tokens(work, profile, memo=memo) != assign_tokens(work, profile, cpu_scale=8.0, memo=memo)
+
+
 def test_staging_ring_reuses_cached_weights_and_evicts_least_recent():
     lanes = DeviceLanes(torch.device("cpu"))
     ring = StagingRing(lanes, slot_bytes=1024, slots=2)
@@ -111,6 +130,30 @@ def test_staging_ring_reuses_cached_weights_and_evicts_least_recent():
     ring.fetch("c", regions["c"])  # evicts b, the least recently used
     assert "b" not in ring.by_tag and "a" in ring.by_tag
     assert ring.bytes_copied == 3000
+
+
+def test_staging_ring_keeps_each_slots_layouts_and_typed_tensors():
+    # a unit that comes back to a slot reuses the views made the first time (no view ops on the feeding
+    # thread), and views made inside inference mode still take copies outside it (a later plain call)
+    lanes = DeviceLanes(torch.device("cpu"))
+    ring = StagingRing(lanes, slot_bytes=4096, slots=1)
+    shapes = ((4, 8), (8, 2))
+    first = torch.arange(48, dtype=torch.float32)
+    second = torch.arange(48, dtype=torch.float32) * -1
+    parts = lambda t: [t[:32].view(4, 8), t[32:].view(8, 2)]  # noqa: E731
+    with torch.inference_mode():
+        (a, b), _, cached = ring.fetch_carved("x", parts(first), shapes, torch.float32)
+    assert not cached and torch.equal(a, first[:32].view(4, 8)) and torch.equal(b, first[32:].view(8, 2))
+    assert not a.is_inference()
+    (a2, b2), _, cached = ring.fetch_carved("y", parts(second), shapes, torch.float32)  # same slot, evicts x
+    assert not cached and a2 is a and b2 is b  # the same tensor objects: the slot's layout was kept
+    assert torch.equal(a, second[:32].view(4, 8)) and torch.equal(b, second[32:].view(8, 2))
+    assert ring.bytes_copied == 2 * 48 * 4
+    (a3, _), _, cached = ring.fetch_carved("y", parts(second), shapes, torch.float32)
+    assert cached and a3 is a
+    with pytest.raises(ExecutionError, match="too small"):
+        ring.fetch("z", torch.zeros(8192, dtype=torch.uint8))
+    assert "y" in ring.by_tag  # a refused fetch leaves the slot's unit in place
 
 
 def test_host_arena_carves_aligned_typed_views():

@@ -210,6 +210,13 @@ def _remove_stale_tmp(root: Path, key: str) -> None:
             pass  # alive, someone else's
 
 
+def _write_back() -> None:
+    """Flush dirty pages to disk (``os.sync``; a no-op where the platform has none)."""
+    sync = getattr(os, "sync", None)
+    if sync is not None:
+        sync()
+
+
 def _zipf_targets(num_experts: int, top_k: int, exponent: float) -> torch.Tensor:
     """Per-rank selection probability ``min(1, c / r**s)`` with ``c`` chosen so they add up to ``top_k``."""
     ranks = torch.arange(1, num_experts + 1, dtype=torch.float64)
@@ -446,6 +453,12 @@ def build_checkpoint(
         tick = time.perf_counter()
         model.save_pretrained(tmp, max_shard_size="5GB")
         timings["save_s"] = time.perf_counter() - tick
+        # the written shards sit dirty in the page cache and the kernel writes them back while the first
+        # measurements run (tens of GiB at disk speed), competing with the lanes for DRAM bandwidth and cores:
+        # write them back now, before anything is timed
+        tick = time.perf_counter()
+        _write_back()
+        timings["sync_s"] = time.perf_counter() - tick
         bar.update(1)
         breakdown = byte_breakdown(model, config)
         meta = {
