@@ -149,6 +149,25 @@ def divides(unit: Unit, tokens: int) -> bool:
     return tokens <= SPLIT_MAX_TOKENS and unit.nbytes >= SPLIT_MIN_BYTES
 
 
+def divides_in_prefill(unit: Unit, tokens: int) -> bool:
+    """Whether a prefill-sized step divides ``unit`` between the lanes where the executor's
+    ``prefill_splits`` asks for it: more than :data:`SPLIT_MAX_TOKENS` tokens, at least
+    :data:`SPLIT_MIN_BYTES`."""
+    return tokens > SPLIT_MAX_TOKENS and unit.nbytes >= SPLIT_MIN_BYTES
+
+
+def prefill_split_fraction(
+    unit: Unit, tokens: int, profile: HardwareProfile, cpu_scale: float = 1.0
+) -> float:
+    """Share ``f`` of ``unit``'s intermediate rows the CPU lane computes when a prefill-sized step divides it:
+    the CPU lane's part (its GEMM over ``tokens`` tokens, at its rate while copies run, times the learned
+    factor ``cpu_scale``) then takes as long as the rest's copy (at the copies' rate while the CPU lane
+    runs) and its GPU compute: f = T_gpu / (T_cpu + T_gpu), with T the time the whole unit takes each side."""
+    on_cpu = cpu_time(unit, tokens, profile) * cpu_scale / cpu_share(profile, tokens)
+    on_gpu = copy_time(unit, profile) / pcie_share(profile, tokens) + gpu_time(unit, tokens, profile)
+    return on_gpu / (on_cpu + on_gpu) if on_cpu + on_gpu > 0 else 0.0
+
+
 def pcie_share(profile: HardwareProfile, tokens: int = 1) -> float:
     """Fraction of its solo rate the copy lane keeps while the CPU lane reads DRAM (with the native lane
     for decode-sized CPU jobs, which reads DRAM faster and leaves the copies less)."""

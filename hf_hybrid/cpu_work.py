@@ -17,8 +17,9 @@ import torch
 
 from .kernels.cpu import CpuExpertKernel, partial_gated_mlp
 
-#: (token ids, flat positions into the routing weights) of one unit's tokens; None = every token, weight 1
-Rows = tuple[torch.Tensor, torch.Tensor] | None
+#: (token ids, flat positions into the routing weights) of one unit's tokens; None = every token, weight 1;
+#: positions None = weight 1 (a divided unit's part the executor weights after the join)
+Rows = tuple[torch.Tensor, torch.Tensor | None] | None
 
 
 @dataclass
@@ -67,6 +68,8 @@ def whole_units_job(
             y = partial_gated_mlp(xs, part.gate, part.up, part.down, act_fn)
             if part.rows is None:
                 out.add_(y)
+            elif part.rows[1] is None:  # a part kept apart from the step's rows, unweighted
+                out.index_add_(0, part.rows[0], y)
             else:
                 tok, sel = part.rows
                 out.index_add_(0, tok, y * inputs.weights[sel, None].float())

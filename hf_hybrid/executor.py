@@ -35,7 +35,15 @@ import torch
 import torch.nn.functional as F
 
 from .assignment import HostWork, assign_tokens
-from .costs import SPLIT_MAX_TOKENS, cpu_lane_time, divides, issue_times, split_fraction
+from .costs import (
+    SPLIT_MAX_TOKENS,
+    cpu_lane_time,
+    divides,
+    divides_in_prefill,
+    issue_times,
+    prefill_split_fraction,
+    split_fraction,
+)
 from .cpu_kernels import CpuKernels
 from .cpu_work import HostInputs, RowPart, Rows, native_units_job, whole_units_job
 from .errors import ExecutionError
@@ -132,6 +140,11 @@ class Assignment:
     split: dict[int, int] = field(default_factory=dict)
     regime: str = "small"  # "small" (decode-like, few tokens per unit) or "large" (prefill-like)
 
+    def combines(self, group) -> bool:
+        """Whether the divided units' parts are summed before they are weighted (see
+        :meth:`Executor._combine_divided`): routed units of a prefill-sized step."""
+        return bool(self.split) and group.routed and self.regime == "large"
+
 
 @dataclass
 class DeviceBatch:
@@ -149,6 +162,9 @@ class DeviceBatch:
     # a one-token step whose GPU-lane experts replay CUDA graphs on static buffers (Executor.expert_graphs);
     # ``acc`` is then the graphs' static accumulator
     graphs: bool = False
+    # a prefill-sized step's divided units: unit -> (GPU part, token ids, routing-weight positions), each part
+    # kept in fp32 until the CPU lane's part joins it (see Executor._combine_divided); None: added at once
+    combine: dict | None = None
 
     def one_token_weight(self, i: int) -> torch.Tensor:
         """Unit ``i``'s routing weight in a one-token step, as a [1, 1] view (no gather on the device)."""
@@ -169,6 +185,8 @@ class GroupStep:
     done: torch.Tensor | None = None
     issue_device: Callable[[], None] | None = None  # GPU-lane work left to issue when the step is taken
     divided_done: object | None = None  # event after the GPU lane's parts of divided units (balancing)
+    combine: dict | None = None  # DeviceBatch.combine of the step
+    flat_weights: torch.Tensor | None = None  # the step's routing weights, flat (for combine)
 
 
 class StepStarted(Exception):
@@ -258,6 +276,9 @@ class Executor:
         # move is a new GEMM shape for the GPU lane (a BLAS heuristic lookup on the feeding thread) and rows
         # moved to the copy lane slow the CPU lane's DRAM reads (68 vs 75 GB/s)
         self.balance_splits = False
+        # prefill-sized steps divide large host experts between the CPU lane's GEMMs and the copy lane
+        # (_choose_prefill_splits); off until measured on the device machine
+        self.prefill_splits = False
         # a decode-sized step's native CPU job is started by the feeding thread on the native pool's leader
         # (CpuLane.start_native) rather than handed to the CPU lane's Python thread: no thread wake-up and
         # no wait for the interpreter lock between the routing and the kernel, or between its end and the join
@@ -420,10 +441,16 @@ class Executor:
             # the CPU lane first: it is the longest lane of a decode step, and it starts only when its job
             # is in (the device lanes' issuing below runs while it computes)
             with span("host", f"L{group.layer} submit CPU job"):
-                host_inputs = early_inputs or self._host_inputs(hidden, flat_weights)
-                cpu_future = self._submit_cpu(group, lanes, hidden, host_inputs, routing)
+                cpu_hidden = (
+                    self._with_divided_rows(hidden, lanes, routing) if lanes.combines(group) else hidden
+                )
+                host_inputs = early_inputs or self._host_inputs(cpu_hidden, flat_weights)
+                cpu_future = self._submit_cpu(group, lanes, cpu_hidden, host_inputs, routing)
         batch = self._device_batch(hidden, routing, lanes, flat_weights)
+        if lanes.combines(group):
+            batch.combine = {}
         step = GroupStep(group, hidden, cpu_future=cpu_future, lanes=lanes, routing=routing, acc=batch.acc)
+        step.combine, step.flat_weights = batch.combine, flat_weights
         try:
             # the divided units' copies first (as many as there are staging slots): the copy lane starts at
             # once, whatever is issued after
@@ -435,7 +462,7 @@ class Executor:
                 self._compute_divided(group, divided, batch)
                 for item in split[slots:]:  # each waits for a slot the ones before it release
                     self._compute_divided(group, self._copy_divided(group, [item]), batch)
-                if split and self.balance_splits and self.lanes.is_cuda:
+                if split and self.balance_splits and self.lanes.is_cuda and lanes.regime == "small":
                     step.divided_done = self.lanes.record()
                 self._stream(group, lanes.streamed, batch)
                 if predicted:
@@ -473,7 +500,9 @@ class Executor:
                 CpuLane.settle(step.cpu_future)
                 raise
             self.stats.issue_s += time.perf_counter() - entered
-        self._join(step.group, step.cpu_future, step.lanes, step.routing, step.acc)
+        divided_rows = self._join(step.group, step.cpu_future, step.lanes, step.routing, step.acc)
+        if step.combine:
+            self._combine_divided(step, divided_rows)
         if step.divided_done is not None:
             self._balance_splits(step)
         out = step.acc.to(step.hidden.dtype)
@@ -596,6 +625,8 @@ class Executor:
             and self.lanes.can_copy_column_blocks()
         ):
             out.split = self._choose_splits(group, host, counts, work)
+            if out.regime == "large" and self.prefill_splits:
+                out.split.update(self._choose_prefill_splits(group, host, counts, work, out.split))
             work = [w for i, w in zip(host, work) if i not in out.split]
         gpu_busy = sum(group.units[i].nbytes for i in out.resident) / self.profile.gpu_mem_bw
         issue_resident, issue_streamed = self.issue_seconds["resident"], self.issue_seconds["streamed"]
@@ -698,6 +729,14 @@ class Executor:
             row_lists = [self._one_token_rows(p) for p in positions]
         else:
             row_lists = [routing.rows(i) for i in units]
+        if lanes.combines(group):
+            # divided units read their tokens' copies past the step's rows and write their parts there,
+            # unweighted (see _with_divided_rows): (rows, no routing-weight positions)
+            row = routing.starts[-1] // routing.top_k  # the step's tokens
+            for n, i in enumerate(lanes.split, start=len(lanes.on_cpu)):
+                count = routing.counts[i]
+                row_lists[n] = (torch.arange(row, row + count), None)
+                row += count
         self.stats.cpu_units += len(lanes.on_cpu)
         self.stats.cpu_tokens += sum(hidden.shape[0] if r is None else r[0].numel() for r in row_lists)
         label = f"L{group.layer} cpu units {','.join(str(i) for i in lanes.on_cpu)}"
@@ -738,10 +777,10 @@ class Executor:
             return self.cpu_lane.submit(job)
         kernels = [self.cpu_kernels.kernel(group, i) for i in lanes.on_cpu]
         parts = []
-        for i, r in lanes.split.items():
+        for n, (i, r) in enumerate(lanes.split.items(), start=len(lanes.on_cpu)):
             gate_up, down = group.host_weights[i]
             inter = gate_up.shape[0] // 2
-            parts.append(RowPart(gate_up[:r], gate_up[inter : inter + r], down[:, :r], routing.rows(i)))
+            parts.append(RowPart(gate_up[:r], gate_up[inter : inter + r], down[:, :r], row_lists[n]))
         job = whole_units_job(
             kernels,
             row_lists[: len(lanes.on_cpu)],
@@ -767,6 +806,7 @@ class Executor:
             partial = r is not None or not group.routed
             # routed tokens pick their routing weight by position when the kernel runs: the device copy
             # filling ``weights`` may still be in flight now
+            # (a divided unit's part kept apart, see _with_divided_rows, has rows and no positions: weight 1)
             tokens, index = (None, None) if rows is None else rows
             jobs.append(
                 ExpertJob(
@@ -774,7 +814,7 @@ class Executor:
                     down,
                     rows=r,
                     tokens=tokens,
-                    weights=None if rows is None else weights,
+                    weights=None if index is None else weights,
                     weight_index=index,
                     partial=partial,
                 )
@@ -880,7 +920,10 @@ class Executor:
                     sel = batch.device_rows[starts[i] : starts[i + 1]]
                     tok = batch.device_tokens[starts[i] : starts[i + 1]]
                     y = partial_gated_mlp(batch.hidden[tok], gate, up, down, group.act_fn)
-                    batch.acc.index_add_(0, tok, y * batch.flat_weights[sel, None].float())
+                    if batch.combine is not None:
+                        batch.combine[i] = (y, tok, sel)  # added with the CPU lane's part after the join
+                    else:
+                        batch.acc.index_add_(0, tok, y * batch.flat_weights[sel, None].float())
                 else:
                     batch.acc += partial_gated_mlp(batch.hidden, gate, up, down, group.act_fn)
             self.expert_ring.release(tag)
@@ -936,10 +979,12 @@ class Executor:
             batch.acc += gated_mlp(x, gate_up, down, group.act_fn, fp32_out=True)
 
     # stage 6
-    def _join(self, group, cpu_future, lanes: Assignment, routing: Routing, acc) -> None:
-        """Add the CPU lane's partial sums (the feeding thread sleeps on the future, it does not spin)."""
+    def _join(self, group, cpu_future, lanes: Assignment, routing: Routing, acc) -> torch.Tensor | None:
+        """Add the CPU lane's partial sums (the feeding thread sleeps on the future, it does not spin).
+        Returns the rows of its output past the step's tokens, on the device: the divided units' CPU parts
+        of a step that combines them (:meth:`_with_divided_rows`), None otherwise."""
         if cpu_future is None:
-            return
+            return None
         # the last step's rate lesson, learned while this thread waits anyway (not between layer steps)
         self.learn_from_last_cpu_job()
         waited = time.perf_counter()
@@ -947,9 +992,38 @@ class Executor:
             cpu_out, seconds = CpuLane.join(cpu_future, group.layer)
         self.stats.join_wait_s += time.perf_counter() - waited
         self.stats.cpu_lane_s += seconds
+        tokens = acc.shape[0]
         with self.lanes.host_span("host", f"L{group.layer} add CPU part"):
-            acc += cpu_out.to(acc.device, non_blocking=True)
+            acc += cpu_out[:tokens].to(acc.device, non_blocking=True)
+            divided_rows = None
+            if cpu_out.shape[0] > tokens:
+                divided_rows = cpu_out[tokens:].to(acc.device, non_blocking=True)
         self._last_cpu_job = (group, lanes, routing.counts, seconds)
+        return divided_rows
+
+    def _with_divided_rows(self, hidden: torch.Tensor, lanes: Assignment, routing: Routing) -> torch.Tensor:
+        """The CPU lane's input of a step that combines divided units: the step's rows, then each divided
+        unit's tokens again, in :attr:`Assignment.split` order. The CPU lane writes a divided unit's part,
+        unweighted, to those extra rows of its output (nothing else adds there), so after the join the two
+        parts of each unit can be summed, rounded and weighted as the whole unit would be."""
+        tokens = [routing.rows(i)[0] for i in lanes.split]
+        return torch.cat([hidden, hidden[torch.cat(tokens).to(hidden.device, non_blocking=True)]])
+
+    def _combine_divided(self, step: GroupStep, cpu_parts: torch.Tensor) -> None:
+        """Add each divided unit of a prefill-sized step as transformers adds a whole expert: its two parts
+        summed in fp32 (the GPU's, kept since it was computed, and the CPU lane's rows of ``cpu_parts``),
+        rounded to the model dtype, weighted there, added into the fp32 sum. Adding each part weighted on
+        its own, as decode steps do, skips that rounding: within a few ulps per layer, but over a long
+        prompt's many near-tied routing choices one of them flips now and then (a tiny Mixtral: 96 ulps in
+        the logits of a 48-token prompt, against 0-3 this way)."""
+        offset = 0
+        dtype = step.hidden.dtype
+        for i in step.lanes.split:
+            gpu_part, tok, sel = step.combine[i]
+            n = tok.shape[0]
+            y = (gpu_part + cpu_parts[offset : offset + n]).to(dtype) * step.flat_weights[sel, None]
+            step.acc.index_add_(0, tok, y.float())
+            offset += n
 
     def _balance_splits(self, step: GroupStep) -> None:
         """Move one block of the divided units' rows from the lane that finished later to the other.
@@ -1022,6 +1096,28 @@ class Executor:
                 rows_on_cpu = (
                     max(block, min(inter - block, biased)) if 0 < rows_on_cpu < inter else rows_on_cpu
                 )
+            if 0 < rows_on_cpu < inter:
+                split[i] = rows_on_cpu
+        return split
+
+    def _choose_prefill_splits(self, group, host, counts, work, divided) -> dict[int, int]:
+        """Host units of a prefill-sized step to divide between the lanes (with :attr:`prefill_splits`):
+        rows [0, r) of each on the CPU lane, the rest copied and computed on the GPU, with r such that both
+        parts take as long (:func:`prefill_split_fraction`, with the CPU factor learned from prefill jobs),
+        in blocks of 64 rows. Whole units leave one lane idle at the end of the layer: S1's five or six host
+        experts a prefill step, 336 MiB each, take the CPU lane ~3x their copy time, so at most one of them
+        goes to the CPU and the copy lane does the rest alone. A unit already in a staging slot, or divided
+        already (``divided``), is left as it is."""
+        split = {}
+        scale = self.cpu_scales["large"]
+        for i, w in zip(host, work):
+            unit = group.units[i]
+            if w.staged or i in divided or not divides_in_prefill(unit, counts[i]):
+                continue
+            inter = group.shapes[i][0][0] // 2
+            block = 64 if inter >= 1024 else 1
+            fraction = prefill_split_fraction(unit, counts[i], self.profile, scale)
+            rows_on_cpu = round(fraction * inter / block) * block
             if 0 < rows_on_cpu < inter:
                 split[i] = rows_on_cpu
         return split

@@ -155,6 +155,7 @@ class HybridModelForCausalLM:
             predict_next_layer=options.predict_next_layer,
         )
         executor.graph_experts = options.expert_graphs
+        executor.prefill_splits = options.prefill_splits
         executor.prepare_cpu_kernels(loaded.groups.values(), progress=options.progress)
         decode_graphs = _decode_graphs(options, model, adapter, loaded, executor, dev)
         handles = attach(model, executor, loaded, adapter, decode_graphs)

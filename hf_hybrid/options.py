@@ -50,7 +50,10 @@ class HybridOptions:
     the H200 machine, where the feeding thread, not the lanes, bounds the token boundary; hence off),
     ``expert_graphs`` (``True``: a one-token decode step replays each whole expert the GPU computes as a
     CUDA graph over static buffers, see :mod:`hf_hybrid.expert_graphs`; uncaptured on the CPU standing in;
-    ``False``: kernel by kernel), ``attn_implementation``.
+    ``False``: kernel by kernel), ``prefill_splits`` (``True``: token assignment "adaptive" divides each
+    large host expert of a prefill-sized step between the CPU lane's GEMMs and the copy lane, so both
+    finish together; exact within the ulps of an fp32 sum; off until measured on the device machine),
+    ``attn_implementation``.
 
     Loading: ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``trust_remote_code`` mean
     what they mean in transformers; ``allow_pickle`` allows ``.bin``/``.pt`` shards;
@@ -76,6 +79,7 @@ class HybridOptions:
     decode_graphs: bool | str = "auto"
     decode_lookahead: bool = False
     expert_graphs: bool = True
+    prefill_splits: bool = False
     attn_implementation: str | None = "sdpa"
     trust_remote_code: bool = False
     allow_cpu_fallback: bool = False
@@ -151,6 +155,8 @@ class HybridOptions:
             raise TypeError(f"decode_lookahead must be True or False (got {self.decode_lookahead!r})")
         if not isinstance(self.expert_graphs, bool):
             raise TypeError(f"expert_graphs must be True or False (got {self.expert_graphs!r})")
+        if not isinstance(self.prefill_splits, bool):
+            raise TypeError(f"prefill_splits must be True or False (got {self.prefill_splits!r})")
         if self.placement is not None and not isinstance(self.placement, dict):
             raise TypeError(
                 f"placement must be a dict of unit pattern -> home (got {type(self.placement).__name__})"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_decode_graphs import _Delta, generate, static_reference
-from test_exactness import BF16_ULPS, bf16_ulps, load_pair, prompt
+from test_exactness import BF16_ULPS, assert_prefill_splits_exact, bf16_ulps, load_pair, prompt
 from tiny_models import CONFIGS
 from transformers import AutoModelForCausalLM
 
@@ -188,6 +188,22 @@ def test_cuda_divided_units_are_exact(tiny_checkpoints, family, divide_tiny_expe
     assert executor.stats.split_units > 0
     # each divided step's finish order moved the split (the bias is what those moves summed to)
     assert executor.split_bias and executor.balance_splits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "llama"])
+def test_cuda_prefill_splits_are_exact(tiny_checkpoints, family, dtype, divide_tiny_experts):
+    # prefill-sized steps divide every host unit between the CPU lane and the copy lane (prefill_splits);
+    # a divided expert's two parts are summed on the device after the join, rounded, then weighted
+    ref, hybrid = load_pair(
+        tiny_checkpoints[family],
+        family,
+        dtype,
+        device="cuda",
+        token_assignment="adaptive",
+        prefill_splits=True,
+    )
+    assert_prefill_splits_exact(ref, hybrid, prompt(length=48, seed=3).cuda(), dtype, (1e-5, 2e-5))
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))

@@ -138,6 +138,59 @@ def test_divided_units_bfloat16_within_a_few_ulps(tiny_checkpoints, family, divi
     assert hybrid.hybrid.executor.stats.split_units > 0
 
 
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_splits_are_exact(tiny_checkpoints, family, dtype, backend, divide_tiny_experts):
+    # prefill-sized steps (more than 16 tokens per unit: a 48-token prompt, two sequences) divide every host
+    # unit between the CPU lane and the copy lane; an expert's two parts add in fp32 and are then rounded and
+    # weighted as transformers does a whole expert's output (bf16: the same bits but for the order of the
+    # down projection's sum; without that rounding a tiny Mixtral's logits were 96 ulps off here)
+    from hf_hybrid.kernels import native
+
+    if backend == "native" and not native.available():
+        pytest.skip(f"native CPU kernel unavailable here: {native.unavailable_reason()}")
+    ref, hybrid = load_pair(
+        tiny_checkpoints[family],
+        family,
+        dtype,
+        token_assignment="adaptive",
+        prefill_splits=True,
+        cpu_backend=backend,
+    )
+
+    def prefill_ran_on(stats) -> None:
+        # the native lane takes prefill-sized jobs where it computes them on AMX tiles (bf16), torch ops else
+        lane = hybrid.hybrid.executor.cpu_kernels.native_lane
+        on_tiles = lane is not None and lane.amx and dtype == torch.bfloat16
+        assert (stats.native_units > 0) == on_tiles, stats
+
+    assert_prefill_splits_exact(ref, hybrid, prompt(length=48, seed=3), dtype, (1e-6, 5e-6), prefill_ran_on)
+
+
+def assert_prefill_splits_exact(
+    ref, hybrid, ids, dtype, tolerance: tuple[float, float], check_stats=None
+) -> None:
+    """A prompt long enough for prefill-sized steps: fp32 logits within ``tolerance`` (rtol, atol) and the
+    same greedy tokens,
+    bf16 logits within BF16_ULPS; some units were divided. ``check_stats`` sees the executor's counters of
+    the prefill forward alone."""
+    with torch.no_grad():
+        expected = ref(ids).logits.float()
+        got = hybrid(ids).logits.float()
+    assert hybrid.hybrid.executor.stats.split_units > 0
+    if check_stats is not None:
+        check_stats(hybrid.hybrid.executor.stats)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=tolerance[0], atol=tolerance[1])
+        assert torch.equal(
+            hybrid.generate(ids, max_new_tokens=4, do_sample=False),
+            ref.generate(ids, max_new_tokens=4, do_sample=False),
+        )
+    else:
+        assert bf16_ulps(got, expected) <= BF16_ULPS
+
+
 @pytest.mark.parametrize("family", ["mixtral", "llama"])
 def test_embeddings_on_cpu_and_streamed_lm_head_are_exact(tiny_checkpoints, family):
     directory = tiny_checkpoints[family]

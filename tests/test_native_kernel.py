@@ -423,6 +423,29 @@ def test_split_parts_add_up_to_the_whole(lane):
     torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-5 * float(whole.abs().max()))
 
 
+def test_unweighted_part_on_repeated_tokens_matches_the_reference(lane):
+    """A divided unit's CPU part as a prefill-sized step runs it (the executor's combined parts): rows
+    [0, r), its tokens picked by index (repeats of the step's rows placed after them), no routing weight,
+    partial (fp32 out); beside a whole weighted job on the step's own rows."""
+    gen = torch.Generator().manual_seed(9)
+    hidden, inter, r, steps = 64, 96, 40, 20
+    extra = torch.tensor([3, 7, 7, 11, 19, 0, 5, 2, 13, 17, 1, 4, 6, 8, 9, 10, 12, 14, 15, 16])
+    x = torch.randn(steps, hidden, generator=gen).bfloat16()
+    x = torch.cat([x, x[extra]])
+    gu, dn = _expert(hidden, inter, torch.bfloat16, gen)
+    gu2, dn2 = _expert(hidden, inter, torch.bfloat16, gen)
+    mine = torch.arange(steps, steps + extra.numel())
+    jobs = [
+        ExpertJob(gu2, dn2, tokens=torch.arange(0, steps, 2), weights=torch.rand(steps // 2, generator=gen)),
+        ExpertJob(gu, dn, rows=r, tokens=mine, partial=True),
+    ]
+    out = torch.zeros(x.shape)
+    lane.run(x, jobs, out)
+    want = torch_reference(x, jobs, torch.zeros(x.shape))
+    assert want[steps:].abs().max() > 0 and want[1:steps:2].abs().max() == 0
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
 def test_same_result_for_any_thread_count(libraries):
     """Each element gets its jobs' terms in job order, so the thread count does not change a bit."""
     x = torch.randn(5, 128).bfloat16()

@@ -28,6 +28,7 @@ from hf_hybrid.options import TOKEN_ASSIGNMENTS, HybridOptions
         ({"cpu_backend": "gpu"}, "cpu_backend must be one of"),
         ({"placement": ["layers.0"]}, "placement must be a dict"),
         ({"expert_graphs": "yes"}, "expert_graphs must be True or False"),
+        ({"prefill_splits": 1}, "prefill_splits must be True or False"),
     ],
 )
 def test_bad_options_fail_before_any_work(tmp_path, options, match):

@@ -284,8 +284,9 @@ def _switched(model: Any, variant: str):
     lane's Python thread (``Executor.direct_native_start`` off), "spin" with the native pool's threads
     and the feeding thread's wait spinning before they sleep, "wait_spin" with only the feeding thread's
     wait spinning (its core is idle then anyway), "eager_experts" with one-token steps' GPU-lane experts
-    issued kernel by kernel rather than replayed as CUDA graphs (``Executor.graph_experts`` off); anything
-    else unchanged."""
+    issued kernel by kernel rather than replayed as CUDA graphs (``Executor.graph_experts`` off),
+    "prefill_splits" with prefill steps' large host experts divided between the CPU lane and the copy lane
+    (``Executor.prefill_splits``); anything else unchanged."""
     runtime = model.hybrid
     graphs, executor = runtime.decode_graphs, runtime.executor
     fuse = graphs.fuse_routers if graphs is not None else None
@@ -296,6 +297,7 @@ def _switched(model: Any, variant: str):
     balancing = executor.balance_splits
     direct = executor.direct_native_start
     graph_experts = executor.graph_experts
+    prefill_splits = executor.prefill_splits
     native_lane = executor.cpu_kernels.native_lane
     if variant == "eager":
         runtime.decode_graphs = None
@@ -313,6 +315,8 @@ def _switched(model: Any, variant: str):
         executor.direct_native_start = False
     elif variant == "eager_experts":
         executor.graph_experts = False
+    elif variant == "prefill_splits":
+        executor.prefill_splits = True
     elif variant == "spin" and native_lane is not None:
         native_lane.configure(idle_spin_us=SPIN_IDLE_US, wait_spin_us=SPIN_WAIT_US)
     elif variant == "wait_spin" and native_lane is not None:
@@ -328,6 +332,7 @@ def _switched(model: Any, variant: str):
         executor.balance_splits = balancing
         executor.direct_native_start = direct
         executor.graph_experts = graph_experts
+        executor.prefill_splits = prefill_splits
         if variant in ("spin", "wait_spin") and native_lane is not None:
             native_lane.configure(idle_spin_us=0, wait_spin_us=0)
         if lookahead is not None:
