@@ -172,9 +172,8 @@ def assert_prefill_splits_exact(
     ref, hybrid, ids, dtype, tolerance: tuple[float, float], check_stats=None
 ) -> None:
     """A prompt long enough for prefill-sized steps: fp32 logits within ``tolerance`` (rtol, atol) and the
-    same greedy tokens,
-    bf16 logits within BF16_ULPS; some units were divided. ``check_stats`` sees the executor's counters of
-    the prefill forward alone."""
+    same greedy tokens, bf16 logits within BF16_ULPS; some units were divided. ``check_stats`` sees the
+    executor's counters of the prefill forward alone."""
     with torch.no_grad():
         expected = ref(ids).logits.float()
         got = hybrid(ids).logits.float()
