@@ -168,28 +168,39 @@ def test_host_arena_carves_aligned_typed_views():
     assert a.sum() == 15 and b.sum() == 14
 
 
-def test_split_mode_fault_in_cpu_lane_surfaces_and_model_recovers(tiny_checkpoints, divide_tiny_experts):
-    import pytest
+@pytest.mark.parametrize("prefill_splits", [False, True])
+def test_split_mode_fault_in_cpu_lane_surfaces_and_model_recovers(
+    tiny_checkpoints, divide_tiny_experts, prefill_splits
+):
+    # decode-sized steps divide units; with prefill_splits the 40-token prompt's steps do too (and keep each
+    # unit's GPU part until the join): a CPU lane failing in either leaves nothing behind
     from test_exactness import load_pair, prompt
 
     from hf_hybrid import ExecutionError
 
     ref, hybrid = load_pair(
-        tiny_checkpoints["mixtral"], "mixtral", torch.float32, token_assignment="adaptive"
+        tiny_checkpoints["mixtral"],
+        "mixtral",
+        torch.float32,
+        token_assignment="adaptive",
+        prefill_splits=prefill_splits,
     )
-    ids = prompt(batch=1, seed=4)
+    ids = prompt(batch=1, length=40 if prefill_splits else 16, seed=4)
     want = ref.generate(ids, max_new_tokens=6, do_sample=False)
     calls = {"n": 0}
+    failing = 2 if prefill_splits else 3  # the prompt's second layer step, or a decode step
 
-    def fail_on_third(lane):
+    def fail_once(lane):
         if lane == "cpu":
             calls["n"] += 1
-            if calls["n"] == 3:
+            if calls["n"] == failing:
+                calls["divided so far"] = hybrid.hybrid.executor.stats.split_units
                 raise RuntimeError("injected")
 
-    hybrid.hybrid.executor.fault_injector = fail_on_third
+    hybrid.hybrid.executor.fault_injector = fail_once
     with pytest.raises(ExecutionError, match="CPU lane"):
         hybrid.generate(ids, max_new_tokens=6, do_sample=False)
+    assert calls["divided so far"] > 0  # the steps before the failing one divided units
     hybrid.hybrid.executor.fault_injector = None
     assert torch.equal(hybrid.generate(ids, max_new_tokens=6, do_sample=False), want)
     assert hybrid.hybrid.executor.stats.split_units > 0
