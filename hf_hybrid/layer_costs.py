@@ -20,10 +20,12 @@ from .costs import (
     cpu_share,
     cpu_time,
     divides,
+    divides_in_prefill,
     gpu_time,
     home_time,
     issue_times,
     pcie_share,
+    prefill_split_fraction,
     split_rates,
     usage_probability,
 )
@@ -49,6 +51,7 @@ def layer_time(
     unit_times: dict[str, float] | None = None,
     routed: dict[str, int] | None = None,
     split: bool = False,
+    prefill_split: bool = False,
 ) -> tuple[float, float]:
     """Predicted (seconds, host bytes touched) of one layer's units in a step of ``tokens`` tokens.
 
@@ -57,6 +60,9 @@ def layer_time(
     count their expected tokens, or exactly ``routed[name]`` tokens when one routing draw is given.
     With ``split`` (token assignment "adaptive"), large host experts of a small step are divided between the
     CPU and copy lanes as :func:`split_fraction` says, so they cost their bytes at both lanes' shared rates.
+    With ``prefill_split`` too (the executor's ``prefill_splits``), large host units of a prefill-sized step
+    are divided as :func:`prefill_split_fraction` says: rows [0, fI) on the CPU lane, the rest copied and
+    computed on the GPU.
     """
     gpu_lane = cpu_lane = pcie_lane = serial = host_bytes = 0.0
     # the feeding thread issues every expert the GPU lane computes, one after the other, while the CPU lane
@@ -118,6 +124,18 @@ def layer_time(
         split_time += CPU_ROUND_TRIP_S
         host_issue += sum(used for _, _, used in divided) * issue_divided
         work = [w for w in work if w not in divided]
+    if split and prefill_split and tokens > SPLIT_MAX_TOKENS:
+        halves = [(u, n, used) for u, n, used in work if divides_in_prefill(u, max(1, round(n)))]
+        for u, n, used in halves:
+            m = max(1, round(n))
+            f = prefill_split_fraction(u, m, profile)
+            # unshared times here: both lanes then run, and the shares below apply to what each reads
+            cpu_lane += used * f * cpu_time(u, m, profile)
+            pcie_lane += used * (1.0 - f) * copy_time(u, profile)
+            gpu_lane += used * (1.0 - f) * gpu_time(u, m, profile)
+        if halves:
+            cpu_lane += CPU_ROUND_TRIP_S
+            work = [w for w in work if w not in halves]
     if work:
         streamed = assign_tokens(
             [
@@ -207,11 +225,16 @@ def sampled_layer_time(
     return total / len(draws)
 
 
-def step_layer_time(layer_units, homes, profile, routing, per_layer, tokens, split: bool = False) -> float:
-    """The layer's predicted time in one step: sampled routings for small decode steps, else expectation."""
+def step_layer_time(
+    layer_units, homes, profile, routing, per_layer, tokens, split: bool = False, prefill_split: bool = False
+) -> float:
+    """The layer's predicted time in one step: sampled routings for small decode steps (which
+    ``prefill_split`` does not change), else expectation."""
     if tokens <= SAMPLED_TOKENS:
         return sampled_layer_time(layer_units, homes, profile, routing, per_layer, tokens, split)
-    return layer_time(layer_units, homes, profile, routing, per_layer, tokens, split=split)[0]
+    return layer_time(
+        layer_units, homes, profile, routing, per_layer, tokens, split=split, prefill_split=prefill_split
+    )[0]
 
 
 #: Steps of at most this many tokens are predicted from sampled routings.

@@ -355,6 +355,7 @@ def plan_model(
         routing=options.routing_stats,
         token_assignment=options.token_assignment,
         prefill_chunk=chunk,
+        prefill_splits=options.prefill_splits,
     )
     result.kv_cache_bytes_per_1k = kv_cache_bytes(config, 1024, batch, dtype_size(dtype))
     return result, model

@@ -63,6 +63,7 @@ class HybridPlan:
     prefill_chunk: int = 0
     kv_cache_bytes_per_1k: int = 0
     token_assignment: str = "adaptive"  # the executor's policy, which the predictions assume
+    prefill_splits: bool = False  # prefill steps divide large host experts too (the executor's option)
     predicted: dict[str, float] = field(default_factory=dict)
     unit_times: dict[str, dict[str, float]] = field(default_factory=dict)
     # what the last generate call really did (set by the model after each call; empty before the first):
@@ -121,6 +122,7 @@ class HybridPlan:
                 "batch": self.workload.batch,
             },
             "token_assignment": self.token_assignment,
+            "prefill_splits": self.prefill_splits,
             "predicted": {k: (v if math.isfinite(v) else None) for k, v in self.predicted.items()},
             "measured": dict(self.measured),
             "profile": self.profile.to_dict(),

@@ -108,6 +108,7 @@ def plan(
     search_rounds: int = 40,
     token_assignment: str = "adaptive",
     prefill_chunk: int = 0,
+    prefill_splits: bool = False,
 ) -> HybridPlan:
     """Choose every unit's home to minimise predicted time of the workload under ``budget_bytes``.
 
@@ -120,7 +121,8 @@ def plan(
     units between homes and swaps resident and host units while the objective improves. It runs twice:
     with every non-expert module resident (no module staging ring) and with streamed modules allowed.
     ``prefill_chunk``: tokens per prefill forward the workspace holds (0: the whole prompt); a longer
-    prompt is predicted, and bounded, as that many forwards.
+    prompt is predicted, and bounded, as that many forwards. ``prefill_splits``: the executor divides large
+    host experts of prefill-sized steps between the CPU lane and the copy lane (its option of that name).
     """
     if token_assignment not in TOKEN_ASSIGNMENTS:
         raise ValueError(
@@ -145,6 +147,7 @@ def plan(
             routing=routing,
             token_assignment=token_assignment,
             prefill_chunk=prefill_chunk,
+            prefill_splits=prefill_splits,
         )
 
     everything = {u.name: forced_homes.get(u.name, GPU) for u in units}
@@ -265,6 +268,7 @@ def _local_search(
     """
     routing, profile, wl = best.routing, best.profile, best.workload
     split = best.token_assignment in DIVIDING_ASSIGNMENTS
+    halves = best.prefill_splits
     T, B, N = wl.prompt_tokens * wl.batch, wl.batch, wl.new_tokens
     layers = _by_layer(best.units)
 
@@ -274,7 +278,7 @@ def _local_search(
         lu = layers[layer]
         key = (layer, tuple(homes[u.name] for u in lu))
         if key not in memo:
-            pre = step_layer_time(lu, homes, profile, routing, per_layer, T, split)
+            pre = step_layer_time(lu, homes, profile, routing, per_layer, T, split, halves)
             dec = step_layer_time(lu, homes, profile, routing, per_layer, B, split)
             memo[key] = pre + N * dec
         return memo[key]
@@ -453,7 +457,17 @@ def _forward_cost(result: HybridPlan, layers, per_layer, tokens: int, times: dic
     homes, profile, routing = result.homes, result.profile, result.routing
     total = host_bytes = 0.0
     for layer_units in layers.values():
-        t, b = layer_time(layer_units, homes, profile, routing, per_layer, tokens, times, split=split)
+        t, b = layer_time(
+            layer_units,
+            homes,
+            profile,
+            routing,
+            per_layer,
+            tokens,
+            times,
+            split=split,
+            prefill_split=result.prefill_splits,
+        )
         if tokens <= SAMPLED_TOKENS:
             t = sampled_layer_time(layer_units, homes, profile, routing, per_layer, tokens, split)
         total += t

@@ -438,7 +438,10 @@ class HybridGenerationMixin:
             forced=keep,
             routing=routing,
             token_assignment=old.token_assignment,
+            prefill_chunk=old.prefill_chunk,
+            prefill_splits=old.prefill_splits,
         )
+        new.kv_cache_bytes_per_1k = old.kv_cache_bytes_per_1k  # the cache did not change
         ex = rt.executor
         moves = [(g, i, new.homes[u.name]) for g in rt.loaded.groups.values() for i, u in enumerate(g.units)]
         # free device memory before taking more: units leaving the GPU move first

@@ -17,7 +17,14 @@ def test_calibrate_puts_hot_experts_on_gpu_and_stays_exact(tiny_checkpoints, fam
     hybrid = HybridModelForCausalLM.from_pretrained(
         directory, device="cpu", dtype=torch.float32, gpu_memory="16.9MiB", max_context=64, progress=False
     )
+    before = hybrid.hybrid_plan
     stats = hybrid.calibrate([prompt(batch=1, length=48, seed=s)[0] for s in range(4)])
+    # the new plan keeps what calibration does not change: the prefill chunk, the KV cache's cost per 1k of
+    # context (shown in the plan), the options the predictions assume
+    after = hybrid.hybrid_plan
+    assert after is not before and before.kv_cache_bytes_per_1k > 0
+    for name in ("prefill_chunk", "kv_cache_bytes_per_1k", "token_assignment", "prefill_splits"):
+        assert getattr(after, name) == getattr(before, name), name
     top_k = hybrid.config.num_experts_per_tok
     layers = {name.split(".experts.")[0] for name in stats}
     for layer in layers:
