@@ -74,20 +74,10 @@ def assign_tokens(
         memo = {}
     elif len(memo) > MEMO_MAX:
         memo.clear()  # prefill steps bring many token counts: start afresh rather than grow
-    shares = memo.get(largest)
-    if shares is None:
-        shares = memo[largest] = (cpu_share(profile, largest), pcie_share(profile, largest))
+    shares = lane_shares(profile, largest, memo)
     cpu_factor, pcie_factor = cpu_scale / shares[0], 1.0 / shares[1]
     for w in work:
-        key = (w.name, w.tokens, w.nbytes, w.flops_per_token)
-        base = memo.get(key)
-        if base is None:
-            unit = Unit(w.name, "expert", None, w.nbytes, w.flops_per_token, HOMES)
-            base = memo[key] = (
-                cpu_time(unit, w.tokens, profile),
-                gpu_time(unit, w.tokens, profile),
-                copy_time(unit, profile),
-            )
+        base = unit_costs(w.name, w.tokens, w.nbytes, w.flops_per_token, profile, memo)
         c, g = base[0] * cpu_factor, base[1]
         x = 0.0 if w.staged else base[2] * pcie_factor
         costed.append((max(c, x + g), c, g, x, w.name))
@@ -104,3 +94,29 @@ def assign_tokens(
         else:
             cpu_lane = cpu_finish
     return streamed
+
+
+def unit_costs(
+    name: str, tokens: int, nbytes: int, flops_per_token: int, profile: HardwareProfile, memo: dict
+) -> tuple[float, float, float]:
+    """(CPU, GPU, copy) seconds of one unit at ``tokens`` tokens, alone (:func:`cpu_time`, :func:`gpu_time`,
+    :func:`copy_time`), kept in ``memo`` (one dict per profile, as :func:`assign_tokens` keeps it)."""
+    key = (name, tokens, nbytes, flops_per_token)
+    costs = memo.get(key)
+    if costs is None:
+        unit = Unit(name, "expert", None, nbytes, flops_per_token, HOMES)
+        costs = memo[key] = (
+            cpu_time(unit, tokens, profile),
+            gpu_time(unit, tokens, profile),
+            copy_time(unit, profile),
+        )
+    return costs
+
+
+def lane_shares(profile: HardwareProfile, tokens: int, memo: dict) -> tuple[float, float]:
+    """(:func:`cpu_share`, :func:`pcie_share`) of a step whose largest unit has ``tokens`` tokens, kept in
+    ``memo``."""
+    shares = memo.get(tokens)
+    if shares is None:
+        shares = memo[tokens] = (cpu_share(profile, tokens), pcie_share(profile, tokens))
+    return shares

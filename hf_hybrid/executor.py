@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .assignment import HostWork, assign_tokens
+from .assignment import HostWork, assign_tokens, lane_shares, unit_costs
 from .costs import (
+    CPU_ROUND_TRIP_S,
     SPLIT_MAX_TOKENS,
-    cpu_lane_time,
     divides,
     divides_in_prefill,
     issue_times,
@@ -1050,11 +1050,28 @@ class Executor:
             return
         group, lanes, counts, seconds = self._last_cpu_job
         self._last_cpu_job = None
-        predicted = cpu_lane_time([(group.units[i], counts[i]) for i in lanes.on_cpu], self.profile)
+        self._learn_cpu_rate(self._predicted_cpu_s(group, lanes, counts), seconds, lanes.regime)
+
+    def _predicted_cpu_s(self, group: ExpertGroup, lanes: Assignment, counts: list[int]) -> float:
+        """The cost model's time of a step's CPU-lane job (:func:`cpu_lane_time` of its whole units, and of
+        each divided unit's rows [0, r) pro rata), from the unit costs kept between steps: when the CPU
+        lane finished before the join, this runs on the feeding thread's path between two layer steps."""
+        memo = self._assignment_memo()
+        profile = self.profile
+
+        def seconds(i: int) -> float:
+            unit = group.units[i]
+            return unit_costs(unit.name, counts[i], unit.nbytes, unit.flops_per_token, profile, memo)[0]
+
+        predicted = 0.0
+        if lanes.on_cpu:
+            share = lane_shares(profile, max(counts[i] for i in lanes.on_cpu), memo)[0]
+            predicted = CPU_ROUND_TRIP_S + sum(seconds(i) for i in lanes.on_cpu) / share
         for i, r in lanes.split.items():
             inter = group.shapes[i][0][0] // 2
-            predicted += (cpu_lane_time([(group.units[i], counts[i])], self.profile)) * r / inter
-        self._learn_cpu_rate(predicted, seconds, lanes.regime)
+            share = lane_shares(profile, counts[i], memo)[0]
+            predicted += (CPU_ROUND_TRIP_S + seconds(i) / share) * r / inter
+        return predicted
 
     def _learn_cpu_rate(self, predicted_s: float, measured_s: float, regime: str = "small") -> None:
         if predicted_s < self.CPU_SCALE_MIN_JOB_S or measured_s <= 0:

@@ -118,6 +118,26 @@ def test_assignment_memo_keeps_costs_not_decisions():
     assert assign_tokens(work, profile, memo=memo) != assign_tokens(work, profile, cpu_scale=8.0, memo=memo)
 
 
+def test_cpu_job_prediction_from_kept_costs_is_the_cost_models(tiny_checkpoints):
+    # the learned CPU factor divides a job's measured time by this prediction: it must stay the cost
+    # model's cpu_lane_time (whole units; each divided unit's rows pro rata), however the costs are kept
+    from hf_hybrid.costs import cpu_lane_time
+    from hf_hybrid.executor import Assignment
+
+    model = load_every_lane(tiny_checkpoints["mixtral"])
+    executor = model.hybrid.executor
+    group = next(iter(executor.groups.values()))
+    inter = group.shapes[0][0][0] // 2
+    for counts, on_cpu, split in (([3, 1, 0, 2], [0, 1], {3: inter // 3}), ([40, 0, 25, 9], [2, 3], {})):
+        lanes = Assignment(on_cpu=on_cpu, split=split)
+        want = cpu_lane_time([(group.units[i], counts[i]) for i in on_cpu], executor.profile)
+        for i, r in split.items():
+            want += cpu_lane_time([(group.units[i], counts[i])], executor.profile) * r / inter
+        for _ in range(2):  # computed, then from the kept costs
+            assert executor._predicted_cpu_s(group, lanes, counts) == pytest.approx(want, rel=1e-12)
+    model.hybrid.close()
+
+
 def test_staging_ring_reuses_cached_weights_and_evicts_least_recent():
     lanes = DeviceLanes(torch.device("cpu"))
     ring = StagingRing(lanes, slot_bytes=1024, slots=2)
