@@ -31,6 +31,14 @@ SPLIT_MIN_BYTES = 16 << 20
 #: with 1.25 ms 10-28% (S3 -4..+2%, S4 +8..+10%, S1 batch 8 -7%).
 LAYER_HOST_S = 1.25e-3
 UNIT_HOST_S = 0.9e-3
+#: A decode-sized layer step with no divided expert is bound by the feeding thread itself (S3: 128 small
+#: experts, several streamed and several on the CPU each step), whose speed differs from machine to machine
+#: as much as 1.5x: its serial time is this many times the profile's measured issue time of one resident
+#: expert (``device_unit_issue_s``, Python and launches on the same thread). Fitted on the H200 runs of
+#: 2026-12-04 (calls 24-25): S3 decode was predicted -7..-14% and -28..-33% with LAYER_HOST_S on machines
+#: whose issue time measured 140 and 93 us; this factor puts both within a few percent. Steps with divided
+#: experts (S1, S4) keep LAYER_HOST_S: their time between CPU jobs did not follow the machine's issue time.
+HOST_TIME_PER_ISSUE = 7.3
 #: What one more expert costs the native CPU lane in a decode-sized job beyond reading its weights at the
 #: profile's rate (measured on the large experts the profile uses): its share of the threads' partition and
 #: phase barrier, and short rows. On the H200 machine (benchmarks/native_lane_bench.py) eight 9 MiB
@@ -147,6 +155,17 @@ def split_fraction(profile: HardwareProfile, cpu_scale: float = 1.0) -> float:
 def divides(unit: Unit, tokens: int) -> bool:
     """Whether token assignment "adaptive" divides ``unit`` between the lanes in a step of ``tokens``."""
     return tokens <= SPLIT_MAX_TOKENS and unit.nbytes >= SPLIT_MIN_BYTES
+
+
+def layer_host_time(profile: HardwareProfile, tokens: int, divided: bool) -> float:
+    """The feeding thread's serial time of one layer step of ``tokens`` tokens (``divided``: some host expert
+    is divided between the lanes): :data:`LAYER_HOST_S`, or for decode-sized steps with no divided expert
+    :data:`HOST_TIME_PER_ISSUE` times the profile's issue time of one resident expert where it measured
+    one."""
+    issue = profile.device_unit_issue_s
+    if tokens > SPLIT_MAX_TOKENS or divided or not issue:
+        return LAYER_HOST_S
+    return HOST_TIME_PER_ISSUE * float(issue)
 
 
 def divides_in_prefill(unit: Unit, tokens: int) -> bool:

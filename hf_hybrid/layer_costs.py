@@ -13,7 +13,6 @@ import random
 from .assignment import HostWork, assign_tokens
 from .costs import (
     CPU_ROUND_TRIP_S,
-    LAYER_HOST_S,
     SPLIT_MAX_TOKENS,
     UNIT_HOST_S,
     copy_time,
@@ -24,6 +23,7 @@ from .costs import (
     gpu_time,
     home_time,
     issue_times,
+    layer_host_time,
     pcie_share,
     prefill_split_fraction,
     split_rates,
@@ -104,10 +104,10 @@ def layer_time(
             pcie_lane += copy_time(u, profile)
             serial += gpu_time(u, max(n, 1), profile)
     if any(u.is_expert_like for u in layer_units):
-        # the feeding thread's serial part of the step (see LAYER_HOST_S): every MLP layer pays the attention
+        # the feeding thread's serial part of the step (see layer_host_time): every MLP layer pays the attention
         # block's Python and the routing round trip; each host expert used adds its issue and hand-off
         # (in prefill-sized steps most of an expert's issue hides behind the copies: PREFILL_UNIT_SHARE)
-        serial += LAYER_HOST_S
+        serial += layer_host_time(profile, tokens, split and any(divides(u, tokens) for u, _, _ in work))
         for u, _, used in work:
             if u.kind == "expert":
                 if tokens > SPLIT_MAX_TOKENS:
