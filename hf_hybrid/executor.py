@@ -139,11 +139,8 @@ class Assignment:
     # divided units: unit -> r; gate/up rows and down columns [0, r) on the CPU lane, the rest streamed
     split: dict[int, int] = field(default_factory=dict)
     regime: str = "small"  # "small" (decode-like, few tokens per unit) or "large" (prefill-like)
-
-    def combines(self, group) -> bool:
-        """Whether the divided units' parts are summed before they are weighted (see
-        :meth:`Executor._combine_divided`): routed units of a prefill-sized step."""
-        return bool(self.split) and group.routed and self.regime == "large"
+    # the divided units' two parts are summed before they are weighted (Executor._combine_divided)
+    combine: bool = False
 
 
 @dataclass
@@ -279,6 +276,8 @@ class Executor:
         # prefill-sized steps divide large host experts between the CPU lane's GEMMs and the copy lane
         # (_choose_prefill_splits); off until measured on the device machine
         self.prefill_splits = False
+        # steps of more than one token sum a divided expert's parts before weighting it (Assignment.combine)
+        self.combine_divided = True
         # a decode-sized step's native CPU job is started by the feeding thread on the native pool's leader
         # (CpuLane.start_native) rather than handed to the CPU lane's Python thread: no thread wake-up and
         # no wait for the interpreter lock between the routing and the kernel, or between its end and the join
@@ -441,13 +440,15 @@ class Executor:
             # the CPU lane first: it is the longest lane of a decode step, and it starts only when its job
             # is in (the device lanes' issuing below runs while it computes)
             with span("host", f"L{group.layer} submit CPU job"):
-                cpu_hidden = (
-                    self._with_divided_rows(hidden, lanes, routing) if lanes.combines(group) else hidden
-                )
-                host_inputs = early_inputs or self._host_inputs(cpu_hidden, flat_weights)
+                if lanes.combine:
+                    cpu_hidden = self._with_divided_rows(hidden, lanes, routing)
+                    host_inputs = self._host_inputs(cpu_hidden, flat_weights)
+                else:
+                    cpu_hidden = hidden
+                    host_inputs = early_inputs or self._host_inputs(hidden, flat_weights)
                 cpu_future = self._submit_cpu(group, lanes, cpu_hidden, host_inputs, routing)
         batch = self._device_batch(hidden, routing, lanes, flat_weights)
-        if lanes.combines(group):
+        if lanes.combine:
             batch.combine = {}
         step = GroupStep(group, hidden, cpu_future=cpu_future, lanes=lanes, routing=routing, acc=batch.acc)
         step.combine, step.flat_weights = batch.combine, flat_weights
@@ -627,6 +628,16 @@ class Executor:
             out.split = self._choose_splits(group, host, counts, work)
             if out.regime == "large" and self.prefill_splits:
                 out.split.update(self._choose_prefill_splits(group, host, counts, work, out.split))
+            # a divided expert's parts are summed, then rounded and weighted as transformers does a whole
+            # expert's output, where the step has more than one token (one-token steps keep their fast path:
+            # 1-2 ulps there; without it a tiny Mixtral's 8-token prompts drew 61 ulps, a routing choice
+            # flipped by an unrounded expert output)
+            out.combine = (
+                bool(out.split)
+                and group.routed
+                and self.combine_divided
+                and routing.starts[-1] // routing.top_k > 1
+            )
             work = [w for i, w in zip(host, work) if i not in out.split]
         gpu_busy = sum(group.units[i].nbytes for i in out.resident) / self.profile.gpu_mem_bw
         issue_resident, issue_streamed = self.issue_seconds["resident"], self.issue_seconds["streamed"]
@@ -691,17 +702,23 @@ class Executor:
         """Whether a step copies the CPU lane's inputs to the host before reading its routing back: a routed
         decode-sized step on an accelerator, of a layer with host units, whose CPU job the feeding thread
         starts itself (:attr:`direct_native_start`)."""
+        tokens = hidden.shape[0]
+        if tokens > 1 and self.combine_divided and self.token_assignment in DIVIDING_ASSIGNMENTS:
+            # its divided units (most steps of S1 batch 8 have some) send the CPU lane their tokens' rows
+            # again after routing (_with_divided_rows): an early copy would be made for nothing
+            return False
         return (
-            self._starts_native_directly(hidden)
+            self._starts_native_directly(tokens)
             and self.lanes.is_cuda
             and group.routed
             and group.homes.count(GPU) != len(group.homes)
         )
 
-    def _starts_native_directly(self, hidden: torch.Tensor) -> bool:
-        """Whether a native CPU job of this step is started by the feeding thread (CpuLane.start_native):
-        decode-sized steps, with :attr:`direct_native_start`, not started ahead by a lookahead."""
-        return self.direct_native_start and hidden.shape[0] <= SPLIT_MAX_TOKENS and not self.start_only
+    def _starts_native_directly(self, tokens: int) -> bool:
+        """Whether a native CPU job of a step of ``tokens`` tokens is started by the feeding thread
+        (CpuLane.start_native): decode-sized steps, with :attr:`direct_native_start`, not started ahead by a
+        lookahead."""
+        return self.direct_native_start and tokens <= SPLIT_MAX_TOKENS and not self.start_only
 
     def _host_inputs(self, hidden, flat_weights, arrival_event: bool = True) -> HostInputs:
         """Activations and routing weights on the host for the CPU lane, with their arrival event (none
@@ -729,7 +746,7 @@ class Executor:
             row_lists = [self._one_token_rows(p) for p in positions]
         else:
             row_lists = [routing.rows(i) for i in units]
-        if lanes.combines(group):
+        if lanes.combine:
             # divided units read their tokens' copies past the step's rows and write their parts there,
             # unweighted (see _with_divided_rows): (rows, no routing-weight positions)
             row = routing.starts[-1] // routing.top_k  # the step's tokens
@@ -756,7 +773,8 @@ class Executor:
                     inputs.x, self._native_jobs(group, lanes, units, row_lists, weights), out
                 )
             self.stats.native_units += len(units)
-            if self._starts_native_directly(hidden):
+            step_tokens = routing.starts[-1] // routing.top_k if lanes.combine else hidden.shape[0]
+            if self._starts_native_directly(step_tokens):
                 self.stats.direct_native_jobs += 1
                 return self.cpu_lane.start_native(
                     native_lane,

@@ -533,6 +533,9 @@ def test_switch_variants_change_the_loaded_model_only_inside_their_block(tiny_ch
     with engines_mod._switched(model, "prefill_splits"):
         assert executor.prefill_splits
     assert not executor.prefill_splits
+    with engines_mod._switched(model, "separate_parts"):
+        assert not executor.combine_divided
+    assert executor.combine_divided
     for spinning in ("spin", "wait_spin"):  # the pool's spin settings are write-only: the model stays usable
         with engines_mod._switched(model, spinning):
             assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False).shape == (

@@ -175,6 +175,8 @@ def test_cuda_column_block_crosses_pcie_in_one_copy():
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "llama"])
 def test_cuda_divided_units_are_exact(tiny_checkpoints, family, divide_tiny_experts):
+    # 6 tokens: decode-sized steps of several tokens sum each divided expert's parts on the device after the
+    # join (their CPU parts come back in rows past the step's own), one-token steps weight each part
     ref, hybrid = _pair(tiny_checkpoints[family], family, torch.float32, mode="adaptive")
     hybrid.hybrid.executor.balance_splits = True  # off by default; its moves must stay exact too
     ids = prompt(batch=1, length=6).cuda()
@@ -188,6 +190,16 @@ def test_cuda_divided_units_are_exact(tiny_checkpoints, family, divide_tiny_expe
     assert executor.stats.split_units > 0
     # each divided step's finish order moved the split (the bias is what those moves summed to)
     assert executor.split_bias and executor.balance_splits
+
+
+@pytest.mark.parametrize("family", ["mixtral", "phimoe"])
+def test_cuda_divided_experts_of_multi_token_steps_bfloat16(tiny_checkpoints, family, divide_tiny_experts):
+    ref, hybrid = _pair(tiny_checkpoints[family], family, torch.bfloat16, mode="adaptive")
+    for seed in range(4):
+        ids = prompt(batch=1, length=8, seed=seed).cuda()
+        with torch.no_grad():
+            assert bf16_ulps(hybrid(ids).logits.float(), ref(ids).logits.float()) <= 1.0
+    assert hybrid.hybrid.executor.stats.split_units > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -286,7 +286,8 @@ def _switched(model: Any, variant: str):
     wait spinning (its core is idle then anyway), "eager_experts" with one-token steps' GPU-lane experts
     issued kernel by kernel rather than replayed as CUDA graphs (``Executor.graph_experts`` off),
     "prefill_splits" with prefill steps' large host experts divided between the CPU lane and the copy lane
-    (``Executor.prefill_splits``); anything else unchanged."""
+    (``Executor.prefill_splits``), "separate_parts" with each part of a divided expert weighted on its own in
+    steps of several tokens (``Executor.combine_divided`` off); anything else unchanged."""
     runtime = model.hybrid
     graphs, executor = runtime.decode_graphs, runtime.executor
     fuse = graphs.fuse_routers if graphs is not None else None
@@ -298,6 +299,7 @@ def _switched(model: Any, variant: str):
     direct = executor.direct_native_start
     graph_experts = executor.graph_experts
     prefill_splits = executor.prefill_splits
+    combine_divided = executor.combine_divided
     native_lane = executor.cpu_kernels.native_lane
     if variant == "eager":
         runtime.decode_graphs = None
@@ -317,6 +319,8 @@ def _switched(model: Any, variant: str):
         executor.graph_experts = False
     elif variant == "prefill_splits":
         executor.prefill_splits = True
+    elif variant == "separate_parts":
+        executor.combine_divided = False
     elif variant == "spin" and native_lane is not None:
         native_lane.configure(idle_spin_us=SPIN_IDLE_US, wait_spin_us=SPIN_WAIT_US)
     elif variant == "wait_spin" and native_lane is not None:
@@ -333,6 +337,7 @@ def _switched(model: Any, variant: str):
         executor.direct_native_start = direct
         executor.graph_experts = graph_experts
         executor.prefill_splits = prefill_splits
+        executor.combine_divided = combine_divided
         if variant in ("spin", "wait_spin") and native_lane is not None:
             native_lane.configure(idle_spin_us=0, wait_spin_us=0)
         if lookahead is not None:

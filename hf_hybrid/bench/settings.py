@@ -21,7 +21,7 @@ ASSIGNMENT_VARIANTS = ("stream", "static", "cpu", "whole", "adaptive")
 #: What ``--variants`` may name: the token-assignment modes, "eager" (decode steps without the static cache
 #: and attention graphs, as ``decode_graphs=False``), "unfused" (attention graphs, routers run by their MoE
 #: blocks), "rebuilt_masks" (every decode step's attention mask built by transformers, not updated),
-#: "predict" (``predict_next_layer=True``), "lookahead" (``decode_lookahead=True``), "balanced_splits" (divided experts' split moved by which lane finished first), "lane_thread" (native CPU jobs run by the lane's Python thread), "spin" (native threads spin before sleeping), "wait_spin" (only the wait for them spins), "eager_experts" (one-token steps' GPU-lane experts issued kernel by kernel, not replayed as CUDA graphs), "prefill_splits" (prefill steps divide large host experts between the CPU lane and the copy lane) and "calibrated" (``model.calibrate`` on random prompts, then
+#: "predict" (``predict_next_layer=True``), "lookahead" (``decode_lookahead=True``), "balanced_splits" (divided experts' split moved by which lane finished first), "lane_thread" (native CPU jobs run by the lane's Python thread), "spin" (native threads spin before sleeping), "wait_spin" (only the wait for them spins), "eager_experts" (one-token steps' GPU-lane experts issued kernel by kernel, not replayed as CUDA graphs), "prefill_splits" (prefill steps divide large host experts between the CPU lane and the copy lane), "separate_parts" (steps of several tokens weight each part of a divided expert on its own, as before 2026-12-04 22:30) and "calibrated" (``model.calibrate`` on random prompts, then
 #: measured). Each variant runs on the loaded model with the main row's placement.
 SWITCH_VARIANTS = (
     "eager",
@@ -35,6 +35,7 @@ SWITCH_VARIANTS = (
     "wait_spin",
     "eager_experts",
     "prefill_splits",
+    "separate_parts",
 )
 VARIANTS = (*ASSIGNMENT_VARIANTS, *SWITCH_VARIANTS, "calibrated")
 
