@@ -262,6 +262,7 @@ class Executor:
         self._last_cpu_job: tuple | None = None
         self._one_token_row_cache: dict[int, Rows] = {}  # see _one_token_rows
         self._packed_jobs: dict[tuple, tuple] = {}  # see _one_token_packed
+        self._divisible: dict[int, bool] = {}  # see _may_divide
         # unit costs assign_tokens keeps between steps, valid for one profile (see _assignment_memo)
         self._memo_profile = None
         self._unit_costs: dict = {}
@@ -703,7 +704,7 @@ class Executor:
         decode-sized step on an accelerator, of a layer with host units, whose CPU job the feeding thread
         starts itself (:attr:`direct_native_start`)."""
         tokens = hidden.shape[0]
-        if tokens > 1 and self.combine_divided and self.token_assignment in DIVIDING_ASSIGNMENTS:
+        if tokens > 1 and self.combine_divided and self._may_divide(group):
             # its divided units (most steps of S1 batch 8 have some) send the CPU lane their tokens' rows
             # again after routing (_with_divided_rows): an early copy would be made for nothing
             return False
@@ -713,6 +714,16 @@ class Executor:
             and group.routed
             and group.homes.count(GPU) != len(group.homes)
         )
+
+    def _may_divide(self, group: ExpertGroup) -> bool:
+        """Whether decode-sized steps of ``group`` may divide a host unit (kept per layer until a re-homing)."""
+        if self.token_assignment not in DIVIDING_ASSIGNMENTS:
+            return False
+        may = self._divisible.get(group.layer)
+        if may is None:
+            may = any(home != GPU and divides(unit, 1) for unit, home in zip(group.units, group.homes))
+            self._divisible[group.layer] = may
+        return may
 
     def _starts_native_directly(self, tokens: int) -> bool:
         """Whether a native CPU job of a step of ``tokens`` tokens is started by the feeding thread
@@ -1186,5 +1197,6 @@ class Executor:
         rehome_unit(group, i, home, self.device, pin=self.lanes.is_cuda)
         group.cpu_kernels.pop(i, None)
         self._packed_jobs.clear()  # entries hold the old host tensors: let them go
+        self._divisible.pop(group.layer, None)
         if self.expert_ring is not None:
             self.expert_ring.by_tag.pop((group.layer, i), None)

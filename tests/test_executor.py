@@ -138,6 +138,25 @@ def test_cpu_job_prediction_from_kept_costs_is_the_cost_models(tiny_checkpoints)
     model.hybrid.close()
 
 
+def test_layers_that_may_divide_follow_sizes_and_the_assignment_mode(tiny_checkpoints, monkeypatch):
+    # multi-token decode steps of a layer that may divide a host unit skip the early copy of the CPU lane's
+    # inputs (its divided units need their rows again after routing): known per layer, per mode
+    import hf_hybrid.costs
+
+    model = load_every_lane(tiny_checkpoints["mixtral"], token_assignment="adaptive")
+    executor = model.hybrid.executor
+    group = next(iter(executor.groups.values()))
+    assert not executor._may_divide(group)  # tiny experts are below SPLIT_MIN_BYTES
+    executor._divisible.clear()
+    monkeypatch.setattr(hf_hybrid.costs, "SPLIT_MIN_BYTES", 0)
+    assert executor._may_divide(group)
+    model.set_token_assignment("whole")
+    assert not executor._may_divide(group)
+    model.set_token_assignment("adaptive")
+    assert executor._may_divide(group)
+    model.hybrid.close()
+
+
 def test_staging_ring_reuses_cached_weights_and_evicts_least_recent():
     lanes = DeviceLanes(torch.device("cpu"))
     ring = StagingRing(lanes, slot_bytes=1024, slots=2)
