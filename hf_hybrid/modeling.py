@@ -348,7 +348,9 @@ def plan_model(
         hw,
         budget,
         kv_cache_bytes=kv_cache_bytes(config, ctx, batch, dtype_size(dtype)),
-        workspace_bytes=workspace_bytes(config, units, ctx, batch, chunk),
+        workspace_bytes=workspace_bytes(
+            config, units, ctx, batch, chunk, experts_per_token(config) if options.prefill_splits else 0
+        ),
         workload=workload,
         top_k=experts_per_token(config),
         forced=options.placement,

@@ -107,5 +107,11 @@ def test_the_plan_sizes_the_workspace_for_one_chunk_and_prices_context(tiny_chec
     text = str(small)
     assert "each 1k positions of max_context cost" in text and "chunks of that size" in text
     assert workspace_bytes(config, small.units, 64, 2, 4) == small.workspace_bytes
+    # prefill steps that divide experts hold each token's routed rows again (top-2: two more rows a token)
+    halves = HybridModelForCausalLM.plan(directory, prefill_chunk=4, prefill_splits=True, **settings)
+    assert halves.prefill_splits and halves.workspace_bytes == workspace_bytes(
+        config, small.units, 64, 2, 4, 2
+    )
+    assert halves.workspace_bytes - small.workspace_bytes == 2 * 4 * 2 * 10 * config.hidden_size
     with pytest.raises(ValueError, match="prefill_chunk"):
         HybridModelForCausalLM.plan(directory, prefill_chunk=0, **settings)
