@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One pass on a GPU machine, in the order a change should be checked: every CUDA test, the bench rows of
-# each scenario in $SCENARIOS (with the variants named in $VARIANTS, side by side on one loaded model) and a
-# trace of $TRACE_TOKENS new tokens (default 4) of $TRACE. Results go to $OUT (default ./gpu-check); compare
-# rows of one pass only (machines differ).
+# each scenario in $SCENARIOS (with the variants named in $VARIANTS, side by side on one loaded model), S1 at
+# batch 8 with $BATCH8_VARIANTS (when set), the streamed-expert issue probe (PROBE=1) and a trace of
+# $TRACE_TOKENS new tokens (default 4) of $TRACE. Results go to $OUT (default ./gpu-check); compare rows of
+# one pass only (machines differ).
 #
 #     OUT=/tmp/out VARIANTS=eager_experts SCENARIOS="S3 S4 S1" TRACE=S3 bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -13,6 +14,8 @@ VARIANTS="${VARIANTS:-eager_experts}"
 SCENARIOS="${SCENARIOS:-S1 S3}"
 TRACE="${TRACE:-S1}"
 TRACE_TOKENS="${TRACE_TOKENS:-4}"
+BATCH8_VARIANTS="${BATCH8_VARIANTS:-}"
+PROBE="${PROBE:-0}"
 mkdir -p "$OUT"
 start=$(date +%s)
 step() { echo "[$(($(date +%s) - start)) s] $*"; }
@@ -28,11 +31,22 @@ for scenario in $SCENARIOS; do
   [ "$scenario" = S3 ] && new_tokens=64
   cleanup=--cleanup
   [ "$scenario" = "$TRACE" ] && cleanup=
+  [ "$scenario" = S1 ] && [ -n "$BATCH8_VARIANTS" ] && cleanup=  # the batch-8 run below reuses it
   timeout 300 python3 -m hf_hybrid.cli bench --engines hf_hybrid --scenario "$scenario" \
     --new-tokens "$new_tokens" --variants "$VARIANTS" $cleanup --json "$OUT/$scenario.json" \
     >"$OUT/$scenario.txt" 2>&1
   grep "^| hf" "$OUT/$scenario.txt" | cut -c1-200
 done
+if [ -n "$BATCH8_VARIANTS" ]; then
+  step "bench S1 batch 8"
+  timeout 300 python3 -m hf_hybrid.cli bench --engines hf_hybrid --scenario S1 --batch 8 --new-tokens 32 \
+    --variants "$BATCH8_VARIANTS" --json "$OUT/S1-batch8.json" >"$OUT/S1-batch8.txt" 2>&1
+  grep "^| hf" "$OUT/S1-batch8.txt" | cut -c1-200
+fi
+if [ "$PROBE" = 1 ]; then
+  step "streamed-expert issue probe"
+  timeout 120 python3 benchmarks/streamed_issue.py 2>&1 | tail -1 | tee "$OUT/streamed-issue.txt"
+fi
 if [ -n "$TRACE" ]; then
   step "$TRACE trace"
   timeout 200 python3 benchmarks/trace_scenario.py --scenario "$TRACE" --modes adaptive --new-tokens "$TRACE_TOKENS" \
