@@ -73,6 +73,10 @@ class StepStats:
     split_units: int = 0  # units divided between the CPU lane and the copy lane (by intermediate rows)
     prefetched_units: int = 0  # next-layer units copied ahead during a prefill step
     predicted_units: int = 0  # next-layer units copied ahead in a decode step from a routing prediction
+    # experts a decode step predicted for the next layer (predict_next_layer), and how many of them that
+    # layer's step then routed tokens to: the guess rate that decides whether copying ahead can pay
+    guessed_experts: int = 0
+    guessed_right: int = 0
     native_units: int = 0  # CPU units computed by the native kernel (the rest by torch ops)
     direct_native_jobs: int = 0  # native jobs the feeding thread started itself (CpuLane.start_native)
     # the feeding thread between one layer step's return and the next one's start (attention, router,
@@ -263,6 +267,9 @@ class Executor:
         self._one_token_row_cache: dict[int, Rows] = {}  # see _one_token_rows
         self._packed_jobs: dict[tuple, tuple] = {}  # see _one_token_packed
         self._divisible: dict[int, bool] = {}  # see _may_divide
+        self._guesses: tuple[int, list[int]] | None = (
+            None  # (next layer, experts predicted), see _score_guess
+        )
         # unit costs assign_tokens keeps between steps, valid for one profile (see _assignment_memo)
         self._memo_profile = None
         self._unit_costs: dict = {}
@@ -433,6 +440,9 @@ class Executor:
                 early_inputs = self._host_inputs(hidden, top_k_weights.reshape(-1), arrival_event=False)
         with span("host", f"L{group.layer} route"):  # includes the wait for the router's result
             routing, predicted = self._route(group, hidden, top_k_index, predicting)
+        self._score_guess(group, routing)
+        if predicting is not None:
+            self._guesses = (predicting.layer, predicted)
         with span("host", f"L{group.layer} assign"):
             lanes = self._assign(group, routing)
         flat_weights = top_k_weights.reshape(-1) if routing.routed else None
@@ -563,6 +573,18 @@ class Executor:
             sorted_tokens=token_of,
         )
         return routing, predicted
+
+    def _score_guess(self, group: ExpertGroup, routing: Routing) -> None:
+        """Count how many of the experts the last step predicted for this layer got tokens now."""
+        if self._guesses is None:
+            return
+        layer, guessed = self._guesses
+        self._guesses = None
+        if layer != group.layer:
+            return  # another call or layer ran in between: nothing to score
+        counts = routing.counts
+        self.stats.guessed_experts += len(guessed)
+        self.stats.guessed_right += sum(1 for i in guessed if i < len(counts) and counts[i] > 0)
 
     def _next_to_predict(self, group: ExpertGroup, tokens: int) -> ExpertGroup | None:
         """The next MoE layer's group when a decode-sized step should predict its routing: it has host units

@@ -323,6 +323,8 @@ def test_next_layer_prediction_stages_experts_and_changes_no_result(tiny_checkpo
     with_guess, stats = run(True)
     without, plain = run(False)
     assert stats.predicted_units > 0 and plain.predicted_units == 0
+    # each guess is scored against the routing the next layer's step then had
+    assert 0 < stats.guessed_right <= stats.guessed_experts and plain.guessed_experts == 0
     assert torch.equal(with_guess.sequences, without.sequences)
     for a, b in zip(with_guess.logits, without.logits):
         assert torch.equal(a, b)  # only what is staged changes, never a result

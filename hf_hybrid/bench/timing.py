@@ -124,6 +124,8 @@ def lane_stats(model: Any) -> dict | None:
         return None
     out = {name: getattr(stats, name) for name in stats.__dataclass_fields__}
     out["cpu_lane_GBps"] = stats.cpu_bytes / stats.cpu_lane_s / 1e9 if stats.cpu_lane_s else None
+    # predict_next_layer's guesses that the next layer's step routed tokens to (the "predict" variant)
+    out["guess_rate"] = stats.guessed_right / stats.guessed_experts if stats.guessed_experts else None
     # the serial host path: mean time between one layer step and the next, and issuing inside a step
     out["host_gap_ms_per_layer"] = 1e3 * stats.host_gap_s / stats.host_gaps if stats.host_gaps else None
     out["issue_ms_per_layer"] = 1e3 * stats.issue_s / stats.groups if stats.groups else None
