@@ -607,20 +607,35 @@ class Executor:
     def _prefetch_predicted(self, following: ExpertGroup, predicted: list[int], streamed_now: int) -> None:
         """Copy the next layer's predicted host experts into staging slots this step does not use, after this
         step's own copies; a right guess makes them free to run on the GPU there (assignment sees them
-        staged), a wrong one costs only copy-lane time. Exact either way: only what is staged changes."""
-        budget = len(self.expert_ring.slots) - 1 - streamed_now  # keep a slot for the next step's choice
+        staged), a wrong one costs only copy-lane time. Exact either way: only what is staged changes.
+
+        An expert the next step will divide (S1, S4) gets only its GPU part copied, with the rows that step
+        will choose (:meth:`_cpu_rows`), into the one slot this step leaves free: its copy then runs
+        through the host's serial path between the two steps, when the copy lane would idle, and the next
+        step finds the part staged (:meth:`_copy_divided`'s fetch hits)."""
+        # slots this step leaves free; a whole expert keeps one of them for the next step's own choice, a
+        # part need not (a wrong guess leaves the next step the slots this step used)
+        free = len(self.expert_ring.slots) - streamed_now
+        dividing = self.token_assignment in DIVIDING_ASSIGNMENTS and self.lanes.can_copy_column_blocks()
+        fraction = split_fraction(self.profile, self.cpu_scale) if dividing else 0.0
         for i in predicted:
-            if budget <= 0:
-                break
             if i >= len(following.homes) or following.homes[i] == GPU or i not in following.host_regions:
                 continue
             if self.token_assignment == "static" and following.homes[i] != STREAM:
                 continue  # static runs CPU-home units on the CPU whatever is staged
             if (following.layer, i) in self.expert_ring.by_tag:
                 continue
-            self.expert_ring.fetch((following.layer, i), following.host_regions[i])
+            if dividing and divides(following.units[i], 1):
+                rows = self._cpu_rows(following.shapes[i][0][0] // 2, fraction, remember=False)
+                if free <= 0 or rows is None or (following.layer, i, rows) in self.expert_ring.by_tag:
+                    continue
+                self._copy_divided(following, [(i, rows)])
+            else:
+                if free <= 1:
+                    continue
+                self.expert_ring.fetch((following.layer, i), following.host_regions[i])
             self.stats.predicted_units += 1
-            budget -= 1
+            free -= 1
 
     # stage 2
     def _assign(self, group: ExpertGroup, routing: Routing) -> Assignment:
@@ -1151,22 +1166,28 @@ class Executor:
         for i, w in zip(host, work):
             if w.staged or not divides(group.units[i], counts[i]):
                 continue
-            inter = group.shapes[i][0][0] // 2
-            block = 64 if inter >= 1024 else 1
-            rows_on_cpu = round(fraction * inter / block) * block
-            kept = self._split_rows.get(inter)
-            if kept is not None and abs(rows_on_cpu - kept) <= 2 * block:
-                rows_on_cpu = kept
-            self._split_rows[inter] = rows_on_cpu
-            if self.balance_splits:
-                # where the lanes really finish (see _balance_splits), within one block of each end
-                biased = rows_on_cpu + self.split_bias.get(inter, 0) * block
-                rows_on_cpu = (
-                    max(block, min(inter - block, biased)) if 0 < rows_on_cpu < inter else rows_on_cpu
-                )
-            if 0 < rows_on_cpu < inter:
+            rows_on_cpu = self._cpu_rows(group.shapes[i][0][0] // 2, fraction, remember=True)
+            if rows_on_cpu is not None:
                 split[i] = rows_on_cpu
         return split
+
+    def _cpu_rows(self, inter: int, fraction: float, remember: bool) -> int | None:
+        """The CPU lane's rows [0, r) of a divided unit with ``inter`` intermediate rows in a decode-sized
+        step (see :meth:`_choose_splits`), or None where the split leaves one lane nothing. ``remember``:
+        the split is the one a step uses (later splits stay there while the factor wobbles); a prediction
+        (:meth:`_prefetch_predicted`) leaves it as it is."""
+        block = 64 if inter >= 1024 else 1
+        rows_on_cpu = round(fraction * inter / block) * block
+        kept = self._split_rows.get(inter)
+        if kept is not None and abs(rows_on_cpu - kept) <= 2 * block:
+            rows_on_cpu = kept
+        if remember:
+            self._split_rows[inter] = rows_on_cpu
+        if self.balance_splits:
+            # where the lanes really finish (see _balance_splits), within one block of each end
+            biased = rows_on_cpu + self.split_bias.get(inter, 0) * block
+            rows_on_cpu = max(block, min(inter - block, biased)) if 0 < rows_on_cpu < inter else rows_on_cpu
+        return rows_on_cpu if 0 < rows_on_cpu < inter else None
 
     def _choose_prefill_splits(self, group, host, counts, work, divided) -> dict[int, int]:
         """Host units of a prefill-sized step to divide between the lanes (with :attr:`prefill_splits`):

@@ -297,14 +297,19 @@ def test_host_time_between_layer_steps_is_measured(tiny_checkpoints):
     model.hybrid.close()
 
 
-def test_next_layer_prediction_stages_experts_and_changes_no_result(tiny_checkpoints):
+@pytest.mark.parametrize("mode", ["stream", "adaptive"])
+def test_next_layer_prediction_stages_experts_and_changes_no_result(tiny_checkpoints, mode, request):
+    # "stream": a predicted expert is staged whole; "adaptive" (every tiny expert divided, the fixture): the
+    # GPU part of a predicted expert is staged with the rows the next step then chooses
     from tiny_models import load_every_lane
 
+    if mode == "adaptive":
+        request.getfixturevalue("divide_tiny_experts")
     ids = torch.tensor([[5, 9, 2, 7]])
 
     def run(predict: bool):
         model = load_every_lane(
-            tiny_checkpoints["mixtral"], token_assignment="stream", predict_next_layer=predict
+            tiny_checkpoints["mixtral"], token_assignment=mode, predict_next_layer=predict
         )
         model.hybrid.executor.stats.reset()
         with torch.no_grad():
@@ -325,6 +330,10 @@ def test_next_layer_prediction_stages_experts_and_changes_no_result(tiny_checkpo
     assert stats.predicted_units > 0 and plain.predicted_units == 0
     # each guess is scored against the routing the next layer's step then had
     assert 0 < stats.guessed_right <= stats.guessed_experts and plain.guessed_experts == 0
+    # right guesses were found staged by the next layer's step (whole, or the divided part it asked for)
+    assert stats.cached_units > plain.cached_units
+    if mode == "adaptive":
+        assert stats.split_units > 0 and stats.split_units == plain.split_units
     assert torch.equal(with_guess.sequences, without.sequences)
     for a, b in zip(with_guess.logits, without.logits):
         assert torch.equal(a, b)  # only what is staged changes, never a result
