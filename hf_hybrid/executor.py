@@ -43,6 +43,7 @@ from .costs import (
     issue_times,
     prefill_split_fraction,
     split_fraction,
+    split_rates,
 )
 from .cpu_kernels import CpuKernels
 from .cpu_work import HostInputs, RowPart, Rows, native_units_job, whole_units_job
@@ -1160,16 +1161,50 @@ class Executor:
         split is a new GEMM shape for the GPU lane, and a new shape costs the feeding thread a BLAS
         heuristic lookup in the middle of the layer step (on the H200 machine a GEMV's host cost was 43 us
         with a new shape every call against 21-27 us with a stable one). On an accelerator the split then
-        moves by the blocks :meth:`_balance_splits` learned from which lane finished first."""
+        moves by the blocks :meth:`_balance_splits` learned from which lane finished first.
+
+        Where a unit's GPU part is staged already (copied ahead from a routing prediction,
+        :meth:`_prefetch_predicted`), the other divided units of the step give the copy lane the rows it has
+        time for (:meth:`_rebalanced`)."""
         fraction = split_fraction(self.profile, self.cpu_scale)
-        split = {}
+        split, staged = {}, []
+        ring = self.expert_ring
         for i, w in zip(host, work):
             if w.staged or not divides(group.units[i], counts[i]):
                 continue
             rows_on_cpu = self._cpu_rows(group.shapes[i][0][0] // 2, fraction, remember=True)
             if rows_on_cpu is not None:
                 split[i] = rows_on_cpu
+                if ring is not None and (group.layer, i, rows_on_cpu) in ring.by_tag:
+                    staged.append(i)
+        if staged and len(staged) < len(split):
+            split.update(self._rebalanced(group, split, staged))
         return split
+
+    def _rebalanced(self, group: ExpertGroup, split: dict[int, int], staged: list[int]) -> dict[int, int]:
+        """New CPU rows for the divided units of a step whose other divided units' GPU parts are staged: the
+        copy lane has only the former's parts to copy, so they move rows from the CPU lane to it until both
+        lanes take as long (one fraction for all of them, in blocks; the kept split is not changed, so the
+        next step without a staged part is back where it was). Both lanes' rates are those while both run
+        (:func:`split_rates`)."""
+        cpu_rate, pcie_rate = split_rates(self.profile, self.cpu_scale)
+        if cpu_rate <= 0 or pcie_rate <= 0:
+            return {}
+
+        def inter(i: int) -> int:
+            return group.shapes[i][0][0] // 2
+
+        staged_cpu_s = sum(group.units[i].nbytes * split[i] / inter(i) for i in staged) / cpu_rate
+        others = [i for i in split if i not in staged]
+        total = sum(group.units[i].nbytes for i in others)
+        # CPU: staged_cpu_s + f * total / cpu_rate; copy lane: (1 - f) * total / pcie_rate
+        fraction = (total / pcie_rate - staged_cpu_s) / (total / cpu_rate + total / pcie_rate)
+        moved = {}
+        for i in others:
+            block = 64 if inter(i) >= 1024 else 1
+            rows = round(fraction * inter(i) / block) * block
+            moved[i] = max(block, min(inter(i) - block, rows))
+        return moved
 
     def _cpu_rows(self, inter: int, fraction: float, remember: bool) -> int | None:
         """The CPU lane's rows [0, r) of a divided unit with ``inter`` intermediate rows in a decode-sized
