@@ -268,6 +268,7 @@ class Executor:
         self._one_token_row_cache: dict[int, Rows] = {}  # see _one_token_rows
         self._packed_jobs: dict[tuple, tuple] = {}  # see _one_token_packed
         self._divisible: dict[int, bool] = {}  # see _may_divide
+        self._parts_ahead: dict[int, set] = {}  # layer -> (unit, rows) copied ahead for it (_choose_splits)
         self._guesses: tuple[int, list[int]] | None = (
             None  # (next layer, experts predicted), see _score_guess
         )
@@ -341,6 +342,8 @@ class Executor:
         for ring in (self.expert_ring, self.module_ring):
             if ring is not None:
                 ring.forget()
+        self._parts_ahead.clear()
+        self._guesses = None
 
     def _maybe_fault(self, lane: str) -> None:
         if self.fault_injector is not None:
@@ -631,6 +634,7 @@ class Executor:
                 if free <= 0 or rows is None or (following.layer, i, rows) in self.expert_ring.by_tag:
                     continue
                 self._copy_divided(following, [(i, rows)])
+                self._parts_ahead.setdefault(following.layer, set()).add((i, rows))
             else:
                 if free <= 1:
                     continue
@@ -1169,13 +1173,16 @@ class Executor:
         fraction = split_fraction(self.profile, self.cpu_scale)
         split, staged = {}, []
         ring = self.expert_ring
+        # parts the previous layer step copied ahead for this one (a part left in a slot by an earlier token
+        # does not count: what a step computes must not depend on what earlier calls left in the slots)
+        ahead = self._parts_ahead.pop(group.layer, ())
         for i, w in zip(host, work):
             if w.staged or not divides(group.units[i], counts[i]):
                 continue
             rows_on_cpu = self._cpu_rows(group.shapes[i][0][0] // 2, fraction, remember=True)
             if rows_on_cpu is not None:
                 split[i] = rows_on_cpu
-                if ring is not None and (group.layer, i, rows_on_cpu) in ring.by_tag:
+                if (i, rows_on_cpu) in ahead and (group.layer, i, rows_on_cpu) in ring.by_tag:
                     staged.append(i)
         if staged and len(staged) < len(split):
             split.update(self._rebalanced(group, split, staged))
