@@ -265,7 +265,7 @@ class Executor:
         self._left_step: float | None = None  # when the last layer step returned (for host_gap_s)
         # (group, assignment, token counts, seconds) of the last CPU-lane job, not yet learned from
         self._last_cpu_job: tuple | None = None
-        self._one_token_row_cache: dict[int, Rows] = {}  # see _one_token_rows
+        self._one_token_row_cache: dict[object, Rows] = {}  # see _one_token_rows and _kept_row
         self._packed_jobs: dict[tuple, tuple] = {}  # see _one_token_packed
         self._divisible: dict[int, bool] = {}  # see _may_divide
         self._parts_ahead: dict[int, set] = {}  # layer -> (unit, rows) copied ahead for it (_choose_splits)
@@ -286,7 +286,8 @@ class Executor:
         # prefill-sized steps divide large host experts between the CPU lane's GEMMs and the copy lane
         # (_choose_prefill_splits); off until measured on the device machine
         self.prefill_splits = False
-        # steps of more than one token sum a divided expert's parts before weighting it (Assignment.combine)
+        # a divided expert's parts are summed before the expert is weighted (Assignment.combine); off: each
+        # part weighted on its own (fewer launches, 1-2 ulps, another greedy token now and then)
         self.combine_divided = True
         # a decode-sized step's native CPU job is started by the feeding thread on the native pool's leader
         # (CpuLane.start_native) rather than handed to the CPU lane's Python thread: no thread wake-up and
@@ -441,7 +442,11 @@ class Executor:
             with span("host", f"L{group.layer} inputs to host"):
                 # no arrival event: the routing read-back below is a blocking copy on the same stream, so
                 # when it returns these copies are done (an event would cost a create, a record and a wait)
-                early_inputs = self._host_inputs(hidden, top_k_weights.reshape(-1), arrival_event=False)
+                early_inputs = self._host_inputs(
+                    self._early_rows(group, hidden, top_k_index),
+                    top_k_weights.reshape(-1),
+                    arrival_event=False,
+                )
         with span("host", f"L{group.layer} route"):  # includes the wait for the router's result
             routing, predicted = self._route(group, hidden, top_k_index, predicting)
         self._score_guess(group, routing)
@@ -455,7 +460,10 @@ class Executor:
             # the CPU lane first: it is the longest lane of a decode step, and it starts only when its job
             # is in (the device lanes' issuing below runs while it computes)
             with span("host", f"L{group.layer} submit CPU job"):
-                if lanes.combine:
+                if lanes.combine and early_inputs is not None and early_inputs.x.shape[0] > len(lanes.split):
+                    # a one-token step: the copies of its row crossed with it (_early_rows)
+                    cpu_hidden, host_inputs = hidden.expand(early_inputs.x.shape[0], -1), early_inputs
+                elif lanes.combine:
                     cpu_hidden = self._with_divided_rows(hidden, lanes, routing)
                     host_inputs = self._host_inputs(cpu_hidden, flat_weights)
                 else:
@@ -672,15 +680,10 @@ class Executor:
             if out.regime == "large" and self.prefill_splits:
                 out.split.update(self._choose_prefill_splits(group, host, counts, work, out.split))
             # a divided expert's parts are summed, then rounded and weighted as transformers does a whole
-            # expert's output, where the step has more than one token (one-token steps keep their fast path:
-            # 1-2 ulps there; without it a tiny Mixtral's 8-token prompts drew 61 ulps, a routing choice
-            # flipped by an unrounded expert output)
-            out.combine = (
-                bool(out.split)
-                and group.routed
-                and self.combine_divided
-                and routing.starts[-1] // routing.top_k > 1
-            )
+            # expert's output (without: a tiny Mixtral's 8-token prompts drew up to 61 ulps, a routing
+            # choice flipped by an unrounded expert output, and greedy bf16 generations left transformers'
+            # tokens after 8-22 steps on 1-2 prompts of 6)
+            out.combine = bool(out.split) and group.routed and self.combine_divided
             work = [w for i, w in zip(host, work) if i not in out.split]
         gpu_busy = sum(group.units[i].nbytes for i in out.resident) / self.profile.gpu_mem_bw
         issue_resident, issue_streamed = self.issue_seconds["resident"], self.issue_seconds["streamed"]
@@ -757,6 +760,14 @@ class Executor:
             and group.homes.count(GPU) != len(group.homes)
         )
 
+    def _early_rows(self, group: ExpertGroup, hidden: torch.Tensor, top_k_index) -> torch.Tensor:
+        """What a one-token step copies to the host before its routing is known: the row, and where the layer
+        may divide host units, top-k copies of it after it (a divided expert's CPU part reads and writes
+        one of those rows, see _with_divided_rows: in a one-token step they are the step's row again)."""
+        if hidden.shape[0] == 1 and self.combine_divided and self._may_divide(group):
+            return hidden.expand(1 + top_k_index.shape[1], -1)
+        return hidden
+
     def _may_divide(self, group: ExpertGroup) -> bool:
         """Whether decode-sized steps of ``group`` may divide a host unit (kept per layer until a re-homing)."""
         if self.token_assignment not in DIVIDING_ASSIGNMENTS:
@@ -792,7 +803,8 @@ class Executor:
         outputs stay fp32 until the GPU's rows are added)."""
         units = lanes.on_cpu + list(lanes.split)
         positions = None
-        if hidden.shape[0] == 1 and routing.order_list is not None:
+        step_tokens = routing.starts[-1] // routing.top_k if routing.routed else hidden.shape[0]
+        if step_tokens == 1 and routing.order_list is not None:
             # a one-token step: every unit has row 0 and one routing-weight position; index tensors made
             # once per position, not sliced per unit and step
             positions = [routing.order_list[routing.starts[i]] for i in units]
@@ -802,10 +814,13 @@ class Executor:
         if lanes.combine:
             # divided units read their tokens' copies past the step's rows and write their parts there,
             # unweighted (see _with_divided_rows): (rows, no routing-weight positions)
-            row = routing.starts[-1] // routing.top_k  # the step's tokens
+            row = step_tokens
             for n, i in enumerate(lanes.split, start=len(lanes.on_cpu)):
                 count = routing.counts[i]
-                row_lists[n] = (torch.arange(row, row + count), None)
+                if positions is not None:
+                    row_lists[n], positions[n] = self._kept_row(row), ("row", row)
+                else:
+                    row_lists[n] = (torch.arange(row, row + count), None)
                 row += count
         self.stats.cpu_units += len(lanes.on_cpu)
         self.stats.cpu_tokens += sum(hidden.shape[0] if r is None else r[0].numel() for r in row_lists)
@@ -826,7 +841,6 @@ class Executor:
                     inputs.x, self._native_jobs(group, lanes, units, row_lists, weights), out
                 )
             self.stats.native_units += len(units)
-            step_tokens = routing.starts[-1] // routing.top_k if lanes.combine else hidden.shape[0]
             if self._starts_native_directly(step_tokens):
                 self.stats.direct_native_jobs += 1
                 return self.cpu_lane.start_native(
@@ -908,7 +922,7 @@ class Executor:
             kept = self.pinned("w", tuple(weights.shape), weights.dtype)
             kept.copy_(weights)
             weights = kept
-        shape = (x.dtype, x.shape[1], weights.data_ptr(), weights.dtype, weights.numel())
+        shape = (x.dtype, x.shape[0], x.shape[1], weights.data_ptr(), weights.dtype, weights.numel())
         parts = []
         for i, position, rows in zip(units, positions, row_lists):
             gate_up, down = group.host_weights[i]
@@ -916,12 +930,20 @@ class Executor:
             entry = self._packed_jobs.get(key)
             if entry is None or entry[0] is not gate_up or entry[1] is not down:
                 job = self._native_jobs(group, lanes, [i], [rows], weights)[0]
-                entry = (gate_up, down, packed_job(job, x.dtype, 1, x.shape[1]))
+                entry = (gate_up, down, packed_job(job, x.dtype, x.shape[0], x.shape[1]))
                 if len(self._packed_jobs) >= self.PACKED_JOBS_MAX:
                     self._packed_jobs.clear()  # splits that moved on, buffers made again: start afresh
                 self._packed_jobs[key] = entry
             parts.append(entry[2])
         return self.cpu_kernels.native_lane.pack_bytes(x, parts, out, [weights])
+
+    def _kept_row(self, row: int) -> Rows:
+        """``([row], None)``: a one-token step's divided unit reading and writing row ``row`` unweighted."""
+        rows = self._one_token_row_cache.get(("row", row))
+        if rows is None:
+            rows = (torch.tensor([row], dtype=torch.long), None)
+            self._one_token_row_cache[("row", row)] = rows
+        return rows
 
     def _one_token_rows(self, position: int) -> Rows:
         """(token ids, routing-weight positions) of a unit in a one-token step: ``([0], [position])``."""
@@ -985,7 +1007,11 @@ class Executor:
                 # cost S1 and S4 more than the replays saved (342 recordings for 1,317 replays on S1)
                 if group.routed and batch.positions is not None:
                     y = partial_gated_mlp(batch.hidden, gate, up, down, group.act_fn)
-                    batch.acc.add_(y * batch.one_token_weight(i).float())
+                    if batch.combine is not None:
+                        # added with the CPU lane's part after the join, weighted by its position
+                        batch.combine[i] = (y, None, batch.positions[batch.routing.starts[i]])
+                    else:
+                        batch.acc.add_(y * batch.one_token_weight(i).float())
                 elif group.routed:
                     starts = batch.routing.starts
                     sel = batch.device_rows[starts[i] : starts[i + 1]]
@@ -1081,16 +1107,24 @@ class Executor:
         return torch.cat([hidden, hidden[torch.cat(tokens).to(hidden.device, non_blocking=True)]])
 
     def _combine_divided(self, step: GroupStep, cpu_parts: torch.Tensor) -> None:
-        """Add each divided unit of a step of several tokens as transformers adds a whole expert: its two
-        parts summed in fp32 (the GPU's, kept since it was computed, and the CPU lane's rows of
-        ``cpu_parts``), rounded to the model dtype, weighted there, added into the fp32 sum. Adding each part
-        weighted on its own, as one-token steps do, skips that rounding: within a few ulps per layer, but
-        among many tokens' near-tied routing choices one flips now and then (a tiny Mixtral: 96 ulps in the
-        logits of a 48-token prompt and 61 in one of eight 8-token prompts, against 0 this way)."""
+        """Add each divided unit as transformers adds a whole expert: its two parts summed in fp32 (the
+        GPU's, kept since it was computed, and the CPU lane's rows of ``cpu_parts``), rounded to the model
+        dtype, weighted there, added into the fp32 sum. Adding each part weighted on its own
+        (``combine_divided`` off) skips that rounding: within a few ulps per layer, but among many near-tied
+        routing choices one flips now and then (a tiny Mixtral: 96 ulps in the logits of a 48-token prompt,
+        61 in one of eight 8-token prompts, other greedy bf16 tokens after 8 new ones on 2 prompts of 6;
+        0 ulps and transformers' tokens this way)."""
         offset = 0
         dtype = step.hidden.dtype
         for i in step.lanes.split:
             gpu_part, tok, sel = step.combine[i]
+            if tok is None:  # a one-token step: the step's row, its weight at position ``sel``
+                y = (gpu_part + cpu_parts[offset : offset + 1]).to(dtype) * step.flat_weights[
+                    sel : sel + 1, None
+                ]
+                step.acc.add_(y)  # in place, promoted to fp32 as .float() would
+                offset += 1
+                continue
             n = tok.shape[0]
             y = (gpu_part + cpu_parts[offset : offset + n]).to(dtype) * step.flat_weights[sel, None]
             step.acc.index_add_(0, tok, y.float())

@@ -175,8 +175,8 @@ def test_cuda_column_block_crosses_pcie_in_one_copy():
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "llama"])
 def test_cuda_divided_units_are_exact(tiny_checkpoints, family, divide_tiny_experts):
-    # 6 tokens: decode-sized steps of several tokens sum each divided expert's parts on the device after the
-    # join (their CPU parts come back in rows past the step's own), one-token steps weight each part
+    # every step sums each divided expert's parts on the device after the join (their CPU parts come back in
+    # rows past the step's own; a one-token step's copies of its row crossed before the routing)
     ref, hybrid = _pair(tiny_checkpoints[family], family, torch.float32, mode="adaptive")
     hybrid.hybrid.executor.balance_splits = True  # off by default; its moves must stay exact too
     ids = prompt(batch=1, length=6).cuda()

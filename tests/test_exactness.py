@@ -216,6 +216,28 @@ def test_divided_experts_of_multi_token_steps_round_as_whole_experts(
     assert worst(range(8)) >= combined  # each part weighted on its own: never closer
 
 
+def test_greedy_bfloat16_generations_with_divided_experts_are_transformers(
+    tiny_checkpoints, divide_tiny_experts
+):
+    # every decode step divides its host experts; each expert's two parts are summed before its output is
+    # rounded and weighted, so 24 greedy bf16 tokens are transformers' own. Weighting each part on its own
+    # (separate_parts) left 2 of these 6 prompts on other tokens after 8 new ones
+    ref, hybrid = load_pair(
+        tiny_checkpoints["mixtral"], "mixtral", torch.bfloat16, token_assignment="adaptive"
+    )
+    executor = hybrid.hybrid.executor
+
+    def same(seed: int) -> bool:
+        ids = prompt(batch=1, length=6, seed=seed)
+        want = ref.generate(ids, max_new_tokens=24, do_sample=False)
+        return torch.equal(hybrid.generate(ids, max_new_tokens=24, do_sample=False), want)
+
+    assert all(same(seed) for seed in range(6))
+    assert executor.stats.split_units > 0
+    executor.combine_divided = False
+    assert not all(same(seed) for seed in range(6))  # the test can tell the two apart
+
+
 @pytest.mark.parametrize("family", ["mixtral", "llama"])
 def test_embeddings_on_cpu_and_streamed_lm_head_are_exact(tiny_checkpoints, family):
     directory = tiny_checkpoints[family]

@@ -286,8 +286,8 @@ def _switched(model: Any, variant: str):
     wait spinning (its core is idle then anyway), "eager_experts" with one-token steps' GPU-lane experts
     issued kernel by kernel rather than replayed as CUDA graphs (``Executor.graph_experts`` off),
     "prefill_splits" with prefill steps' large host experts divided between the CPU lane and the copy lane
-    (``Executor.prefill_splits``), "separate_parts" with each part of a divided expert weighted on its own in
-    steps of several tokens (``Executor.combine_divided`` off); anything else unchanged."""
+    (``Executor.prefill_splits``), "separate_parts" with each part of a divided expert weighted on its own
+    (``Executor.combine_divided`` off); anything else unchanged."""
     runtime = model.hybrid
     graphs, executor = runtime.decode_graphs, runtime.executor
     fuse = graphs.fuse_routers if graphs is not None else None
