@@ -1091,10 +1091,9 @@ class Executor:
         self.stats.cpu_lane_s += seconds
         tokens = acc.shape[0]
         with self.lanes.host_span("host", f"L{group.layer} add CPU part"):
-            acc += cpu_out[:tokens].to(acc.device, non_blocking=True)
-            divided_rows = None
-            if cpu_out.shape[0] > tokens:
-                divided_rows = cpu_out[tokens:].to(acc.device, non_blocking=True)
+            arrived = cpu_out.to(acc.device, non_blocking=True)  # one copy, the divided parts' rows too
+            acc += arrived[:tokens]
+            divided_rows = arrived[tokens:] if cpu_out.shape[0] > tokens else None
         self._last_cpu_job = (group, lanes, routing.counts, seconds)
         return divided_rows
 
