@@ -164,8 +164,9 @@ class DeviceBatch:
     # a one-token step whose GPU-lane experts replay CUDA graphs on static buffers (Executor.expert_graphs);
     # ``acc`` is then the graphs' static accumulator
     graphs: bool = False
-    # a prefill-sized step's divided units: unit -> (GPU part, token ids, routing-weight positions), each part
-    # kept in fp32 until the CPU lane's part joins it (see Executor._combine_divided); None: added at once
+    # a routed step's divided units: unit -> (GPU part, token ids or None in a one-token step, routing-weight
+    # positions), each part kept in fp32 until the CPU lane's part joins it (Executor._combine_divided);
+    # None: each part added at once (combine_divided off)
     combine: dict | None = None
 
     def one_token_weight(self, i: int) -> torch.Tensor:
@@ -189,6 +190,13 @@ class GroupStep:
     divided_done: object | None = None  # event after the GPU lane's parts of divided units (balancing)
     combine: dict | None = None  # DeviceBatch.combine of the step
     flat_weights: torch.Tensor | None = None  # the step's routing weights, flat (for combine)
+
+
+def _rows_in_blocks(fraction: float, inter: int) -> tuple[int, int]:
+    """(``fraction`` of a divided unit's ``inter`` intermediate rows rounded to whole blocks, the block): 64
+    rows where ``inter`` >= 1024, so the streamed down columns start on a 128-byte boundary, else 1."""
+    block = 64 if inter >= 1024 else 1
+    return round(fraction * inter / block) * block, block
 
 
 class StepStarted(Exception):
@@ -269,9 +277,8 @@ class Executor:
         self._packed_jobs: dict[tuple, tuple] = {}  # see _one_token_packed
         self._divisible: dict[int, bool] = {}  # see _may_divide
         self._parts_ahead: dict[int, set] = {}  # layer -> (unit, rows) copied ahead for it (_choose_splits)
-        self._guesses: tuple[int, list[int]] | None = (
-            None  # (next layer, experts predicted), see _score_guess
-        )
+        # (next layer, experts predicted) by the last step, see _score_guess
+        self._guesses: tuple[int, list[int]] | None = None
         # unit costs assign_tokens keeps between steps, valid for one profile (see _assignment_memo)
         self._memo_profile = None
         self._unit_costs: dict = {}
@@ -1241,8 +1248,7 @@ class Executor:
         fraction = (total / pcie_rate - staged_cpu_s) / (total / cpu_rate + total / pcie_rate)
         moved = {}
         for i in others:
-            block = 64 if inter(i) >= 1024 else 1
-            rows = round(fraction * inter(i) / block) * block
+            rows, block = _rows_in_blocks(fraction, inter(i))
             moved[i] = max(block, min(inter(i) - block, rows))
         return moved
 
@@ -1251,8 +1257,7 @@ class Executor:
         step (see :meth:`_choose_splits`), or None where the split leaves one lane nothing. ``remember``:
         the split is the one a step uses (later splits stay there while the factor wobbles); a prediction
         (:meth:`_prefetch_predicted`) leaves it as it is."""
-        block = 64 if inter >= 1024 else 1
-        rows_on_cpu = round(fraction * inter / block) * block
+        rows_on_cpu, block = _rows_in_blocks(fraction, inter)
         kept = self._split_rows.get(inter)
         if kept is not None and abs(rows_on_cpu - kept) <= 2 * block:
             rows_on_cpu = kept
@@ -1279,9 +1284,8 @@ class Executor:
             if w.staged or i in divided or not divides_in_prefill(unit, counts[i]):
                 continue
             inter = group.shapes[i][0][0] // 2
-            block = 64 if inter >= 1024 else 1
             fraction = prefill_split_fraction(unit, counts[i], self.profile, scale)
-            rows_on_cpu = round(fraction * inter / block) * block
+            rows_on_cpu, _ = _rows_in_blocks(fraction, inter)
             if 0 < rows_on_cpu < inter:
                 split[i] = rows_on_cpu
         return split

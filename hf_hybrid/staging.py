@@ -90,7 +90,7 @@ class StagingRing:
         parts = host_region if isinstance(host_region, list) else [host_region]
         index = next(iter(self.lru))
         slot = self.slots[index]
-        total, view, dsts, nbytes = self._layout(slot, tag, parts)
+        view, dsts, nbytes = self._layout(slot, tag, parts)
         self.lru.move_to_end(index)
         if slot.tag is not None:
             self.by_tag.pop(slot.tag, None)
@@ -126,7 +126,7 @@ class StagingRing:
         return tensors, ready, cached
 
     def _layout(self, slot: _Slot, tag: object, parts: list[torch.Tensor]):
-        """(bytes, slot view, destination of each part, bytes copied) of ``parts`` laid out in ``slot``."""
+        """(slot view, destination of each part, bytes copied) of ``parts`` laid out in ``slot``."""
         key = tuple((p.dtype, p.shape) for p in parts)
         layout = slot.layouts.get(key)
         if layout is not None:
@@ -141,7 +141,7 @@ class StagingRing:
             for part, nbytes in zip(parts, sizes):
                 dsts.append(view[offset : offset + nbytes].view(part.dtype).view(part.shape))
                 offset = align(offset + nbytes)
-        layout = (total, view, dsts, sum(sizes))
+        layout = (view, dsts, sum(sizes))
         if len(slot.layouts) >= self.LAYOUTS_MAX:
             slot.layouts.clear()
         slot.layouts[key] = layout
