@@ -3,7 +3,9 @@
 # each scenario in $SCENARIOS (with the variants named in $VARIANTS, side by side on one loaded model), S1 at
 # batch 8 with $BATCH8_VARIANTS (when set), the streamed-expert issue probe (PROBE=1) and a trace of
 # $TRACE_TOKENS new tokens (default 4) of $TRACE. Results go to $OUT (default ./gpu-check); compare rows of
-# one pass only (machines differ).
+# one pass only (machines differ). Every step prints the machine's MemTotal: the device machines are VMs
+# whose memory grows as it is first touched (about 3 s per 8 GiB), a candidate for the first bench
+# process's slower prefill; PRETOUCH=N first touches N GiB of host memory (and frees it) to test that.
 #
 #     OUT=/tmp/out VARIANTS=eager_experts SCENARIOS="S3 S4 S1" TRACE=S3 bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -16,9 +18,22 @@ TRACE="${TRACE:-S1}"
 TRACE_TOKENS="${TRACE_TOKENS:-4}"
 BATCH8_VARIANTS="${BATCH8_VARIANTS:-}"
 PROBE="${PROBE:-0}"
+PRETOUCH="${PRETOUCH:-0}"
 mkdir -p "$OUT"
 start=$(date +%s)
-step() { echo "[$(($(date +%s) - start)) s] $*"; }
+step() { echo "[$(($(date +%s) - start)) s, MemTotal $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)] $*"; }
+
+if [ "$PRETOUCH" != 0 ]; then
+  step "touching $PRETOUCH GiB of host memory"
+  python3 - "$PRETOUCH" <<'PY'
+import sys, time
+import torch
+started, held = time.perf_counter(), []
+for _ in range(int(sys.argv[1])):
+    held.append(torch.ones(2**30, dtype=torch.uint8))  # written, so every page is backed
+print(f"touched {len(held)} GiB in {time.perf_counter() - started:.1f} s")
+PY
+fi
 
 step "CUDA tests"
 timeout 300 python3 -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider >"$OUT/cuda-tests.txt" 2>&1
@@ -45,7 +60,7 @@ if [ -n "$BATCH8_VARIANTS" ]; then
 fi
 if [ "$PROBE" = 1 ]; then
   step "streamed-expert issue probe"
-  timeout 120 python3 benchmarks/streamed_issue.py 2>&1 | tail -1 | tee "$OUT/streamed-issue.txt"
+  timeout 120 python3 benchmarks/streamed_issue.py --cpu-load 2>&1 | tail -1 | tee "$OUT/streamed-issue.txt"
 fi
 if [ -n "$TRACE" ]; then
   step "$TRACE trace"

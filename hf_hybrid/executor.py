@@ -86,6 +86,11 @@ class StepStats:
     host_gaps: int = 0
     # the feeding thread inside run_group before it sleeps on the CPU lane (routing, assignment, issuing)
     issue_s: float = 0.0
+    # streamed experts of decode-sized steps on an accelerator: the feeding thread's time for each one in
+    # all (stream_issue_s) and in its staging fetch alone (the copy's issue, stream_fetch_s), and how many
+    stream_issue_s: float = 0.0
+    stream_fetch_s: float = 0.0
+    stream_issues: int = 0
 
     def reset(self) -> None:
         """Zero every counter."""
@@ -978,12 +983,17 @@ class Executor:
             (gate_up, down), ready, cached = self.expert_ring.fetch_carved(
                 (group.layer, i), group.host_regions[i], group.shapes[i], group.dtype
             )
+            fetched = time.perf_counter()
             self.lanes.wait(ready)
             with self.lanes.span("GPU", f"L{group.layer} streamed {i}"):
                 self._device_unit(group, i, gate_up, down, batch)
             self.expert_ring.release((group.layer, i))
             if learn:
-                self._learn_issue("streamed", time.perf_counter() - entered)
+                issued = time.perf_counter()
+                self._learn_issue("streamed", issued - entered)
+                self.stats.stream_issue_s += issued - entered
+                self.stats.stream_fetch_s += fetched - entered
+                self.stats.stream_issues += 1
             self.stats.streamed_units += 1
             self.stats.cached_units += int(cached)
 

@@ -586,3 +586,25 @@ def test_decode_clock_times_the_last_steps_of_a_call():
     clock.put(torch.tensor([2]))
     clock.end()
     assert len(clock.stamps) == 2 and clock.decode_s(2) >= 0
+
+
+def test_lane_stats_give_the_issue_of_one_streamed_expert():
+    from types import SimpleNamespace
+
+    from hf_hybrid.bench.output import _row_note
+    from hf_hybrid.bench.timing import lane_stats
+    from hf_hybrid.executor import StepStats
+
+    stats = StepStats(host_gap_s=0.002, host_gaps=4, issue_s=0.004, groups=4)
+    stats.stream_issue_s, stats.stream_fetch_s, stats.stream_issues = 0.0006, 0.0002, 5
+    model = SimpleNamespace(hybrid=SimpleNamespace(executor=SimpleNamespace(stats=stats), decode_graphs=None))
+    lanes = lane_stats(model)
+    assert lanes["stream_issue_us"] == pytest.approx(120.0)
+    assert lanes["stream_fetch_us"] == pytest.approx(40.0)
+    settings = SimpleNamespace(prompt=8, new_tokens=4)
+    row = {"status": "ok", "prompt": 8, "new_tokens": 4, "lanes": lanes}
+    assert "a streamed expert 120 us to issue (40 us its copy)" in _row_note(row, settings)
+    stats.stream_issues = 0  # no streamed expert in a decode step: no figure, no note
+    lanes = lane_stats(model)
+    assert lanes["stream_issue_us"] is None
+    assert "streamed expert" not in _row_note({**row, "lanes": lanes}, settings)

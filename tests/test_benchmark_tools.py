@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +66,27 @@ def test_streamed_issue_probe_needs_a_cuda_device(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode != 0 and "needs a CUDA device" in done.stderr
+
+
+def test_streamed_issue_probe_measures_beside_a_running_cpu_lane():
+    import importlib.util
+
+    import pytest
+
+    from hf_hybrid.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}")
+    spec = importlib.util.spec_from_file_location("streamed_issue", ROOT / "benchmarks" / "streamed_issue.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+
+    def measure():
+        time.sleep(0.05)  # the lane computes meanwhile
+        return [1e-5, 2e-5]
+
+    times, rate = probe._beside_cpu_lane(measure, 64, 32, experts=3)
+    assert times == [1e-5, 2e-5] and rate > 0
 
 
 def test_scripts_import_hf_hybrid_before_torch():

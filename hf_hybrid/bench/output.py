@@ -116,6 +116,12 @@ def _row_note(row: dict, settings: BenchSettings) -> str:
             f"{lanes.get('issue_ms_per_layer') or 0:.2f} ms issuing"
             + (f"; CPU lane {rate:.0f} GB/s" if rate else "")
             + (f" ({lanes['native_units']} native units)" if lanes.get("native_units") else "")
+            + (
+                f"; a streamed expert {lanes['stream_issue_us']:.0f} us to issue"
+                f" ({lanes.get('stream_fetch_us') or 0:.0f} us its copy)"
+                if lanes.get("stream_issue_us")
+                else ""
+            )
         )
     if row.get("gpu_peak_bytes"):
         parts.append(f"GPU peak {format_bytes(row['gpu_peak_bytes'])}")

@@ -129,6 +129,10 @@ def lane_stats(model: Any) -> dict | None:
     # the serial host path: mean time between one layer step and the next, and issuing inside a step
     out["host_gap_ms_per_layer"] = 1e3 * stats.host_gap_s / stats.host_gaps if stats.host_gaps else None
     out["issue_ms_per_layer"] = 1e3 * stats.issue_s / stats.groups if stats.groups else None
+    # one streamed expert of a decode step on the feeding thread: in all, and its staging fetch alone
+    issues = stats.stream_issues
+    out["stream_issue_us"] = 1e6 * stats.stream_issue_s / issues if issues else None
+    out["stream_fetch_us"] = 1e6 * stats.stream_fetch_s / issues if issues else None
     out["cpu_scale"] = getattr(executor, "cpu_scale", None)
     out["cpu_scales"] = dict(getattr(executor, "cpu_scales", {}))
     # the feeding thread's learned time to issue one GPU-lane expert of a decode step, against the profile's
