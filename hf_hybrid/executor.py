@@ -269,6 +269,9 @@ class Executor:
         # (the one-token figures: the steps that learn it are mostly batch-1 decode steps)
         self.issue_seconds = dict(zip(("resident", "streamed"), issue_times(profile, tokens=1)))
         self.groups: dict[int, ExpertGroup] = {}  # by layer, set when the hooks attach (for prefetching)
+        # set by generate while a chunked prompt's forward is not its last: the last layer's prefill step then
+        # copies the first layer's stream-home units ahead for the next chunk (see _prefetch_next)
+        self.prefill_follows = False
         # router weight [experts, hidden] by MoE layer, set when the hooks attach: a decode step applies the
         # next layer's router to its own input to predict, and start copying, the next layer's experts
         self.router_weights: dict[int, torch.Tensor] = {}
@@ -1303,13 +1306,18 @@ class Executor:
     def _prefetch_next(self, group: ExpertGroup) -> None:
         """A prefill-sized step uses nearly every expert of the next layer: copy the next layer's first
         stream-home units into the slots this layer no longer needs, so the copy lane works through this
-        layer's tail, the attention and the routing."""
+        layer's tail, the attention and the routing. The last layer of a chunked prompt's forward does the
+        same for the first layer when another chunk follows (:attr:`prefill_follows`): the copy lane then
+        works through the forward's end, generate's loop and the next chunk's first attention."""
         if self.expert_ring is None or self.token_assignment == "cpu":
             return
         later = [g for layer, g in self.groups.items() if layer > group.layer]
-        if not later:
+        if later:
+            following = min(later, key=lambda g: g.layer)
+        elif self.prefill_follows and self.groups:
+            following = self.groups[min(self.groups)]
+        else:
             return
-        following = min(later, key=lambda g: g.layer)
         budget = len(self.expert_ring.slots) - 1  # leave one slot for what the next step decides
         for i, home in enumerate(following.homes):
             if budget == 0:

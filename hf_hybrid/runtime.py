@@ -168,6 +168,7 @@ class HybridGenerationMixin:
             kwargs = self._with_prefill_chunks(args, kwargs)
             kwargs = self._with_static_cache(args, kwargs)
             handle = self.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+            chunks = self._follow_prefill_chunks(args, kwargs)
             lookahead = self._begin_lookahead(args, kwargs)
             try:
                 out = super().generate(*args, **kwargs)
@@ -177,12 +178,34 @@ class HybridGenerationMixin:
                 raise
             finally:
                 handle.remove()
+                if chunks is not None:
+                    chunks.remove()
+                    self.hybrid.executor.prefill_follows = False
                 if lookahead is not None:
                     lookahead[1].remove()
             if lookahead is not None:
                 lookahead[0].end_call()
             self._record_throughput(args, kwargs, starts, time.perf_counter())
             return out
+
+    def _follow_prefill_chunks(self, args, kwargs):
+        """When this call prefills its prompt in chunks, a forward pre-hook that tells the executor before
+        each forward whether another prompt chunk follows it (so the copy lane starts the next chunk's first
+        layer during this one's last: :meth:`~hf_hybrid.executor.Executor._prefetch_next`); None otherwise.
+        Only what is staged depends on it, never a result."""
+        input_ids = self._input_ids(args, kwargs)
+        gen_config = kwargs.get("generation_config") or self.generation_config
+        chunk = kwargs.get("prefill_chunk_size", getattr(gen_config, "prefill_chunk_size", None))
+        if not chunk or input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] <= chunk:
+            return None
+        chunks = -(-input_ids.shape[1] // chunk)
+        executor, forwards = self.hybrid.executor, [0]
+
+        def before_forward(*_) -> None:
+            executor.prefill_follows = forwards[0] < chunks - 1
+            forwards[0] += 1
+
+        return self.register_forward_pre_hook(before_forward)
 
     def _begin_lookahead(self, args, kwargs):
         """Arm the decode lookahead (:mod:`hf_hybrid.decode_lookahead`) for a greedy call on the kept static

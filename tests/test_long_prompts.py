@@ -115,3 +115,29 @@ def test_the_plan_sizes_the_workspace_for_one_chunk_and_prices_context(tiny_chec
     assert halves.workspace_bytes - small.workspace_bytes == 2 * 4 * 2 * 10 * config.hidden_size
     with pytest.raises(ValueError, match="prefill_chunk"):
         HybridModelForCausalLM.plan(directory, prefill_chunk=0, **settings)
+
+
+def test_the_copy_lane_starts_the_next_chunks_first_layer_during_a_chunks_last_layer(tiny_checkpoints):
+    ref, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral", prefill_chunk=17)
+    executor = hybrid.hybrid.executor
+    ring, first, last = executor.expert_ring, min(executor.groups), max(executor.groups)
+    ahead = []  # (layer, another chunk follows, tags staged by the step's prefetch)
+    original = executor._prefetch_next
+
+    def prefetch_next(group):
+        before = set(ring.by_tag)
+        original(group)
+        ahead.append((group.layer, executor.prefill_follows, set(ring.by_tag) - before))
+
+    executor._prefetch_next = prefetch_next
+    ids = prompt(length=51)  # three chunks of 17 tokens, each a prefill-sized step
+    got, want = generate(hybrid, ids), generate(ref, ids)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+    at_last = [(follows, staged) for layer, follows, staged in ahead if layer == last]
+    assert [follows for follows, _ in at_last] == [True, True, False]
+    for follows, staged in at_last:
+        # the first layer's stream-home units while a chunk follows; nothing past the prompt's last chunk
+        assert (staged and {tag[0] for tag in staged} == {first}) if follows else not staged
+    assert executor.prefill_follows is False  # not left set for the next call
