@@ -46,6 +46,22 @@ HOST_TIME_PER_ISSUE = 7.3
 NATIVE_UNIT_S = 40e-6
 
 
+#: Host seconds a CPU-home embedding adds to a step besides its rows' bytes: the token ids brought to the
+#: host (they wait for the step before), the gather, and the rows' copy to the device issued. Estimated
+#: from a device-to-host and a host-to-device copy of a few KiB (~15 us each) and the hook's Python; not
+#: yet measured on a GPU.
+EMBED_HOST_S = 50e-6
+
+
+def lookup_time(unit: Unit, home: str, tokens: float, profile: HardwareProfile) -> float:
+    """Seconds a lookup of ``tokens`` tokens in an embedding (``unit.row_bytes`` set) costs in ``home``:
+    it reads their rows only; a CPU-home table gathers them on the host and copies them to the device."""
+    rows = max(tokens, 1) * unit.row_bytes
+    if home == GPU:
+        return rows / profile.gpu_mem_bw
+    return EMBED_HOST_S + rows / profile.dram_read_bw + rows / profile.h2d_bw
+
+
 def usage_probability(
     unit: Unit, routing: dict[str, float], experts_per_layer: dict[int, tuple[int, int]]
 ) -> float:
@@ -62,6 +78,8 @@ def gpu_time(unit: Unit, tokens: float, profile: HardwareProfile) -> float:
     """Seconds to compute ``unit`` on ``tokens`` tokens with its weights already on the device."""
     if tokens <= 0:
         return 0.0
+    if unit.row_bytes:
+        return lookup_time(unit, GPU, tokens, profile)
     return max(unit.nbytes / profile.gpu_mem_bw, tokens * unit.flops_per_token / profile.gpu_flops)
 
 
@@ -75,6 +93,8 @@ def cpu_time(unit: Unit, tokens: float, profile: HardwareProfile) -> float:
     """
     if tokens <= 0:
         return 0.0
+    if unit.row_bytes:
+        return lookup_time(unit, CPU, tokens, profile)
     m = max(1, round(tokens))
     native = native_rate(profile, m)
     if native:

@@ -95,6 +95,11 @@ def layer_time(
                 # are known: they cannot overlap with this layer's expert lanes
                 serial += used * gpu_time(u, max(n, 1), profile)
             continue
+        if u.row_bytes:
+            # a CPU-home embedding: the feeding thread looks the step's tokens up before the first layer
+            host_bytes += used * max(n, 1) * u.row_bytes
+            serial += used * cpu_time(u, max(n, 1), profile)
+            continue
         host_bytes += used * u.nbytes
         if u.is_expert_like:
             work.append((u, n, used))

@@ -377,7 +377,7 @@ def _balance_host_lanes(
             p = usage_probability(u, routing, per_layer)
             c = p * cpu_time(u, max(1, B * p), profile)
             s = p * copy_time(u, profile)
-            if cpu_lane + c <= pcie_lane + s:
+            if STREAM not in u.homes or (CPU in u.homes and cpu_lane + c <= pcie_lane + s):
                 homes[u.name] = CPU
                 cpu_lane += c
             else:

@@ -86,6 +86,8 @@ class Unit:
     ``kind`` is one of ``embed``, ``lm_head``, ``attention``, ``router``, ``shared_expert``, ``expert``,
     ``mlp_slice``, ``norm``. ``nbytes`` counts its weights in the load dtype; ``flops_per_token`` the
     multiply-adds x 2 one token costs. ``homes`` lists the homes the executor supports for it.
+    ``row_bytes``: what one token's lookup reads, for an embedding that is a lookup only (not tied to the
+    lm_head): a step touches its tokens' rows, never the whole table.
     """
 
     name: str
@@ -97,6 +99,7 @@ class Unit:
     index: int | None = None  # expert id or slice id inside its layer
     rows: tuple[int, int] | None = None  # for MLP slices: the intermediate rows [lo, hi) this slice holds
     tensors: tuple[TensorSpec, ...] = field(default=(), compare=False)
+    row_bytes: int = 0
 
     @property
     def is_expert_like(self) -> bool:
@@ -155,7 +158,17 @@ def describe_units(model, adapter, dtype, mlp_slices: int | None = None) -> list
             Unit("embed_tokens", "embed", None, _module_bytes(embed, elt), 2 * embed.weight.numel(), (GPU,))
         )
     else:
-        units.append(Unit("embed_tokens", "embed", None, _module_bytes(embed, elt), 0, (GPU, CPU)))
+        units.append(
+            Unit(
+                "embed_tokens",
+                "embed",
+                None,
+                _module_bytes(embed, elt),
+                0,
+                (GPU, CPU),
+                row_bytes=embed.weight.shape[1] * elt,
+            )
+        )
     for i, layer in enumerate(adapter.layers(model)):
         attn = adapter.attention(layer)
         mlp = adapter.mlp(layer)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_decode_graphs import _Delta, generate, static_reference
 from test_exactness import BF16_ULPS, assert_prefill_splits_exact, bf16_ulps, load_pair, prompt
-from tiny_models import CONFIGS
+from tiny_models import CONFIGS, placement_for
 from transformers import AutoModelForCausalLM
 
 from hf_hybrid import HybridModelForCausalLM
@@ -406,3 +406,33 @@ def test_cuda_profile_times_issuing_on_the_expert_graphs():
     assert 0 < resident < streamed < 1e-3
     assert 0 < graph_resident < graph_streamed < 1e-3
     assert graph_resident < resident  # one copy and one replay against six or seven launches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_embeddings_on_the_cpu(tiny_checkpoints, dtype):
+    # the looked-up rows cross from pinned memory; decode steps run on the kept static cache and its graphs
+    directory = tiny_checkpoints["qwen3_moe"]
+    ref = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).cuda()
+    hybrid = HybridModelForCausalLM.from_pretrained(
+        directory,
+        device="cuda",
+        dtype=dtype,
+        gpu_memory="256MiB",
+        placement={"embed_tokens": "cpu", **placement_for("qwen3_moe")},
+        max_context=64,
+        max_batch_size=2,
+        progress=False,
+    )
+    assert hybrid.hybrid.loaded.cpu_embedding
+    ids = prompt().cuda()
+    with torch.no_grad():
+        got, want = hybrid(ids).logits, ref(ids).logits
+    if dtype == torch.bfloat16:
+        assert bf16_ulps(got.float(), want.float()) <= BF16_ULPS
+        return
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    first = ids[:1]
+    assert torch.equal(
+        hybrid.generate(first, max_new_tokens=8, do_sample=False),
+        ref.generate(first, max_new_tokens=8, do_sample=False),
+    )

@@ -422,7 +422,12 @@ def _recorded_run(run: str):
     record = json.load(gzip.open(path, "rt"))
     scenario = get_scenario(record["header"]["scenario"])
     options = HybridOptions(
-        gpu_memory=scenario.gpu_memory, profile=HardwareProfile.from_dict(record["profile"]), max_context=1024
+        gpu_memory=scenario.gpu_memory,
+        profile=HardwareProfile.from_dict(record["profile"]),
+        max_context=1024,
+        # these runs had the embedding on the device (plans since may put it on the host: it frees room for
+        # experts), and the plan must be the one the run measured
+        placement={"embed_tokens": "gpu"},
     )
     planned, _ = plan_model(make_config(scenario), torch.device("cuda"), torch.bfloat16, options)
     return record, planned
@@ -489,3 +494,55 @@ def test_layer_host_time_follows_the_machines_issue_time():
     assert layer_host_time(measured, 1, divided=False) == pytest.approx(HOST_TIME_PER_ISSUE * 100e-6)
     assert layer_host_time(measured, 1, divided=True) == LAYER_HOST_S  # S1/S4-like steps keep the constant
     assert layer_host_time(measured, 64, divided=False) == LAYER_HOST_S  # prefill-sized steps too
+
+
+def _with_embedding(units, vocab_mib=40, hidden=4096):
+    # an untied embedding (a lookup only): the CPU may hold it, and a step reads only its tokens' rows
+    embed = Unit("embed_tokens", "embed", None, vocab_mib * MIB, 0, (GPU, CPU), row_bytes=hidden * 2)
+    return [embed, *units]
+
+
+def test_an_embedding_lookup_costs_its_rows_not_its_table():
+    profile = default_profile("cuda")
+    (embed,) = _with_embedding([])
+    one, many = costs_module.cpu_time(embed, 1, profile), costs_module.cpu_time(embed, 512, profile)
+    assert costs_module.EMBED_HOST_S < one < costs_module.EMBED_HOST_S + 1e-6
+    assert many == pytest.approx(
+        costs_module.EMBED_HOST_S + 512 * 8192 * (1 / profile.dram_read_bw + 1 / profile.h2d_bw)
+    )
+    assert costs_module.gpu_time(embed, 512, profile) == pytest.approx(512 * 8192 / profile.gpu_mem_bw)
+    # before, a CPU-home table was priced as a whole streamed module every step: never chosen
+    assert one < costs_module.copy_time(embed, profile) / 10
+
+
+def test_a_large_embedding_goes_to_the_host_when_its_room_holds_experts():
+    profile = default_profile("cuda")
+    units = _with_embedding(moe_units(layers=2, experts=8, expert_mib=10))
+    workload = Workload(prompt_tokens=64, new_tokens=32)
+    chosen = plan(units, profile, 120 * MIB, workload=workload)
+    kept = plan(units, profile, 120 * MIB, workload=workload, forced={"embed_tokens": GPU})
+    assert chosen.homes["embed_tokens"] == CPU and kept.homes["embed_tokens"] == GPU
+
+    def resident(p):
+        return sum(1 for u in p.units if u.kind == "expert" and p.homes[u.name] == GPU)
+
+    assert resident(chosen) >= resident(kept) + 3  # its 40 MiB hold four 10 MiB experts, less any slack
+    assert objective(chosen) < objective(kept)
+    # a budget that holds everything keeps it on the device
+    assert plan(units, profile, 400 * MIB, workload=workload).homes["embed_tokens"] == GPU
+
+
+def test_the_host_lanes_never_give_a_unit_a_home_it_cannot_have():
+    # experts the CPU computes slower than PCIe would copy them, that only the CPU may hold: before, the
+    # lane balancing gave them the copy lane, a home the executor has no path for
+    profile = default_profile("cuda")
+    units = moe_units(layers=1, experts=4, expert_mib=10)
+    units = [
+        Unit(u.name, u.kind, u.layer, u.nbytes, 1 << 40, (GPU, CPU), index=u.index)
+        if u.kind == "expert"
+        else u
+        for u in units
+    ]
+    p = plan(units, profile, 40 * MIB, workload=Workload(prompt_tokens=64, new_tokens=32))
+    assert {p.homes[u.name] for u in units if u.kind == "expert"} >= {CPU}
+    assert all(p.homes[u.name] in u.homes for u in p.units)
