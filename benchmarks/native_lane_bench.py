@@ -133,6 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--dpbf16", default="0", help="VDPBF16PS off/on (0,1), where compiled in")
     parser.add_argument("--barrier-spin-us", default="50", help="spin before sleeping at the phase barrier")
+    parser.add_argument(
+        "--short-row",
+        default="16384",
+        help="rows of at most this many bytes prefetched a pass ahead (0: none)",
+    )
     args = parser.parse_args(argv)
 
     if args.tiny:
@@ -144,10 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or (5 if args.tiny else 20)
     token_counts = _ints(args.tokens)
     configs = [
-        {"prefetch_bytes": pf, "dpbf16": bool(dp), "barrier_spin_us": spin}
+        {"prefetch_bytes": pf, "dpbf16": bool(dp), "barrier_spin_us": spin, "short_row_bytes": short}
         for pf in _ints(args.prefetch)
         for dp in _ints(args.dpbf16)
         for spin in _ints(args.barrier_spin_us)
+        for short in _ints(args.short_row)
     ]
 
     flags = {"native": None, "avx2": native.AVX2_FLAGS, "scalar": native.SCALAR_FLAGS}[args.variant]
@@ -161,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         f"with {max(thread_counts)} threads"
     )
     print(
-        f"{'threads':>7} {'prefetch':>8} {'dpbf16':>6} {'spin':>5} {'tokens':>6} {'native ms':>10} "
+        f"{'threads':>7} {'prefetch':>8} {'short':>6} {'dpbf16':>6} {'spin':>5} {'tokens':>6} {'native ms':>10} "
         f"{'native GB/s':>12} {'% of read':>10} {'p1 ms':>6} {'p2 ms':>6} {'torch ms':>9} {'torch GB/s':>11}"
     )
     for threads in thread_counts:
@@ -191,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
                 stats = lane.last_stats()
                 gbs = step_bytes / seconds / 1e9
                 row = (
-                    f"{threads:>7} {config['prefetch_bytes']:>8} {int(config['dpbf16']):>6} "
+                    f"{threads:>7} {config['prefetch_bytes']:>8} {config['short_row_bytes']:>6} "
+                    f"{int(config['dpbf16']):>6} "
                     f"{config['barrier_spin_us']:>5} {tokens:>6} {seconds * 1e3:>10.3f} {gbs:>12.1f} "
                     f"{100 * gbs / read:>9.0f}% {stats['phase1_us'] / 1e3:>6.2f} {stats['phase2_us'] / 1e3:>6.2f}"
                 )

@@ -519,6 +519,21 @@ def test_close_is_idempotent_and_final(libraries):
     del lane  # __del__ after close is harmless
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_prefetching_short_rows_a_pass_ahead_changes_no_bit(lane, dtype):
+    # rows of 48-100 elements (short: the default prefetches them a pass ahead), then every row along itself
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(5)).to(dtype)
+    jobs = _jobs(256, 6, dtype, seed=4)
+    before, ahead = _run(lane, x, jobs)
+    lane.configure(short_row_bytes=0)
+    try:
+        _, along = _run(lane, x, jobs)
+    finally:
+        lane.configure(short_row_bytes=16384)
+    assert torch.equal(ahead, along)
+    _check(ahead, torch_reference(x, jobs, before.clone()), _scale(x, jobs), dtype, ulps=2)
+
+
 def test_configure_rejects_bad_values(libraries):
     with NativeExpertLane(1, library=libraries["native"]) as lane:
         lane.configure(barrier_spin_us=0, prefetch_bytes=512, dpbf16=False, idle_spin_us=0)
@@ -530,6 +545,8 @@ def test_configure_rejects_bad_values(libraries):
             lane.configure(amx_min_tokens=-1)
         with pytest.raises(ValueError):
             lane.configure(wait_spin_us=-1)
+        with pytest.raises(ValueError):
+            lane.configure(short_row_bytes=-1)
         assert lane.amx_min_tokens == native.DEFAULT_AMX_MIN_TOKENS
 
 

@@ -86,6 +86,7 @@ _OPT_IDLE_SPIN_US = 5
 _OPT_K_BLOCK = 6
 _OPT_AMX_MIN_TOKENS = 7
 _OPT_WAIT_SPIN_US = 8
+_OPT_SHORT_ROW = 9
 #: bf16 jobs with at least this many tokens run on AMX tiles, where usable (the C pool's default)
 DEFAULT_AMX_MIN_TOKENS = 16
 
@@ -567,6 +568,7 @@ class NativeExpertLane:
         k_block: int | None = None,
         amx_min_tokens: int | None = None,
         wait_spin_us: int | None = None,
+        short_row_bytes: int | None = None,
     ) -> None:
         """Tune the pool (benchmarks): spin before sleeping at the phase barrier (default 50 us), software
         prefetch distance (default 1024 bytes), use of VDPBF16PS where compiled in (default off: no gain
@@ -575,8 +577,9 @@ class NativeExpertLane:
         worker sleeps (default 0), k block in elements (a multiple of 32; default 0 = sized so that a
         block's activations fit in 256 KiB, at least 1024; it also sets the AMX path's k block), tokens
         per job from which bf16 jobs run on AMX tiles where usable (default 16; 0 = never), spin in
-        :meth:`wait` before sleeping (default 0). ``idle_spin_us`` also applies to the leader thread that
-        makes :meth:`start`'s calls."""
+        :meth:`wait` before sleeping (default 0), weight rows of at most ``short_row_bytes`` prefetched a
+        pass of rows ahead rather than along the row (default 16 KiB; 0 = every row along itself).
+        ``idle_spin_us`` also applies to the leader thread that makes :meth:`start`'s calls."""
         settings = [
             (_OPT_BARRIER_SPIN_US, barrier_spin_us),
             (_OPT_PREFETCH, prefetch_bytes),
@@ -586,6 +589,7 @@ class NativeExpertLane:
             (_OPT_K_BLOCK, k_block),
             (_OPT_AMX_MIN_TOKENS, amx_min_tokens),
             (_OPT_WAIT_SPIN_US, wait_spin_us),
+            (_OPT_SHORT_ROW, short_row_bytes),
         ]
         handle = self._acquire()
         try:
