@@ -74,13 +74,15 @@ def layer_time(
     host_issue = 0.0
     work = []
     for u in layer_units:
-        p = usage_probability(u, routing, per_layer)
         if routed is not None and u.kind == "expert":
+            # one routing draw: the experts it routes no token to cost nothing (most of them with many
+            # small experts), so they are skipped before anything is computed for them
             n = routed.get(u.name, 0)
             if n == 0:
                 continue
             used = 1.0
         else:
+            p = usage_probability(u, routing, per_layer)
             n = tokens * p
             used = 1.0 - (1.0 - p) ** tokens if p < 1 else 1.0
         home = homes[u.name]
@@ -151,6 +153,7 @@ def layer_time(
             gpu_busy_s=gpu_lane,
             host_busy_s=host_issue,
             issue_s=issue_streamed,
+            memo=_assignment_memo(profile),
         )
         for u, n, used in work:
             if u.name in streamed:
@@ -203,6 +206,20 @@ def _draws(
     return out
 
 
+#: assign_tokens' unit costs per profile, kept across layer_time calls (the planner's search costs the same
+#: units at the same token counts many thousands of times); a few profiles at most, by identity
+_MEMOS: list[tuple[HardwareProfile, dict]] = []
+
+
+def _assignment_memo(profile: HardwareProfile) -> dict:
+    for kept, memo in _MEMOS:
+        if kept is profile:
+            return memo
+    _MEMOS.insert(0, (profile, {}))
+    del _MEMOS[4:]
+    return _MEMOS[0][1]
+
+
 def sampled_layer_time(
     layer_units: list[Unit],
     homes: dict[str, str],
@@ -223,10 +240,24 @@ def sampled_layer_time(
     _, top_k = per_layer[experts[0].layer]
     weights = [usage_probability(u, routing, per_layer) for u in experts]
     draws = routing_draws(experts, weights, top_k, tokens)
-    total = sum(
-        layer_time(layer_units, homes, profile, routing, per_layer, tokens, routed=c, split=split)[0]
-        for c in draws
-    )
+    # each draw costs the units it uses, in the layer's order: every unit but the experts it sends no token
+    # to, which layer_time would skip anyway (a draw of top-8 of 128 experts uses a sixteenth of them, and
+    # the planner's search costs thousands of draws)
+    # A draw's time depends only on the units it uses and their homes, so it is kept (in the profile's memo):
+    # a search move changes one or two units, and most draws of their layer do not use them.
+    position = {u.name: i for i, u in enumerate(layer_units)}
+    others = [i for i, u in enumerate(layer_units) if u.kind != "expert"]
+    memo = _assignment_memo(profile)
+    total = 0.0
+    for c in draws:
+        used = tuple(layer_units[i] for i in sorted(others + [position[name] for name in c]))
+        key = ("draw", used, tuple(homes[u.name] for u in used), tuple(c.items()), tokens, split)
+        t = memo.get(key)
+        if t is None:
+            t = memo[key] = layer_time(
+                list(used), homes, profile, routing, per_layer, tokens, routed=c, split=split
+            )[0]
+        total += t
     return total / len(draws)
 
 

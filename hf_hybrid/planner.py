@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections import Counter
 
 from .assignment import HostWork, assign_tokens
 from .costs import (
@@ -80,6 +81,40 @@ def experts_per_layer(units: list[Unit], top_k: int | dict[int, int]) -> dict[in
             counts[u.layer] = counts.get(u.layer, 0) + 1
     k = (lambda layer: top_k.get(layer, 1)) if isinstance(top_k, dict) else (lambda layer: top_k)
     return {layer: (n, min(k(layer), n)) for layer, n in counts.items()}
+
+
+class _StagingTally:
+    """The staging bytes of :func:`_staging_for` for a placement that changes one move at a time: the
+    sizes of the host expert-like units and of the streamed modules, counted, so a move costs its units
+    only (the local search makes thousands of moves on models with thousands of experts)."""
+
+    def __init__(self, units: list[Unit], homes: dict[str, str]):
+        self.experts: Counter[int] = Counter()
+        self.modules: Counter[int] = Counter()
+        for u in units:
+            self._count(u, homes[u.name], 1)
+
+    def _count(self, u: Unit, home: str, step: int) -> None:
+        if u.is_expert_like:
+            if home != GPU:
+                self.experts[u.nbytes] += step
+        elif home == STREAM:
+            self.modules[u.nbytes] += step
+
+    def move(self, u: Unit, old: str, new: str) -> None:
+        """Unit ``u`` moves from home ``old`` to ``new``."""
+        self._count(u, old, -1)
+        self._count(u, new, 1)
+
+    @property
+    def nbytes(self) -> int:
+        """What the rings of the current placement reserve (as ``sum(r.nbytes for r in _staging_for(...))``)."""
+        total = 0
+        for sizes, slots in ((self.experts, EXPERT_STAGING_SLOTS), (self.modules, MODULE_STAGING_SLOTS)):
+            held = [size for size, n in sizes.items() if n > 0]
+            if held:
+                total += StagingClass("", max(held), slots).nbytes
+        return total
 
 
 def _staging_for(units: list[Unit], homes: dict[str, str]) -> list[StagingClass]:
@@ -285,8 +320,8 @@ def _local_search(
 
     homes = dict(best.homes)
     costs = {layer: layer_cost(layer, homes) for layer in layers}
-    staging_rings = _staging_for(best.units, homes)
-    staging_bytes = sum(r.nbytes for r in staging_rings)
+    tally = _StagingTally(best.units, homes)
+    staging_bytes = tally.nbytes
     trials_left = max_trials
     fixed = best.kv_cache_bytes + best.workspace_bytes
     resident = sum(u.nbytes for u in best.units if homes[u.name] == GPU)
@@ -322,23 +357,28 @@ def _local_search(
             delta_resident = 0
             for name, h in change.items():
                 delta_resident += by_name[name].nbytes * ((h == GPU) - (homes[name] == GPU))
-            trial = dict(homes)
-            trial.update(change)
-            if any(not by_name[n].is_expert_like for n in change) or not staging_rings:
-                staging = sum(r.nbytes for r in _staging_for(best.units, trial))
+            if any(not by_name[n].is_expert_like for n in change) or not staging_bytes:
+                for name, h in change.items():
+                    tally.move(by_name[name], homes[name], h)
+                staging = tally.nbytes
+                for name, h in change.items():
+                    tally.move(by_name[name], h, homes[name])
             else:
                 staging = staging_bytes  # expert ring: sized by the largest host expert, unchanged by a move
             if fixed + resident + delta_resident + staging > best.budget_bytes:
                 continue
+            trial = dict(homes)
+            trial.update(change)
             touched = {by_name[n].layer for n in change}
             new_costs = {layer: layer_cost(layer, trial) for layer in touched}
             gain = sum(costs[layer] - new_costs[layer] for layer in touched)
             if gain > 1e-12 * max(1.0, sum(costs.values())):
                 # first improvement: take it and keep scanning this round's trials
+                for name, h in change.items():
+                    tally.move(by_name[name], homes[name], h)
                 homes, resident = trial, resident + delta_resident
                 costs.update(new_costs)
-                staging_rings = _staging_for(best.units, homes)
-                staging_bytes = sum(r.nbytes for r in staging_rings)
+                staging_bytes = tally.nbytes
                 improved = True
         if not improved or trials_left <= 0:
             break

@@ -100,11 +100,12 @@ class Unit:
     rows: tuple[int, int] | None = None  # for MLP slices: the intermediate rows [lo, hi) this slice holds
     tensors: tuple[TensorSpec, ...] = field(default=(), compare=False)
     row_bytes: int = 0
+    #: experts and dense MLP slices share one execution path (a gated MLP over routed tokens); an attribute,
+    #: not a property: the planner's search reads it tens of millions of times on models with many experts
+    is_expert_like: bool = field(init=False, repr=False, compare=False)
 
-    @property
-    def is_expert_like(self) -> bool:
-        """Experts and dense MLP slices share one execution path (a gated MLP over routed tokens)."""
-        return self.kind in ("expert", "mlp_slice")
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_expert_like", self.kind in ("expert", "mlp_slice"))
 
 
 def dtype_size(dtype) -> int:

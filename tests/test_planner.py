@@ -546,3 +546,49 @@ def test_the_host_lanes_never_give_a_unit_a_home_it_cannot_have():
     p = plan(units, profile, 40 * MIB, workload=Workload(prompt_tokens=64, new_tokens=32))
     assert {p.homes[u.name] for u in units if u.kind == "expert"} >= {CPU}
     assert all(p.homes[u.name] in u.homes for u in p.units)
+
+
+def test_the_staging_tally_follows_moves_as_staging_for_recomputes():
+    import random
+
+    from hf_hybrid.planner import _staging_for, _StagingTally
+
+    units = moe_units(layers=2, experts=6, expert_mib=10)
+    units += [
+        Unit("layers.0.experts.6", "expert", 0, 30 * MIB, 1, (GPU, CPU, STREAM), index=6)
+    ]  # the largest
+    units += [Unit("lm_head", "lm_head", None, 50 * MIB, 1, (GPU, STREAM))]
+    homes = {u.name: GPU for u in units}
+    tally = _StagingTally(units, homes)
+    rng = random.Random(0)
+    for _ in range(300):
+        u = rng.choice(units)
+        new = rng.choice(u.homes)
+        tally.move(u, homes[u.name], new)
+        homes[u.name] = new
+        assert tally.nbytes == sum(r.nbytes for r in _staging_for(units, homes))
+
+
+def test_sampled_decode_steps_cost_what_each_draw_of_the_whole_layer_costs():
+    # sampled_layer_time costs each draw on the units it uses and keeps the result: the mean must be that
+    # of layer_time over the whole layer for the same draws, on a first and on a repeated call
+    import dataclasses
+
+    from hf_hybrid.layer_costs import layer_time, routing_draws, sampled_layer_time
+
+    profile = dataclasses.replace(default_profile("cuda"))  # a profile no earlier test has memoised
+    units = [u for u in moe_units(layers=1, experts=16, expert_mib=10)]
+    homes = {u.name: (GPU if u.kind != "expert" else (GPU, CPU, STREAM)[u.index % 3]) for u in units}
+    per_layer = {0: (16, 4)}
+    experts = [u for u in units if u.kind == "expert"]
+    draws = routing_draws(experts, [0.25] * 16, 4, 2)
+    want = sum(layer_time(units, homes, profile, {}, per_layer, 2, routed=c, split=True)[0] for c in draws)
+    want /= len(draws)
+    for _ in range(2):
+        assert sampled_layer_time(units, homes, profile, {}, per_layer, 2, split=True) == want
+    moved = dict(homes, **{experts[0].name: GPU})
+    want_moved = sum(
+        layer_time(units, moved, profile, {}, per_layer, 2, routed=c, split=True)[0] for c in draws
+    )
+    assert want_moved != want  # the move changes what the kept draws must be costed again for
+    assert sampled_layer_time(units, moved, profile, {}, per_layer, 2, split=True) == want_moved / len(draws)
