@@ -52,6 +52,7 @@ def layer_time(
     routed: dict[str, int] | None = None,
     split: bool = False,
     prefill_split: bool = False,
+    memo: dict | None = None,
 ) -> tuple[float, float]:
     """Predicted (seconds, host bytes touched) of one layer's units in a step of ``tokens`` tokens.
 
@@ -62,7 +63,7 @@ def layer_time(
     CPU and copy lanes as :func:`split_fraction` says, so they cost their bytes at both lanes' shared rates.
     With ``prefill_split`` too (the executor's ``prefill_splits``), large host units of a prefill-sized step
     are divided as :func:`prefill_split_fraction` says: rows [0, fI) on the CPU lane, the rest copied and
-    computed on the GPU.
+    computed on the GPU. ``memo``: :func:`assign_tokens`' unit costs, kept by the caller for one ``profile``.
     """
     gpu_lane = cpu_lane = pcie_lane = serial = host_bytes = 0.0
     # the feeding thread issues every expert the GPU lane computes, one after the other, while the CPU lane
@@ -153,7 +154,7 @@ def layer_time(
             gpu_busy_s=gpu_lane,
             host_busy_s=host_issue,
             issue_s=issue_streamed,
-            memo=_assignment_memo(profile),
+            memo=memo,
         )
         for u, n, used in work:
             if u.name in streamed:
@@ -206,20 +207,6 @@ def _draws(
     return out
 
 
-#: assign_tokens' unit costs per profile, kept across layer_time calls (the planner's search costs the same
-#: units at the same token counts many thousands of times); a few profiles at most, by identity
-_MEMOS: list[tuple[HardwareProfile, dict]] = []
-
-
-def _assignment_memo(profile: HardwareProfile) -> dict:
-    for kept, memo in _MEMOS:
-        if kept is profile:
-            return memo
-    _MEMOS.insert(0, (profile, {}))
-    del _MEMOS[4:]
-    return _MEMOS[0][1]
-
-
 def sampled_layer_time(
     layer_units: list[Unit],
     homes: dict[str, str],
@@ -228,11 +215,14 @@ def sampled_layer_time(
     per_layer: dict[int, tuple[int, int]],
     tokens: int,
     split: bool = False,
+    memo: dict | None = None,
 ) -> float:
     """Mean layer time over sampled routings of ``tokens`` tokens.
 
     With one token per step the lanes see a handful of whole experts, not their expectation: the max of
     the lanes over a draw is what a step costs, and its mean is above the max of mean lanes.
+    ``memo``: a dict the caller keeps for one ``profile`` (the planner, for one search): each draw's time
+    and assignment's unit costs, from call to call.
     """
     experts = [u for u in layer_units if u.kind == "expert"]
     if not experts:
@@ -240,14 +230,14 @@ def sampled_layer_time(
     _, top_k = per_layer[experts[0].layer]
     weights = [usage_probability(u, routing, per_layer) for u in experts]
     draws = routing_draws(experts, weights, top_k, tokens)
-    # each draw costs the units it uses, in the layer's order: every unit but the experts it sends no token
-    # to, which layer_time would skip anyway (a draw of top-8 of 128 experts uses a sixteenth of them, and
-    # the planner's search costs thousands of draws)
-    # A draw's time depends only on the units it uses and their homes, so it is kept (in the profile's memo):
-    # a search move changes one or two units, and most draws of their layer do not use them.
+    # A draw is costed on the units it uses, in the layer's order: every unit but the experts it sends no
+    # token to, which layer_time skips anyway (a draw of top-8 of 128 experts uses a sixteenth of them). Its
+    # time depends only on those units and their homes, so it is kept: a search move changes one or two
+    # units, and most draws of their layer do not use them.
     position = {u.name: i for i, u in enumerate(layer_units)}
     others = [i for i, u in enumerate(layer_units) if u.kind != "expert"]
-    memo = _assignment_memo(profile)
+    if memo is None:
+        memo = {}
     total = 0.0
     for c in draws:
         used = tuple(layer_units[i] for i in sorted(others + [position[name] for name in c]))
@@ -255,21 +245,37 @@ def sampled_layer_time(
         t = memo.get(key)
         if t is None:
             t = memo[key] = layer_time(
-                list(used), homes, profile, routing, per_layer, tokens, routed=c, split=split
+                list(used), homes, profile, routing, per_layer, tokens, routed=c, split=split, memo=memo
             )[0]
         total += t
     return total / len(draws)
 
 
 def step_layer_time(
-    layer_units, homes, profile, routing, per_layer, tokens, split: bool = False, prefill_split: bool = False
+    layer_units,
+    homes,
+    profile,
+    routing,
+    per_layer,
+    tokens,
+    split: bool = False,
+    prefill_split: bool = False,
+    memo: dict | None = None,
 ) -> float:
     """The layer's predicted time in one step: sampled routings for small decode steps (which
-    ``prefill_split`` does not change), else expectation."""
+    ``prefill_split`` does not change), else expectation. ``memo``: see :func:`sampled_layer_time`."""
     if tokens <= SAMPLED_TOKENS:
-        return sampled_layer_time(layer_units, homes, profile, routing, per_layer, tokens, split)
+        return sampled_layer_time(layer_units, homes, profile, routing, per_layer, tokens, split, memo=memo)
     return layer_time(
-        layer_units, homes, profile, routing, per_layer, tokens, split=split, prefill_split=prefill_split
+        layer_units,
+        homes,
+        profile,
+        routing,
+        per_layer,
+        tokens,
+        split=split,
+        prefill_split=prefill_split,
+        memo=memo,
     )[0]
 
 

@@ -185,6 +185,9 @@ def plan(
             prefill_splits=prefill_splits,
         )
 
+    # costs of units and sampled decode draws, kept for this search (they depend on the profile, which a
+    # caller may change between two calls)
+    memo: dict = {}
     everything = {u.name: forced_homes.get(u.name, GPU) for u in units}
     whole = make(everything)
     if whole.device_bytes <= budget_bytes:
@@ -220,7 +223,7 @@ def plan(
                         and u.is_expert_like
                     ):
                         start[u.name] = lane
-            best = _local_search(make(start), forced_homes, per_layer, make, search_rounds)
+            best = _local_search(make(start), forced_homes, per_layer, make, search_rounds, memo=memo)
             candidates.append(best)
     if not candidates:
         minimum = min(minimums)
@@ -293,7 +296,13 @@ SEARCH_TRIALS = 20_000
 
 
 def _local_search(
-    best: HybridPlan, forced_homes, per_layer, make, rounds: int, max_trials: int = SEARCH_TRIALS
+    best: HybridPlan,
+    forced_homes,
+    per_layer,
+    make,
+    rounds: int,
+    max_trials: int = SEARCH_TRIALS,
+    memo: dict | None = None,
 ) -> HybridPlan:
     """Improve ``best`` by single-unit home changes and resident/host swaps while the objective drops.
 
@@ -307,16 +316,18 @@ def _local_search(
     T, B, N = wl.prompt_tokens * wl.batch, wl.batch, wl.new_tokens
     layers = _by_layer(best.units)
 
-    memo: dict[tuple, float] = {}
+    if memo is None:
+        memo = {}
+    kept: dict[tuple, float] = {}  # a layer's cost by its units' homes
 
     def layer_cost(layer, homes) -> float:
         lu = layers[layer]
         key = (layer, tuple(homes[u.name] for u in lu))
-        if key not in memo:
-            pre = step_layer_time(lu, homes, profile, routing, per_layer, T, split, halves)
-            dec = step_layer_time(lu, homes, profile, routing, per_layer, B, split)
-            memo[key] = pre + N * dec
-        return memo[key]
+        if key not in kept:
+            pre = step_layer_time(lu, homes, profile, routing, per_layer, T, split, halves, memo=memo)
+            dec = step_layer_time(lu, homes, profile, routing, per_layer, B, split, memo=memo)
+            kept[key] = pre + N * dec
+        return kept[key]
 
     homes = dict(best.homes)
     costs = {layer: layer_cost(layer, homes) for layer in layers}
@@ -383,7 +394,7 @@ def _local_search(
         if not improved or trials_left <= 0:
             break
     result = make(homes)
-    predict(result, per_layer)
+    predict(result, per_layer, memo=memo)
     return result
 
 
@@ -432,7 +443,9 @@ def _by_layer(units: list[Unit]) -> dict[int | None, list[Unit]]:
     return layers
 
 
-def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = None) -> None:
+def predict(
+    result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = None, memo: dict | None = None
+) -> None:
     """Fill ``result.predicted`` and ``result.unit_times`` from the cost model (prefill and decode).
 
     Bounds follow the hardware, not the plan: prefill moves every non-resident byte over PCIe once per
@@ -453,12 +466,12 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
     last = wl.prompt_tokens - (passes - 1) * chunk
     for phase, tokens in (("prefill", chunk * wl.batch), ("decode", B)):
         times: dict[str, float] = {}
-        totals[phase], host[phase] = _forward_cost(result, layers, per_layer, tokens, times)
+        totals[phase], host[phase] = _forward_cost(result, layers, per_layer, tokens, times, memo)
         for name, t in times.items():
             result.unit_times.setdefault(name, {})[phase] = t
         if phase == "prefill" and passes > 1:
             # one forward of the chunk was priced above: scale to the forwards of the whole prompt
-            last_forward = _forward_cost(result, layers, per_layer, last * wl.batch, {})[0]
+            last_forward = _forward_cost(result, layers, per_layer, last * wl.batch, {}, memo)[0]
             totals[phase] = totals[phase] * (passes - 1) + last_forward
 
     host_units = [u for u in result.units if result.homes[u.name] != GPU and u.kind != "embed"]
@@ -490,7 +503,9 @@ def predict(result: HybridPlan, per_layer: dict[int, tuple[int, int]] | None = N
     p["prefill_passes"] = passes
 
 
-def _forward_cost(result: HybridPlan, layers, per_layer, tokens: int, times: dict) -> tuple[float, float]:
+def _forward_cost(
+    result: HybridPlan, layers, per_layer, tokens: int, times: dict, memo: dict | None = None
+) -> tuple[float, float]:
     """Predicted (seconds, host bytes read) of one forward of ``tokens`` tokens; per-unit times go into
     ``times``. Small steps take the mean over sampled routings, not the expectation."""
     split = result.token_assignment in DIVIDING_ASSIGNMENTS
@@ -507,9 +522,10 @@ def _forward_cost(result: HybridPlan, layers, per_layer, tokens: int, times: dic
             times,
             split=split,
             prefill_split=result.prefill_splits,
+            memo=memo,
         )
         if tokens <= SAMPLED_TOKENS:
-            t = sampled_layer_time(layer_units, homes, profile, routing, per_layer, tokens, split)
+            t = sampled_layer_time(layer_units, homes, profile, routing, per_layer, tokens, split, memo=memo)
         total += t
         host_bytes += b
     return total, host_bytes

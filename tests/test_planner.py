@@ -570,25 +570,33 @@ def test_the_staging_tally_follows_moves_as_staging_for_recomputes():
 
 
 def test_sampled_decode_steps_cost_what_each_draw_of_the_whole_layer_costs():
-    # sampled_layer_time costs each draw on the units it uses and keeps the result: the mean must be that
-    # of layer_time over the whole layer for the same draws, on a first and on a repeated call
-    import dataclasses
-
+    # sampled_layer_time costs each draw on the units it uses and keeps the result in the caller's memo: the
+    # mean must be that of layer_time over the whole layer for the same draws, with the memo empty, filled,
+    # and after a move of one unit
     from hf_hybrid.layer_costs import layer_time, routing_draws, sampled_layer_time
 
-    profile = dataclasses.replace(default_profile("cuda"))  # a profile no earlier test has memoised
-    units = [u for u in moe_units(layers=1, experts=16, expert_mib=10)]
+    profile = default_profile("cuda")
+    units = moe_units(layers=1, experts=16, expert_mib=10)
     homes = {u.name: (GPU if u.kind != "expert" else (GPU, CPU, STREAM)[u.index % 3]) for u in units}
     per_layer = {0: (16, 4)}
     experts = [u for u in units if u.kind == "expert"]
     draws = routing_draws(experts, [0.25] * 16, 4, 2)
-    want = sum(layer_time(units, homes, profile, {}, per_layer, 2, routed=c, split=True)[0] for c in draws)
-    want /= len(draws)
+
+    def whole_layer(h):
+        return sum(
+            layer_time(units, h, profile, {}, per_layer, 2, routed=c, split=True)[0] for c in draws
+        ) / len(draws)
+
+    memo: dict = {}
     for _ in range(2):
-        assert sampled_layer_time(units, homes, profile, {}, per_layer, 2, split=True) == want
-    moved = dict(homes, **{experts[0].name: GPU})
-    want_moved = sum(
-        layer_time(units, moved, profile, {}, per_layer, 2, routed=c, split=True)[0] for c in draws
+        assert sampled_layer_time(
+            units, homes, profile, {}, per_layer, 2, split=True, memo=memo
+        ) == whole_layer(homes)
+    assert any(key[0] == "draw" for key in memo if isinstance(key, tuple))
+    moved = dict(homes, **{experts[1].name: GPU})  # from the CPU
+    assert whole_layer(moved) != whole_layer(
+        homes
+    )  # the move changes what the kept draws must be costed again for
+    assert sampled_layer_time(units, moved, profile, {}, per_layer, 2, split=True, memo=memo) == whole_layer(
+        moved
     )
-    assert want_moved != want  # the move changes what the kept draws must be costed again for
-    assert sampled_layer_time(units, moved, profile, {}, per_layer, 2, split=True) == want_moved / len(draws)
