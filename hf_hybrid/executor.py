@@ -268,6 +268,11 @@ class Executor:
         # longer (on S3 on the H200 machine, several times longer), and assignment must see what it costs
         # (the one-token figures: the steps that learn it are mostly batch-1 decode steps)
         self.issue_seconds = dict(zip(("resident", "streamed"), issue_times(profile, tokens=1)))
+        # the same for prefill-sized steps, whose experts are issued kernel by kernel with their tokens'
+        # gathers and scatters (no graph replays): an S3 trace on the H200 machine had the feeding thread
+        # ~350 us per such expert against ~120 us per decode-step expert, and a prefill assigned by the
+        # decode figure streamed so many experts that issuing them, not PCIe or the CPU lane, bound its layers
+        self.prefill_issue_seconds = dict(zip(("resident", "streamed"), issue_times(profile)))
         self.groups: dict[int, ExpertGroup] = {}  # by layer, set when the hooks attach (for prefetching)
         # set by generate while a chunked prompt's forward is not its last: the last layer's prefill step then
         # copies the first layer's stream-home units ahead for the next chunk (see _prefetch_next)
@@ -701,7 +706,8 @@ class Executor:
             out.combine = bool(out.split) and group.routed and self.combine_divided
             work = [w for i, w in zip(host, work) if i not in out.split]
         gpu_busy = sum(group.units[i].nbytes for i in out.resident) / self.profile.gpu_mem_bw
-        issue_resident, issue_streamed = self.issue_seconds["resident"], self.issue_seconds["streamed"]
+        issue = self._issue_times(out.regime)
+        issue_resident, issue_streamed = issue["resident"], issue["streamed"]
         host_busy = len(out.resident) * issue_resident + len(out.split) * issue_streamed
         mode = "adaptive" if self.token_assignment == "whole" else self.token_assignment
         names = assign_tokens(
@@ -719,11 +725,11 @@ class Executor:
         whole = [i for i in host if i not in out.split]
         out.streamed = [i for i in whole if group.units[i].name in names]
         out.on_cpu = [i for i in whole if group.units[i].name not in names]
-        profile_issue = issue_times(self.profile, tokens=1)[1]
-        if out.regime == "small" and not out.streamed and issue_streamed > profile_issue:
+        profile_issue = issue_times(self.profile, tokens=1 if out.regime == "small" else None)[1]
+        if not out.streamed and issue_streamed > profile_issue:
             # nothing was streamed, so nothing re-measures the issue time: drift back toward the profile's, so
             # one slow stretch (a busy machine) cannot keep the copy lane idle for good
-            self.issue_seconds["streamed"] += self.CPU_SCALE_DECAY * (profile_issue - issue_streamed)
+            issue["streamed"] += self.CPU_SCALE_DECAY * (profile_issue - issue_streamed)
         if not out.on_cpu and not out.split and mode == "adaptive":
             # nothing ran on the CPU, so nothing corrects the factor: drift back toward the profile, so one
             # slow measurement cannot keep the CPU lane idle for good (a real slowdown is re-learned by the
@@ -979,7 +985,7 @@ class Executor:
     # stage 4
     def _stream(self, group: ExpertGroup, streamed: list[int], batch: DeviceBatch) -> None:
         # copy (copy lane) then compute (GPU lane), interleaved so slots recycle safely
-        learn = self._learns_issue(batch)
+        learn = self._issue_regime(batch)
         for i in streamed:
             self._maybe_fault("stream")
             entered = time.perf_counter()
@@ -993,10 +999,11 @@ class Executor:
             self.expert_ring.release((group.layer, i))
             if learn:
                 issued = time.perf_counter()
-                self._learn_issue("streamed", issued - entered)
-                self.stats.stream_issue_s += issued - entered
-                self.stats.stream_fetch_s += fetched - entered
-                self.stats.stream_issues += 1
+                self._learn_issue("streamed", issued - entered, learn)
+                if learn == "small":
+                    self.stats.stream_issue_s += issued - entered
+                    self.stats.stream_fetch_s += fetched - entered
+                    self.stats.stream_issues += 1
             self.stats.streamed_units += 1
             self.stats.cached_units += int(cached)
 
@@ -1049,7 +1056,7 @@ class Executor:
 
     # stage 5
     def _resident(self, group: ExpertGroup, resident: list[int], batch: DeviceBatch) -> None:
-        learn = self._learns_issue(batch)
+        learn = self._issue_regime(batch)
         for i in resident:
             self._maybe_fault("gpu")
             entered = time.perf_counter()
@@ -1057,18 +1064,26 @@ class Executor:
             with self.lanes.span("GPU", f"L{group.layer} resident {i}"):
                 self._device_unit(group, i, gate_up, down, batch)
             if learn:
-                self._learn_issue("resident", time.perf_counter() - entered)
+                self._learn_issue("resident", time.perf_counter() - entered, learn)
             self.stats.gpu_units += 1
 
-    def _learns_issue(self, batch: DeviceBatch) -> bool:
-        """Whether this step's GPU-lane issuing teaches :attr:`issue_seconds`: decode-sized MoE steps on an
-        accelerator (on the CPU standing in, issuing is computing, which the cost model prices already)."""
-        return self.lanes.is_cuda and batch.routing.routed and batch.hidden.shape[0] <= SPLIT_MAX_TOKENS
+    def _issue_regime(self, batch: DeviceBatch) -> str | None:
+        """Which issue times this step's GPU-lane issuing teaches: "small" (:attr:`issue_seconds`) for a
+        decode-sized MoE step on an accelerator, "large" (:attr:`prefill_issue_seconds`) for a prefill-sized
+        one; None on the CPU standing in (issuing is computing there, which the cost model prices already)."""
+        if not (self.lanes.is_cuda and batch.routing.routed):
+            return None
+        return "small" if batch.hidden.shape[0] <= SPLIT_MAX_TOKENS else "large"
 
-    def _learn_issue(self, kind: str, seconds: float) -> None:
-        current = self.issue_seconds[kind]
+    def _issue_times(self, regime: str) -> dict[str, float]:
+        """The learned issue times of ``regime`` ("small": decode-sized steps, "large": prefill-sized)."""
+        return self.issue_seconds if regime == "small" else self.prefill_issue_seconds
+
+    def _learn_issue(self, kind: str, seconds: float, regime: str = "small") -> None:
+        times = self._issue_times(regime)
+        current = times[kind]
         seconds = min(seconds, self.ISSUE_MAX_S)
-        self.issue_seconds[kind] = current + self.ISSUE_WEIGHT * (seconds - current)
+        times[kind] = current + self.ISSUE_WEIGHT * (seconds - current)
 
     def _device_unit(self, group, i, gate_up, down, batch: DeviceBatch) -> None:
         if batch.graphs:

@@ -81,6 +81,38 @@ def test_issue_time_is_learned_bounded_and_steers_decode_steps_to_the_cpu_lane(t
     assert ex.issue_seconds["streamed"] < Executor.ISSUE_MAX_S  # and the figure drifts back
 
 
+def test_prefill_steps_learn_and_follow_their_own_issue_time(tiny_checkpoints):
+    """Prefill-sized steps issue their experts kernel by kernel: their issue time is learned apart from
+    decode steps' and steers only their assignment."""
+    from test_exactness import load_pair, prompt
+
+    ex = Executor(torch.device("cpu"), default_profile("cuda"))
+    small = dict(ex.issue_seconds)
+    for _ in range(60):
+        ex._learn_issue("streamed", 9e-4, "large")
+    assert abs(ex.prefill_issue_seconds["streamed"] - 9e-4) < 1e-6 and ex.issue_seconds == small
+    ex.close()
+
+    _, hybrid = load_pair(tiny_checkpoints["mixtral"], "mixtral", torch.float32, token_assignment="adaptive")
+    ex = hybrid.hybrid.executor
+    ids = prompt(batch=2, length=40)  # about 20 tokens an expert: prefill-sized steps
+
+    def streamed_in_prefill() -> int:
+        ex.stats.reset()
+        with torch.no_grad():
+            out = hybrid(ids).logits
+        return ex.stats.streamed_units, out
+
+    decode_figures = dict(ex.issue_seconds)
+    before, want = streamed_in_prefill()
+    assert before > 0
+    ex.prefill_issue_seconds["streamed"] = Executor.ISSUE_MAX_S
+    after, got = streamed_in_prefill()
+    assert after < before  # the prefill steps moved experts from the copy lane to the CPU lane
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    assert ex.issue_seconds == decode_figures  # decode steps' figures untouched
+
+
 def test_reusable_buffers_made_under_inference_mode_stay_writable_under_no_grad():
     # generate under inference_mode (as the benchmark does), then calibrate under no_grad: the buffers the
     # first call made are written again by the second

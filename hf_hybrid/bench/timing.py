@@ -137,6 +137,8 @@ def lane_stats(model: Any) -> dict | None:
     out["cpu_scales"] = dict(getattr(executor, "cpu_scales", {}))
     # the feeding thread's learned time to issue one GPU-lane expert of a decode step, against the profile's
     out["issue_us"] = {k: 1e6 * v for k, v in getattr(executor, "issue_seconds", {}).items()}
+    # ... and of one expert of a prefill-sized step (issued kernel by kernel, with its tokens' gathers)
+    out["prefill_issue_us"] = {k: 1e6 * v for k, v in getattr(executor, "prefill_issue_seconds", {}).items()}
     graphs = getattr(model.hybrid, "decode_graphs", None)
     # cumulative since load: layer steps that took the split decode path, and replayed a CUDA graph
     out["decode_graph_steps"] = graphs.steps if graphs is not None else 0
