@@ -163,6 +163,9 @@ class DeviceBatch:
     flat_weights: torch.Tensor | None
     device_rows: torch.Tensor | None = None
     device_tokens: torch.Tensor | None = None
+    # the routing weight of every routed (token, unit) pair in unit order (flat_weights at device_rows),
+    # gathered once per multi-token step: a unit's weights are then a slice, not a gather of its own
+    device_weights: torch.Tensor | None = None
     # a one-token routed step: each unit's one routing-weight position, known on the host (no index tensors
     # cross to the device, and a unit's input is the step's one row; see DeviceBatch.one_token_weight)
     positions: list[int] | None = None
@@ -173,6 +176,14 @@ class DeviceBatch:
     # positions), each part kept in fp32 until the CPU lane's part joins it (Executor._combine_divided);
     # None: each part added at once (combine_divided off)
     combine: dict | None = None
+
+    def gather_routing(self) -> None:
+        """The gathered path's index tensors on the device (a multi-token routed step): each routed pair's
+        row in ``flat_weights`` and token, in unit order, and their routing weights."""
+        dev = self.hidden.device
+        self.device_rows = self.routing.order.to(dev, non_blocking=True)
+        self.device_tokens = self.routing.token_of.to(dev, non_blocking=True)
+        self.device_weights = self.flat_weights.index_select(0, self.device_rows)
 
     def one_token_weight(self, i: int) -> torch.Tensor:
         """Unit ``i``'s routing weight in a one-token step, as a [1, 1] view (no gather on the device)."""
@@ -758,8 +769,7 @@ class Executor:
                     batch.acc = self.expert_graphs.begin(hidden, flat_weights.dtype)
                     batch.graphs = True
             else:
-                batch.device_rows = routing.order.to(dev, non_blocking=True)
-                batch.device_tokens = routing.token_of.to(dev, non_blocking=True)
+                batch.gather_routing()
         if batch.acc is None:
             batch.acc = torch.zeros(hidden.shape, dtype=torch.float32, device=dev)
         return batch
@@ -1040,14 +1050,14 @@ class Executor:
                     else:
                         batch.acc.add_(y * batch.one_token_weight(i).float())
                 elif group.routed:
-                    starts = batch.routing.starts
-                    sel = batch.device_rows[starts[i] : starts[i + 1]]
-                    tok = batch.device_tokens[starts[i] : starts[i + 1]]
-                    y = partial_gated_mlp(batch.hidden[tok], gate, up, down, group.act_fn)
+                    first, end = batch.routing.starts[i], batch.routing.starts[i + 1]
+                    tok = batch.device_tokens[first:end]
+                    y = partial_gated_mlp(batch.hidden.index_select(0, tok), gate, up, down, group.act_fn)
                     if batch.combine is not None:
-                        batch.combine[i] = (y, tok, sel)  # added with the CPU lane's part after the join
+                        # added with the CPU lane's part after the join
+                        batch.combine[i] = (y, tok, batch.device_rows[first:end])
                     else:
-                        batch.acc.index_add_(0, tok, y * batch.flat_weights[sel, None].float())
+                        batch.acc.index_add_(0, tok, y * batch.device_weights[first:end, None].float())
                 else:
                     batch.acc += partial_gated_mlp(batch.hidden, gate, up, down, group.act_fn)
             self.expert_ring.release(tag)
@@ -1096,15 +1106,14 @@ class Executor:
             batch.acc.add_(y)
             return
         if group.routed:
-            starts = batch.routing.starts
-            sel = batch.device_rows[starts[i] : starts[i + 1]]
-            tok = batch.device_tokens[starts[i] : starts[i + 1]]
-            x = batch.hidden[tok]
+            first, end = batch.routing.starts[i], batch.routing.starts[i + 1]
+            tok = batch.device_tokens[first:end]
+            x = batch.hidden.index_select(0, tok)
         else:
             x = batch.hidden
         if group.routed:
             # an expert's output is rounded to the model dtype and weighted there, as transformers does
-            y = gated_mlp(x, gate_up, down, group.act_fn) * batch.flat_weights[sel, None]
+            y = gated_mlp(x, gate_up, down, group.act_fn) * batch.device_weights[first:end, None]
             batch.acc.index_add_(0, tok, y.float())
         else:
             # a dense MLP's slice: its down output stays fp32, the slices are rounded once (after the join)

@@ -625,8 +625,7 @@ def one_token_and_gathered_runs(hybrid, ids, monkeypatch):
         if batch.positions is not None:
             batch.positions = None
             batch.graphs = False  # the static accumulator stays: the gathered path adds into it
-            batch.device_rows = routing.order.to(hidden.device)
-            batch.device_tokens = routing.token_of.to(hidden.device)
+            batch.gather_routing()
         return batch
 
     def run():
