@@ -995,7 +995,7 @@ class Executor:
     # stage 4
     def _stream(self, group: ExpertGroup, streamed: list[int], batch: DeviceBatch) -> None:
         # copy (copy lane) then compute (GPU lane), interleaved so slots recycle safely
-        learn = self._issue_regime(batch)
+        regime = self._issue_regime(batch)  # whose issue times these experts teach (None: nobody's)
         for i in streamed:
             self._maybe_fault("stream")
             entered = time.perf_counter()
@@ -1007,10 +1007,10 @@ class Executor:
             with self.lanes.span("GPU", f"L{group.layer} streamed {i}"):
                 self._device_unit(group, i, gate_up, down, batch)
             self.expert_ring.release((group.layer, i))
-            if learn:
+            if regime:
                 issued = time.perf_counter()
-                self._learn_issue("streamed", issued - entered, learn)
-                if learn == "small":
+                self._learn_issue("streamed", issued - entered, regime)
+                if regime == "small":
                     self.stats.stream_issue_s += issued - entered
                     self.stats.stream_fetch_s += fetched - entered
                     self.stats.stream_issues += 1
@@ -1066,15 +1066,15 @@ class Executor:
 
     # stage 5
     def _resident(self, group: ExpertGroup, resident: list[int], batch: DeviceBatch) -> None:
-        learn = self._issue_regime(batch)
+        regime = self._issue_regime(batch)
         for i in resident:
             self._maybe_fault("gpu")
             entered = time.perf_counter()
             gate_up, down = group.device_weights[i]
             with self.lanes.span("GPU", f"L{group.layer} resident {i}"):
                 self._device_unit(group, i, gate_up, down, batch)
-            if learn:
-                self._learn_issue("resident", time.perf_counter() - entered, learn)
+            if regime:
+                self._learn_issue("resident", time.perf_counter() - entered, regime)
             self.stats.gpu_units += 1
 
     def _issue_regime(self, batch: DeviceBatch) -> str | None:
