@@ -84,9 +84,10 @@ def experts_per_layer(units: list[Unit], top_k: int | dict[int, int]) -> dict[in
 
 
 class _StagingTally:
-    """The staging bytes of :func:`_staging_for` for a placement that changes one move at a time: the
-    sizes of the host expert-like units and of the streamed modules, counted, so a move costs its units
-    only (the local search makes thousands of moves on models with thousands of experts)."""
+    """The staging rings a placement needs (any host expert may be streamed at run time, so every host
+    expert-like unit counts; of the other units, the streamed ones), kept as counts of the units' sizes so
+    that a move costs its units only (the local search makes thousands of moves on models with thousands of
+    experts)."""
 
     def __init__(self, units: list[Unit], homes: dict[str, str]):
         self.experts: Counter[int] = Counter()
@@ -106,27 +107,27 @@ class _StagingTally:
         self._count(u, old, -1)
         self._count(u, new, 1)
 
-    @property
-    def nbytes(self) -> int:
-        """What the rings of the current placement reserve (as ``sum(r.nbytes for r in _staging_for(...))``)."""
-        total = 0
-        for sizes, slots in ((self.experts, EXPERT_STAGING_SLOTS), (self.modules, MODULE_STAGING_SLOTS)):
+    def rings(self) -> list[StagingClass]:
+        """The rings of the current placement: slots the size of the largest unit each holds."""
+        rings = []
+        for name, sizes, slots in (
+            ("experts", self.experts, EXPERT_STAGING_SLOTS),
+            ("modules", self.modules, MODULE_STAGING_SLOTS),
+        ):
             held = [size for size, n in sizes.items() if n > 0]
             if held:
-                total += StagingClass("", max(held), slots).nbytes
-        return total
+                rings.append(StagingClass(name, max(held), slots))
+        return rings
+
+    @property
+    def nbytes(self) -> int:
+        """What the rings of the current placement reserve."""
+        return sum(r.nbytes for r in self.rings())
 
 
 def _staging_for(units: list[Unit], homes: dict[str, str]) -> list[StagingClass]:
-    """Rings needed by the host-side units of ``homes`` (any host expert may be streamed at run time)."""
-    rings = []
-    host_experts = [u for u in units if u.is_expert_like and homes[u.name] != GPU]
-    if host_experts:
-        rings.append(StagingClass("experts", max(u.nbytes for u in host_experts), EXPERT_STAGING_SLOTS))
-    streamed_modules = [u for u in units if not u.is_expert_like and homes[u.name] == STREAM]
-    if streamed_modules:
-        rings.append(StagingClass("modules", max(u.nbytes for u in streamed_modules), MODULE_STAGING_SLOTS))
-    return rings
+    """Rings needed by the host-side units of ``homes`` (see :class:`_StagingTally`)."""
+    return _StagingTally(units, homes).rings()
 
 
 def plan(

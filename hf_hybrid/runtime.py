@@ -193,12 +193,9 @@ class HybridGenerationMixin:
         each forward whether another prompt chunk follows it (so the copy lane starts the next chunk's first
         layer during this one's last: :meth:`~hf_hybrid.executor.Executor._prefetch_next`); None otherwise.
         Only what is staged depends on it, never a result."""
-        input_ids = self._input_ids(args, kwargs)
-        gen_config = kwargs.get("generation_config") or self.generation_config
-        chunk = kwargs.get("prefill_chunk_size", getattr(gen_config, "prefill_chunk_size", None))
-        if not chunk or input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] <= chunk:
+        chunks = self._prefill_forwards(args, kwargs)
+        if chunks is None or chunks <= 1:
             return None
-        chunks = -(-input_ids.shape[1] // chunk)
         executor, forwards = self.hybrid.executor, [0]
 
         def before_forward(*_) -> None:
@@ -305,13 +302,10 @@ class HybridGenerationMixin:
         generate waits for each step's token on the host, so the start of forward k + 1 marks the end of
         forward k: prefill = second start - first start, decode = the rest, without extra device syncs.
         """
-        input_ids = self._input_ids(args, kwargs)
-        if input_ids is None or input_ids.dim() != 2 or not starts:
+        prefills = self._prefill_forwards(args, kwargs)
+        if prefills is None or not starts:
             return
-        batch, prompt = input_ids.shape
-        gen_config = kwargs.get("generation_config") or self.generation_config
-        chunk = kwargs.get("prefill_chunk_size", getattr(gen_config, "prefill_chunk_size", None))
-        prefills = -(-prompt // chunk) if chunk else 1  # a chunked prompt takes one forward per chunk
+        batch, prompt = self._input_ids(args, kwargs).shape
         prefill_s = (starts[prefills] if len(starts) > prefills else finished) - starts[0]
         measured = {
             "prompt_tokens": prompt,
@@ -323,6 +317,16 @@ class HybridGenerationMixin:
             measured["decode_steps"] = steps
             measured["decode_tok_s"] = batch * steps / max(finished - starts[prefills], 1e-9)
         self.hybrid.plan.measured = measured
+
+    def _prefill_forwards(self, args, kwargs) -> int | None:
+        """How many forwards a ``generate(*args, **kwargs)`` call prefills its prompt in: one per
+        ``prefill_chunk_size`` chunk, else one; None when the prompt is not a 2-D tensor of token ids."""
+        input_ids = self._input_ids(args, kwargs)
+        if input_ids is None or input_ids.dim() != 2:
+            return None
+        gen_config = kwargs.get("generation_config") or self.generation_config
+        chunk = kwargs.get("prefill_chunk_size", getattr(gen_config, "prefill_chunk_size", None))
+        return -(-input_ids.shape[1] // chunk) if chunk else 1
 
     @staticmethod
     def _input_ids(args, kwargs):
